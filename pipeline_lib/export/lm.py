@@ -1,0 +1,157 @@
+"""Export the LM as one ONNX step model with an explicit KV cache, and its JSON description."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline_lib.errors import ExportError
+from pipeline_lib.export.onnx_io import DEFAULT_OPSET, export_to_onnx, ort_session
+from pipeline_lib.fsutil import write_json
+from pipeline_lib.model.lm import LMConfig, SopranoLMStep, load_lm
+
+log = logging.getLogger(__name__)
+LM_ONNX = "soprano_lm_step.onnx"
+LM_CONFIG = "soprano_lm_step_config.json"
+SPECIAL_TOKENS = ("[UNK]", "[TEXT]", "[START]", "[STOP]")
+KV_LAYOUT = ["batch", "num_kv_heads", "past_sequence", "head_dim"]
+
+
+@dataclass(frozen=True)
+class LMExport:
+    onnx_path: Path
+    config_path: Path
+    max_abs_error: float  # logits, ONNX vs torch on the export check input
+
+
+def special_token_ids(tokenizer_json: Path) -> dict[str, int]:
+    """Ids of the special tokens and of the audio tokens, read from tokenizer.json."""
+    data = json.loads(tokenizer_json.read_text())
+    vocab = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    vocab.update(data.get("model", {}).get("vocab", {}))
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ExportError(f"{tokenizer_json}: special tokens {missing} not found; expected {list(SPECIAL_TOKENS)}.")
+    ids = {t.strip("[]").lower(): vocab[t] for t in SPECIAL_TOKENS}
+    audio = sorted(i for tok, i in vocab.items() if tok[1:-1].isdigit() and tok.startswith("["))
+    ids["audio_first"] = audio[0] if audio else -1
+    ids["audio_count"] = len(audio)
+    return ids
+
+
+def lm_config_dict(model: SopranoLMStep, tokens: dict[str, int]) -> dict:
+    c = model.cfg
+    inputs = [
+        {"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"},
+        {"name": "attention_mask", "shape": ["batch", "past_sequence + sequence"], "dtype": "int64"},
+        {"name": "position_ids", "shape": ["batch", "sequence"], "dtype": "int64"},
+    ]
+    outputs = [
+        {"name": "logits", "shape": ["batch", "sequence", c.vocab_size], "dtype": "float32"},
+        {"name": "hidden_states", "shape": ["batch", "sequence", c.hidden_size], "dtype": "float32"},
+    ]
+    for i in range(c.num_layers):
+        for kind in ("key", "value"):
+            inputs.append({"name": f"past_{kind}_{i}", "shape": KV_LAYOUT, "dtype": "float32"})
+    for i in range(c.num_layers):
+        for kind in ("key", "value"):
+            outputs.append(
+                {"name": f"present_{kind}_{i}", "shape": [*KV_LAYOUT[:2], "past_sequence + sequence", KV_LAYOUT[3]],
+                 "dtype": "float32"}
+            )
+    return {
+        "file": LM_ONNX,
+        "inputs": inputs,
+        "outputs": outputs,
+        "kv_layout": KV_LAYOUT,
+        "kv_note": "keys are stored after k-norm and rotary embedding; attention_mask uses left padding",
+        "hidden_states": "final-norm last-layer hidden state",
+        "special_tokens": {k: tokens[k] for k in ("unk", "text", "start", "stop")},
+        "audio_token_first_id": tokens["audio_first"],
+        "audio_token_count": tokens["audio_count"],
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "num_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_kv_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps,
+    }
+
+
+def example_inputs(model: SopranoLMStep, batch: int, past: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the given sizes: left padding on row 1 when batch > 1, random cache."""
+    c = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, c.vocab_size, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    if batch > 1:
+        mask[1, : min(2, past + seq - 1)] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    cache = [torch.randn(batch, c.num_kv_heads, past, c.head_dim, generator=gen) for _ in range(2 * c.num_layers)]
+    return (ids, mask, pos, *cache)
+
+
+def export_lm(ckpt_dir: Path | str, out_dir: Path | str, opset: int = DEFAULT_OPSET) -> LMExport:
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_lm(ckpt_dir)
+    tokens = special_token_ids(ckpt_dir / "tokenizer.json")
+    if tokens["stop"] >= model.cfg.vocab_size:
+        raise ExportError(f"{ckpt_dir / 'tokenizer.json'}: [STOP] id {tokens['stop']} >= vocab size {model.cfg.vocab_size}.")
+    dyn: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+        "hidden_states": {0: "batch", 1: "sequence"},
+    }
+    for i in range(model.cfg.num_layers):
+        for kind in ("key", "value"):
+            dyn[f"past_{kind}_{i}"] = {0: "batch", 2: "past_sequence"}
+            dyn[f"present_{kind}_{i}"] = {0: "batch", 2: "total_sequence"}
+    onnx_path = export_to_onnx(
+        model,
+        example_inputs(model, batch=2, past=3, seq=4),
+        out_dir / LM_ONNX,
+        input_names=model.input_names(),
+        output_names=model.output_names(),
+        dynamic_axes=dyn,
+        opset=opset,
+    )
+    check = example_inputs(model, batch=1, past=5, seq=2, seed=1)
+    with torch.no_grad():
+        ref = model(*check)[0].numpy()
+    sess = ort_session(onnx_path)
+    got = sess.run(["logits"], dict(zip(model.input_names(), (t.numpy() for t in check))))[0]
+    if got.shape != ref.shape:
+        raise ExportError(f"{onnx_path}: ONNX logits shape {got.shape} differs from torch's {ref.shape}.")
+    err = float(np.abs(got - ref).max())
+    config_path = out_dir / LM_CONFIG
+    write_json(config_path, lm_config_dict(model, tokens))
+    log.info("LM export check: logits max abs error %.3g", err)
+    return LMExport(onnx_path, config_path, err)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer_files(ckpt_dir: Path | str, out_dir: Path | str) -> list[Path]:
+    """Copy the tokenizer beside the LM so the export folder is self-contained for the runtime."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(ckpt_dir) / name
+        if src.is_file():
+            copied.append(Path(shutil.copy2(src, Path(out_dir) / name)))
+        elif name == "tokenizer.json":
+            raise ExportError(f"{src}: not found; the runtime needs the checkpoint's tokenizer.json.")
+    return copied

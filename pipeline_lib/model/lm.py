@@ -1,0 +1,248 @@
+"""Torch reference of the Soprano LM (Qwen3 architecture) as a step model with an explicit KV cache.
+
+One forward serves prefill (S tokens, empty cache) and decode (1 token, cache of P):
+
+    inputs : input_ids [B, S], attention_mask [B, P+S], position_ids [B, S],
+             past_key_i / past_value_i [B, num_kv_heads, P, head_dim] for every layer i
+    outputs: logits [B, S, vocab], hidden_states [B, S, hidden] (after the final norm),
+             present_key_i / present_value_i [B, num_kv_heads, P+S, head_dim]
+
+Keys in the cache are stored after k-norm and rotary embedding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline_lib.errors import CheckpointError
+
+EXPECTED_ARCHITECTURE = "Qwen3ForCausalLM"
+EXPECTED_MODEL_TYPE = "qwen3"
+# Added to masked attention scores. Finite, so a fully masked row (a left-padding query) stays NaN-free.
+MASK_VALUE = -1e9
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rms_norm_eps: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: Path | str) -> "LMConfig":
+        path = Path(ckpt_dir) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found; a Soprano checkpoint directory has config.json (the LM config).")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc}); re-fetch the checkpoint.") from exc
+        archs = cfg.get("architectures") or []
+        if EXPECTED_ARCHITECTURE not in archs or cfg.get("model_type") != EXPECTED_MODEL_TYPE:
+            raise CheckpointError(
+                f"{path}: expected architecture {EXPECTED_ARCHITECTURE} (model_type '{EXPECTED_MODEL_TYPE}'), "
+                f"found {archs} (model_type {cfg.get('model_type')!r}); this is not a Soprano LM checkpoint."
+            )
+        rope = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta"))
+        try:
+            return cls(
+                hidden_size=int(cfg["hidden_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=int(cfg["num_attention_heads"]),
+                num_kv_heads=int(cfg["num_key_value_heads"]),
+                head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]),
+                intermediate_size=int(cfg["intermediate_size"]),
+                vocab_size=int(cfg["vocab_size"]),
+                max_position_embeddings=int(cfg["max_position_embeddings"]),
+                rope_theta=float(theta),
+                rms_norm_eps=float(cfg["rms_norm_eps"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: missing or invalid field {exc}; expected a Qwen3 config.") from exc
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, s, _ = x.shape
+        c = self.cfg
+        q = self.q_norm(self.q_proj(x).view(b, s, c.num_heads, c.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, s, c.num_kv_heads, c.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        key = torch.cat((past_key, k), dim=2)
+        value = torch.cat((past_value, v), dim=2)
+        groups = c.num_heads // c.num_kv_heads
+        # [B, kv, groups*S, D]: the query heads sharing one KV head are stacked along the query axis,
+        # so no copy of the cache is made for grouped-query attention.
+        qg = q.reshape(b, c.num_kv_heads, groups * s, c.head_dim)
+        scores = torch.matmul(qg, key.transpose(2, 3)) * (c.head_dim**-0.5)
+        scores = scores.view(b, c.num_kv_heads, groups, s, -1) + bias[:, None, None]
+        probs = torch.softmax(scores, dim=-1).view(b, c.num_kv_heads, groups * s, -1)
+        out = torch.matmul(probs, value).view(b, c.num_heads, s, c.head_dim)
+        out = out.transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim)
+        return self.o_proj(out), key, value
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, bias, past_key, past_value):
+        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_key, past_value)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, key, value
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class SopranoLMStep(nn.Module):
+    """The LM as a step function over an explicit KV cache (see the module docstring for the signature)."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask", "position_ids"]
+        for i in range(self.cfg.num_layers):
+            names += [f"past_key_{i}", f"past_value_{i}"]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits", "hidden_states"]
+        for i in range(self.cfg.num_layers):
+            names += [f"present_key_{i}", f"present_value_{i}"]
+        return names
+
+    def empty_cache(self, batch: int) -> list[torch.Tensor]:
+        c = self.cfg
+        return [torch.zeros(batch, c.num_kv_heads, 0, c.head_dim) for _ in range(2 * c.num_layers)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        s = input_ids.shape[1]
+        kv_len = attention_mask.shape[1]
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
+        cos, sin = emb.cos(), emb.sin()
+        # Query i sits at cache index kv_len - s + i; it sees keys at or before it that the mask keeps.
+        key_idx = torch.cumsum(torch.ones_like(attention_mask[0]), 0) - 1
+        query_idx = key_idx[kv_len - s :]
+        allowed = (key_idx[None, :] <= query_idx[:, None])[None] & (attention_mask[:, None, :] > 0)
+        bias = (~allowed).to(torch.float32) * MASK_VALUE  # [B, S, P+S]
+        x = self.model.embed_tokens(input_ids)
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.model.layers):
+            x, key, value = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            presents += [key, value]
+        hidden = self.model.norm(x)
+        return (self.lm_head(hidden), hidden, *presents)
+
+
+def load_lm(ckpt_dir: Path | str) -> SopranoLMStep:
+    """Build the step model from a checkpoint directory (config.json + model.safetensors)."""
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg = LMConfig.from_checkpoint(ckpt_dir)
+    weights_path = ckpt_dir / "model.safetensors"
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: not found; a Soprano checkpoint has the LM weights in model.safetensors.")
+    try:
+        weights = load_file(str(weights_path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
+        raise CheckpointError(f"{weights_path}: cannot be read as safetensors ({exc}); re-fetch the checkpoint.") from exc
+    model = SopranoLMStep(cfg)
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in weights:
+            raise CheckpointError(f"{weights_path}: tensor '{key}' is missing (expected shape {tuple(tensor.shape)}).")
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{weights_path}: '{key}' has shape {tuple(weights[key].shape)}, expected {tuple(tensor.shape)} "
+                "from config.json; config and weights come from different models."
+            )
+    model.load_state_dict({k: weights[k].float() for k in expected})
+    return model.eval()

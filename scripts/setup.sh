@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv with everything the pipeline, the runtime and the tests need (CPU only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned or ranged torch pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[openvino,export,pipeline,dev]"
+# The upstream package is only a test oracle: no deps (they would pull lmdeploy, gradio, ...).
+.venv/bin/python -m pip install -q --no-deps soprano-tts
+.venv/bin/python -c "import torch, onnxruntime, openvino, soprano; print('setup ok: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, '| openvino', openvino.__version__)"
