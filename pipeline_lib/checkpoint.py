@@ -114,14 +114,13 @@ class CheckpointConfig:
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any] | Any) -> CheckpointConfig:
         """Build from a dict or an OmegaConf ``DictConfig`` (e.g. ``cfg.checkpoint``); unknown keys are an error."""
-        if not isinstance(m, Mapping):
-            try:
-                from omegaconf import OmegaConf
+        if type(m).__module__.startswith("omegaconf"):
+            from omegaconf import OmegaConf
 
-                m = OmegaConf.to_container(m, resolve=True)
-            except Exception as exc:  # not a DictConfig either
-                raise CheckpointError(f"checkpoint config must be a mapping, found {type(m).__name__}") from exc
-        assert isinstance(m, Mapping)
+            # Item access on a DictConfig raises for "???"; the plain container keeps it as a string.
+            m = OmegaConf.to_container(m, resolve=True, throw_on_missing=False)
+        if not isinstance(m, Mapping):
+            raise CheckpointError(f"checkpoint config must be a mapping, found {type(m).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(m) - known)
         if unknown:

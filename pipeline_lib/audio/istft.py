@@ -36,6 +36,9 @@ WINDOWS: tuple[str, ...] = ("hann_periodic",)
 NOLA_EPS = 1e-11  # torch.istft's threshold on the window envelope
 
 
+EXPORT_METADATA_KEYS = ("onnx", "decoder")
+
+
 class IstftConfigError(ModelFileError, ValueError):
     """An ISTFT config (dict or JSON file) is missing keys, has unknown keys or bad values."""
 
@@ -118,6 +121,8 @@ class IstftConfig:
         if not isinstance(d, dict):
             raise IstftConfigError(f"IstftConfig.from_dict expects a dict, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
+        # The exporter's JSON also describes the ONNX file and the decoder beside the ISTFT settings.
+        d = {k: v for k, v in d.items() if k not in EXPORT_METADATA_KEYS}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d))
         if unknown or missing:
             raise IstftConfigError(

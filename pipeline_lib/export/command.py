@@ -1,0 +1,57 @@
+"""`soprano-onnx export`: a checkpoint (local directory or hub id) -> one self-contained ONNX folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline_lib.errors import SopranoOnnxError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (upstream layout) or hub id, e.g. ekwek/Soprano-1.1-80M")
+    p.add_argument("--revision", default="main", help="hub revision (branch, tag or commit) when --checkpoint is a hub id")
+    p.add_argument("--out", required=True, type=Path, help="output folder (ONNX files, JSON configs, tokenizer)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--decoder-only", action="store_true", help="export only the decoder")
+    only.add_argument("--lm-only", action="store_true", help="export only the LM step model")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the hub")
+
+
+def resolve_checkpoint(spec: str, revision: str, workdir: Path, timeout_s: float) -> Path:
+    """A local directory as is; anything else is a hub id fetched into ``workdir``."""
+    from pipeline_lib.checkpoint import CheckpointConfig, fetch_checkpoint, validate_checkpoint
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        validate_checkpoint(path)
+        return path
+    if spec.count("/") != 1 or path.exists():
+        raise SopranoOnnxError(f"--checkpoint {spec!r}: not a directory, and not a hub id of the form owner/name.")
+    cfg = CheckpointConfig(name=spec.replace("/", "--"), source="hub", repo_id=spec, revision=revision, timeout_s=timeout_s)
+    return fetch_checkpoint(cfg, workdir / cfg.name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline_lib.export.decoder import export_decoder
+    from pipeline_lib.export.lm import copy_tokenizer_files, export_lm
+    from pipeline_lib.fsutil import atomic_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="soprano-export-") as work:
+        ckpt = resolve_checkpoint(args.checkpoint, args.revision, Path(work), args.timeout)
+        with atomic_dir(args.out) as tmp:
+            if not args.lm_only:
+                r = export_decoder(ckpt, tmp, opset=args.opset)
+                print(f"decoder: {args.out / r.onnx_path.name} (check: max abs error {r.max_abs_error:.2e})")
+            if not args.decoder_only:
+                r = export_lm(ckpt, tmp, opset=args.opset)
+                print(f"LM step: {args.out / r.onnx_path.name} (check: logits max abs error {r.max_abs_error:.2e})")
+            copy_tokenizer_files(ckpt, tmp)
+    print(f"export done in {time.perf_counter() - start:.1f} s -> {args.out}")
+    return 0

@@ -1,0 +1,72 @@
+"""`dvc repro` on a fresh copy of the repository, offline, with the tiny checkpoint."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline_lib.config import compose
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("clone") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO_ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, dest / name)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"]):
+        _run(cmd, dest, env)
+    params = compose(["checkpoint=tiny", "parity.decode_steps=16"])
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest, env
+
+
+def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
+    repo, env = fresh_clone
+    first = _run(["dvc", "repro"], repo, env)
+    assert _ran_stages(first)[:4] == ["fetch", "export_decoder", "export_lm", "parity"]
+    for path in ("artifacts/checkpoints/tiny/model.safetensors", "artifacts/export/decoder/soprano_decoder_preistft.onnx",
+                 "artifacts/export/lm/soprano_lm_step.onnx", "artifacts/export/lm/tokenizer.json", "metrics/parity.json"):
+        assert (repo / path).is_file(), path
+
+    second = _run(["dvc", "repro"], repo, env)
+    assert _ran_stages(second) == [], second
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["parity"]["decode_steps"] = 8
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _run(["dvc", "repro"], repo, env)
+    assert _ran_stages(third) == ["parity"], third
+
+
+def test_failing_parity_fails_the_stage_and_leaves_no_metrics(fresh_clone):
+    repo, env = fresh_clone
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["parity"]["lm_logits_max_abs"] = 1e-12
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run(["dvc", "repro", "parity"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "lm_prefill_logits_max_abs" in proc.stdout + proc.stderr
+    assert not (repo / "metrics/parity.json").exists()
