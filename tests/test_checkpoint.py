@@ -308,7 +308,11 @@ def _hub_cfg(**kw) -> CheckpointConfig:
     return CheckpointConfig.from_mapping({**m, **kw})
 
 
-def test_hub_fails_fast_offline(tmp_path):
+def test_hub_fails_fast_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # Hermetic even where the hub is reachable: nothing listens on the discard port.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     cfg = _hub_cfg()
     start = time.monotonic()
     with pytest.raises(CheckpointError) as err:

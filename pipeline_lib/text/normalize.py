@@ -36,17 +36,22 @@ def _spell(value: int | str, **options: Any) -> str:
     return _inflect_engine().number_to_words(value, **options)
 
 
-# ------------------------------------------------------------------------------------------------
-# Stage: before transliteration
+def _too_long_to_spell(error: Exception) -> bool:
+    import inflect
+
+    return isinstance(error, inflect.NumOutOfRangeError)
+
+
+def _spell_digits(digits: str) -> str:
+    # Beyond inflect's range (36 digits and more) upstream raises; we read the digits one by one.
+    return " ".join(_spell(int(d)) for d in digits)
+
 
 def _open_em_dashes(text: str) -> str:
     # The em dash becomes a spaced hyphen, which the dash rule below reads as a pause (", ").
     # Other dashes are left to unidecode (en dash -> "-").
     return text.replace("\u2014", " - ")
 
-
-# ------------------------------------------------------------------------------------------------
-# Stage: lines -> sentences
 
 def _terminate_lines(text: str) -> str:
     """Each non-empty line ends with sentence punctuation; lines are then joined by spaces."""
@@ -58,9 +63,6 @@ def _terminate_lines(text: str) -> str:
         out.append(line)  # empty lines stay as empty strings: extra spaces, collapsed later
     return " ".join(out)
 
-
-# ------------------------------------------------------------------------------------------------
-# Stage: numbers
 
 _SCALE_WORDS = {"k": "thousand", "m": "million", "b": "billion", "t": "trillion"}
 
@@ -153,7 +155,13 @@ def _say_slashed(m: re.Match[str]) -> str:
 
 
 def _say_ordinal(m: re.Match[str]) -> str:
-    return _spell(m.group(), andword="")
+    try:
+        return _spell(m.group(), andword="")
+    except Exception as error:
+        if not _too_long_to_spell(error):
+            raise
+        *head, last = _spell_digits(m.group()[:-2]).split(" ")
+        return " ".join(head + [_inflect_engine().ordinal(last)])
 
 
 def _say_year_like(value: int) -> str:
@@ -171,7 +179,12 @@ def _say_integer(m: re.Match[str]) -> str:
     value = int(m.group())
     if 1000 < value < 3000:
         return _say_year_like(value)
-    return _spell(value, andword="")
+    try:
+        return _spell(value, andword="")
+    except Exception as error:
+        if not _too_long_to_spell(error):
+            raise
+        return _spell_digits(m.group())
 
 
 # (pattern, replacement), applied in order. The order is upstream's and it matters: e.g. digit-group
@@ -213,9 +226,6 @@ def _spell_numbers(text: str) -> str:
     return text
 
 
-# ------------------------------------------------------------------------------------------------
-# Stage: links, spaced dashes, dotted letters, brackets
-
 def _flatten_brackets(m: re.Match[str]) -> str:
     span = re.sub(r"[(\[{]", ", ", m.group())
     span = re.sub(r"[)\]}][^$.!?,]", ", ", span)  # a closer followed by a word char etc.
@@ -237,9 +247,6 @@ def _expand_layout(text: str) -> str:
         text = pattern.sub(replacement, text)
     return text
 
-
-# ------------------------------------------------------------------------------------------------
-# Stage: abbreviations
 
 # Dotted titles, any case: "Dr." -> "doctor" (the dot is consumed).
 _TITLES = {
@@ -280,9 +287,6 @@ def _expand_abbreviations(text: str) -> str:
     return _WORD_RE.sub(lambda m: _WORDS[m.group()], text)
 
 
-# ------------------------------------------------------------------------------------------------
-# Stage: CamelCase words
-
 _CAPITALISED_RUN_RE = re.compile(r"\b(?:[A-Z][a-z]*)+\b")
 _CAPITAL_PART_RE = re.compile(r"[A-Z][a-z]*")
 
@@ -300,9 +304,6 @@ def _split_camel(m: re.Match[str]) -> str:
 def _split_camel_case(text: str) -> str:
     return _CAPITALISED_RUN_RE.sub(_split_camel, text)
 
-
-# ------------------------------------------------------------------------------------------------
-# Stage: symbols
 
 _SYMBOLS_FIRST = {
     "@": " at ", "&": " and ", "%": " percent ", ":": ".", ";": ",", "+": " plus ",
@@ -323,9 +324,6 @@ def _name_symbols(text: str) -> str:
     text = _HEART_RE.sub(" heart ", text)
     return _SYMBOLS_THEN_RE.sub(lambda m: _SYMBOLS_THEN[m.group()], text)
 
-
-# ------------------------------------------------------------------------------------------------
-# Stage: clean-up
 
 # What the model's text vocabulary keeps: letters, digits, space and a few marks.
 _UNKNOWN_CHAR_RE = re.compile(r"[^A-Za-z0-9 !$%&'*,\-.?]")
