@@ -25,6 +25,7 @@ from unidecode import unidecode
 
 __all__ = ["normalize_text"]
 
+
 @lru_cache(maxsize=1)
 def _inflect_engine() -> Any:
     import inflect  # lazy: ~1 s import (typeguard); pulls in no torch

@@ -1,0 +1,187 @@
+"""Inference backends behind two small interfaces, so ONNX Runtime and OpenVINO plug in the same way.
+
+`LMBackend.run(feed)` takes the LM step's named inputs (NumPy arrays) and returns its named outputs
+(NumPy arrays); `DecoderBackend.run(hidden)` maps [B, hidden, T] to the pre-ISTFT spectrum. Both
+expose the input and output names of the loaded model so that the runtime can check them against
+the exported JSON configs. Models are compiled once, at construction.
+
+Imports of onnxruntime / openvino happen here, lazily, so a missing package is a clear
+`MissingBackendError` with the install command.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline_lib.errors import MissingBackendError, ModelFileError
+
+__all__ = [
+    "BACKENDS",
+    "LMBackend",
+    "DecoderBackend",
+    "OrtLM",
+    "OrtDecoder",
+    "OpenVinoLM",
+    "OpenVinoDecoder",
+    "load_backends",
+    "normalize_backend",
+]
+
+BACKENDS = ("onnx_cpu", "openvino_cpu")
+_ALIASES = {"onnx": "onnx_cpu", "ort": "onnx_cpu", "onnxruntime": "onnx_cpu", "openvino": "openvino_cpu", "ov": "openvino_cpu"}
+HOW_TO_PRODUCE = (
+    "produce the export folder with `soprano-onnx export --checkpoint CKPT --out DIR` "
+    "or rebuild the pipeline with `dvc repro`"
+)
+
+
+def normalize_backend(name: str) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"backend must be a string, one of {BACKENDS}; got {name!r}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} (aliases: onnx, openvino)")
+    return key
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise ModelFileError(f"{path}: {what} not found; {HOW_TO_PRODUCE}.")
+    return path
+
+
+class _Backend(ABC):
+    path: Path
+    input_names: list[str]
+    output_names: list[str]
+
+
+class LMBackend(_Backend):
+    """One LM step: feed {input name: array} -> {output name: array}."""
+
+    @abstractmethod
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class DecoderBackend(_Backend):
+    """Decoder up to the spectrum: hidden [B, C, T] float32 -> spectrum (layout from the ISTFT config)."""
+
+    @abstractmethod
+    def run(self, hidden: np.ndarray) -> np.ndarray: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingBackendError(
+            "backend 'onnx_cpu' needs onnxruntime, which is not installed: pip install onnxruntime"
+        ) from exc
+    return ort
+
+
+def _ort_session(path: Path, num_threads: int) -> Any:
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(num_threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure means an unusable file
+        raise ModelFileError(
+            f"{path}: cannot be loaded by onnxruntime (corrupted or not an ONNX model): "
+            f"{str(exc).strip()[:300]}; re-create it: {HOW_TO_PRODUCE}."
+        ) from exc
+
+
+class _OrtBase:
+    def __init__(self, path: Path, num_threads: int) -> None:
+        self.path = path
+        self.session = _ort_session(path, num_threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+
+class OrtLM(_OrtBase, LMBackend):
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
+
+
+class OrtDecoder(_OrtBase, DecoderBackend):
+    def run(self, hidden: np.ndarray) -> np.ndarray:
+        return self.session.run(self.output_names[:1], {self.input_names[0]: hidden})[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenVINO
+
+
+def _import_openvino() -> Any:
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise MissingBackendError(
+            "backend 'openvino_cpu' needs OpenVINO, which is not installed: pip install 'soprano-onnx[openvino]'"
+        ) from exc
+    return ov
+
+
+class _OpenVinoBase:
+    def __init__(self, path: Path, num_threads: int) -> None:
+        ov = _import_openvino()
+        self.path = path
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+            self.compiled = core.compile_model(
+                model, "CPU", {"INFERENCE_NUM_THREADS": int(num_threads), "INFERENCE_PRECISION_HINT": "f32"}
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise ModelFileError(
+                f"{path}: cannot be loaded by OpenVINO (corrupted or not an ONNX / IR model): "
+                f"{str(exc).strip()[:300]}; re-create it: {HOW_TO_PRODUCE}."
+            ) from exc
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
+        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.request.infer(dict(feed))
+        # Copy: the request's output buffers are reused by the next call.
+        return {name: np.array(result[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
+
+
+class OpenVinoLM(_OpenVinoBase, LMBackend):
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._infer(feed)
+
+
+class OpenVinoDecoder(_OpenVinoBase, DecoderBackend):
+    def run(self, hidden: np.ndarray) -> np.ndarray:
+        return self._infer({self.input_names[0]: hidden})[self.output_names[0]]
+
+
+def load_backends(
+    backend: str, lm_path: Path, decoder_path: Path, num_threads: int
+) -> tuple[LMBackend, DecoderBackend]:
+    """Compile both models with `backend` ('onnx_cpu' or 'openvino_cpu'); checks that the files exist."""
+    backend = normalize_backend(backend)
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+    require_file(lm_path, "LM step model")
+    require_file(decoder_path, "decoder model")
+    if backend == "onnx_cpu":
+        return OrtLM(lm_path, num_threads), OrtDecoder(decoder_path, num_threads)
+    return OpenVinoLM(lm_path, num_threads), OpenVinoDecoder(decoder_path, num_threads)
