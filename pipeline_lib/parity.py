@@ -191,3 +191,158 @@ def format_report(report: ParityReport) -> str:
     lines += [f"  FAIL {f}" for f in report.failures]
     lines.append("  parity: " + ("PASS" if report.passed else f"FAIL ({len(report.failures)} metric(s) missed)"))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Converted artifacts: an OpenVINO runner, and int8 models against their fp32 reference
+
+
+def openvino_runner(xml_path: Path, num_threads: int = 1) -> Runner:
+    """A Runner over an OpenVINO IR compiled for CPU with the f32 precision hint (never bf16)."""
+    from pipeline_lib.convert import compile_openvino
+
+    compiled = compile_openvino(xml_path, num_threads)
+    request = compiled.create_infer_request()
+    outputs = list(compiled.outputs)
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = request.infer(feed)
+        # Copies: the request reuses its output buffers on the next call (the KV cache goes back in).
+        arrays = [np.array(result[o], copy=True) for o in outputs]
+        return {name: a for o, a in zip(outputs, arrays) for name in o.get_names()}
+
+    return run
+
+
+@dataclass(frozen=True)
+class QuantParityThresholds:
+    """int8 against fp32 on the same inputs (conf/parity/default.yaml ``convert_int8`` says why these values)."""
+
+    seed: int = 0
+    prompt_tokens: int = 24
+    decode_steps: int = 64
+    lm_hidden_cosine_min: float = 0.99
+    lm_token_agreement_min: float = 0.95
+    decoder_audio_snr_db_min: float = 20.0
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> "QuantParityThresholds":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(m) - known)
+        if unknown:
+            raise ValueError(f"unknown int8 parity params {unknown}; known: {sorted(known)}")
+        return cls(**dict(m))
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64).reshape(-1, a.shape[-1]), b.astype(np.float64).reshape(-1, b.shape[-1])
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
+
+
+def lm_prompt(lm_config: Mapping[str, Any], prompt_tokens: int, seed: int) -> np.ndarray:
+    """A prompt shaped like a real one, ``[STOP][TEXT] <text ids> [START]``, with random text-vocabulary ids."""
+    sp = lm_config["special_tokens"]
+    vocab = int(lm_config["vocab_size"])
+    text_first = int(lm_config.get("audio_token_first_id", -1)) + int(lm_config.get("audio_token_count", 0))
+    low = text_first if 0 < text_first < vocab else int(sp["stop"]) + 1
+    body = np.random.default_rng(seed).integers(low, vocab, max(prompt_tokens - 3, 1))
+    return np.array([[sp["stop"], sp["text"], *body, sp["start"]]], dtype=np.int64)
+
+
+class _LMStepper:
+    """Greedy KV-cache stepping over a Runner of the exported LM step model (batch 1)."""
+
+    def __init__(self, run: Runner, lm_config: Mapping[str, Any]) -> None:
+        self.run, self.layers = run, int(lm_config["num_layers"])
+        self.kv_shape = (1, int(lm_config["num_kv_heads"]), 0, int(lm_config["head_dim"]))
+
+    def prefill(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        self.length = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(self.length)[None]}
+        empty = np.zeros(self.kv_shape, np.float32)
+        for i in range(self.layers):
+            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = empty, empty
+        return self._run(feed)
+
+    def step(self, token: int) -> dict[str, np.ndarray]:
+        self.length += 1
+        feed = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, self.length), np.int64),
+                "position_ids": np.array([[self.length - 1]], np.int64)}
+        for i in range(self.layers):
+            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = self.cache[2 * i], self.cache[2 * i + 1]
+        return self._run(feed)
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.run(feed)
+        self.cache = [out[f"present_{k}_{i}"] for i in range(self.layers) for k in ("key", "value")]
+        return out
+
+
+def check_quantized(
+    ref_lm: Runner,
+    test_lm: Runner,
+    ref_decoder: Runner,
+    test_decoder: Runner,
+    lm_config: Mapping[str, Any],
+    istft_config: Any,
+    th: QuantParityThresholds,
+    report: ParityReport | None = None,
+) -> ParityReport:
+    """A quantised LM + decoder against their fp32 reference, on the same inputs.
+
+    LM: a prompt, then ``decode_steps`` greedy tokens chosen by the reference; the test model is fed the
+    same tokens (teacher forcing, so one early disagreement cannot cascade). Metrics: cosine similarity of
+    the final hidden states (prefill positions and every step; min and mean), agreement of the test's greedy
+    choice with the reference's, and - for information - how many tokens the test model's own free-running
+    greedy decode shares with the reference before it first departs.
+    Decoder: the reference LM's hidden states of those tokens (the upstream convention: one per token)
+    through both decoders, NumPy ISTFT, audio SNR.
+    """
+    from pipeline_lib.audio.istft import istft
+
+    report = report or ParityReport()
+    ids = lm_prompt(lm_config, th.prompt_tokens, th.seed)
+    ref, test = _LMStepper(ref_lm, lm_config), _LMStepper(test_lm, lm_config)
+    r, t = ref.prefill(ids), test.prefill(ids)
+    cos = [_cosine_rows(r["hidden_states"][0], t["hidden_states"][0])]
+    ref_tokens, agree, hidden = [], [], []
+    for step in range(th.decode_steps):
+        token = int(r["logits"][0, -1].argmax())
+        ref_tokens.append(token)
+        agree.append(token == int(t["logits"][0, -1].argmax()))
+        hidden.append(r["hidden_states"][0, -1])
+        if step + 1 < th.decode_steps:
+            r, t = ref.step(token), test.step(token)
+            cos.append(_cosine_rows(r["hidden_states"][0], t["hidden_states"][0]))
+    cosines = np.concatenate(cos)
+    report.check_min("lm_hidden_cosine_min", float(cosines.min()), th.lm_hidden_cosine_min)
+    report.metrics["lm_hidden_cosine_mean"] = float(cosines.mean())
+    report.check_min("lm_token_agreement", float(np.mean(agree)), th.lm_token_agreement_min)
+    report.metrics["lm_greedy_steps"] = float(th.decode_steps)
+
+    # Free running: the test model's own greedy sequence, compared with the reference's.
+    free = _LMStepper(test_lm, lm_config)
+    out, same = free.prefill(ids), 0
+    for step in range(th.decode_steps):
+        token = int(out["logits"][0, -1].argmax())
+        if token != ref_tokens[step]:
+            break
+        same += 1
+        if step + 1 < th.decode_steps:
+            out = free.step(token)
+    report.metrics["lm_free_running_identical_tokens"] = float(same)
+
+    # Decoder: the same hidden states through both.
+    feed = {"hidden_states": np.stack(hidden, -1)[None].astype(np.float32)}
+    ref_audio = istft(ref_decoder(feed)["spectrum"], istft_config)
+    test_audio = istft(test_decoder(feed)["spectrum"], istft_config)
+    snr, rel = audio_metrics(ref_audio, test_audio)
+    report.check_min("decoder_audio_snr_db", snr, th.decoder_audio_snr_db_min)
+    report.metrics["decoder_audio_rel_max_abs"] = rel
+    return report
+
+
+def runner_for(path: Path, num_threads: int = 1) -> Runner:
+    """ONNX Runtime for a .onnx file, OpenVINO (f32 hint) for a .xml IR."""
+    path = Path(path)
+    return openvino_runner(path, num_threads) if path.suffix == ".xml" else ort_runner(path, num_threads)

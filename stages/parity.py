@@ -16,7 +16,8 @@ from pipeline_lib.stage import load_params, stage_outputs
 
 if __name__ == "__main__":
     ckpt, dec_dir, lm_dir, metrics = map(Path, sys.argv[1:5])
-    th = ParityThresholds.from_mapping(load_params().parity)
+    # parity.convert_* are the thresholds of stage parity_convert (converted artifacts), not of this stage.
+    th = ParityThresholds.from_mapping({k: v for k, v in load_params().parity.items() if not k.startswith("convert_")})
     with stage_outputs("parity", metrics):
         report = ParityReport()
         lm = load_lm(ckpt)

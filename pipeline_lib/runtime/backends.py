@@ -138,6 +138,14 @@ def _import_openvino() -> Any:
     return ov
 
 
+def _port_name(port: Any) -> str:
+    """A tensor may carry several names (e.g. the ONNX output name and an internal '/norm/Mul_output_0'):
+    prefer the plain, graph-interface one."""
+    names = sorted(port.get_names())
+    plain = [n for n in names if "/" not in n and ":" not in n]
+    return (plain or names or [port.get_any_name()])[0]
+
+
 class _OpenVinoBase:
     def __init__(self, path: Path, num_threads: int) -> None:
         ov = _import_openvino()
@@ -154,8 +162,8 @@ class _OpenVinoBase:
                 f"{str(exc).strip()[:300]}; re-create it: {HOW_TO_PRODUCE}."
             ) from exc
         self.request = self.compiled.create_infer_request()
-        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
-        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        self.input_names = [_port_name(p) for p in self.compiled.inputs]
+        self.output_names = [_port_name(p) for p in self.compiled.outputs]
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         result = self.request.infer(dict(feed))

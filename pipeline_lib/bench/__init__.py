@@ -1,0 +1,47 @@
+"""Benchmarks: one configuration in-process (`measure`), many in fresh processes (`sweep`).
+
+`soprano-onnx bench` (pipeline_lib.bench.command) measures one configuration; the DVC `benchmark`
+stage sweeps every backend x precision x thread count and writes one tidy CSV row per configuration.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BACKENDS", "COLUMNS", "PRECISIONS"]
+
+BACKENDS = ("onnx", "openvino", "torch", "upstream")
+PRECISIONS = ("fp32", "int8")
+
+# The columns of one benchmark row, in CSV order. Times in seconds unless the name says ms / mb.
+COLUMNS = (
+    "config",               # backend-precision-tN: a unique label
+    "backend",              # onnx | openvino | torch | upstream
+    "precision",            # fp32 | int8
+    "threads",
+    "max_new_tokens",       # the requested (fixed) token count
+    "num_tokens",           # tokens actually generated per synthesis (median over repeats)
+    "stop_emitted",         # 1 when the model ended with [STOP] before max_new_tokens
+    "repeats",
+    "load_s",               # constructing the engine (sessions / compiled models / weights)
+    "prefill_s",            # LM over the prompt
+    "per_token_median_ms",  # one LM decode step
+    "per_token_p90_ms",
+    "decode_s",             # all LM decode steps (lm_s - prefill_s)
+    "lm_s",                 # prefill + decode
+    "decoder_s",            # hidden states -> spectrum (upstream: -> audio, ISTFT included)
+    "istft_s",              # spectrum -> audio
+    "other_s",              # wall - lm - decoder - istft: text front end, tokenizer, glue
+    "audio_s",              # seconds of audio produced
+    "wall_s",               # end-to-end synthesize() call
+    "rtf",                  # wall_s / audio_s (< 1: faster than real time)
+    "xrt",                  # audio_s / wall_s (x real time)
+    "first_chunk_ms",       # streaming: call to first audio chunk
+    "batch_size",           # texts in the batch measurement
+    "batch_audio_s",
+    "batch_wall_s",
+    "batch8_xrt",           # audio / wall of the batch measurement (8 sentences by default)
+    "peak_rss_mb",          # peak resident memory of the benchmark process
+    "load_avg",             # 1-minute load average when the configuration started (> threads: a busy machine)
+    "speedup_vs_torch",     # xrt / xrt of the torch reference at the same thread count (sweep)
+    "speedup_vs_fp32",      # xrt / xrt of fp32 of the same backend and threads (sweep)
+    "note",
+)

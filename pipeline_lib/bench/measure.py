@@ -1,0 +1,561 @@
+"""Measure one benchmark configuration in this process: load, synthesise, stream, batch, memory.
+
+Every backend is wrapped in an engine with one interface:
+
+    engine.synthesize(text, max_new_tokens) -> Synthesis   (audio + per-stage times)
+    engine.first_chunk_s(text)               -> float | None (streaming: time to the first chunk)
+    engine.batch(texts, max_new_tokens)      -> (audio_s, wall_s) | None
+
+- onnx / openvino: the runtime (`pipeline_lib.runtime.SopranoTTS`) on exported / converted files.
+- torch: our torch reference (pipeline_lib.model), the same greedy KV-cache loop in torch.
+- upstream: the `soprano-tts` package (`soprano.tts.SopranoTTS`, transformers backend). It always
+  generates until [STOP] or 512 tokens; with random weights that is 512.
+
+Random weights never emit [STOP], so the token count is fixed by max_new_tokens: every synthesis
+generates exactly that many tokens, and the row records the count actually generated.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from pipeline_lib.bench import BACKENDS, COLUMNS, PRECISIONS
+from pipeline_lib.errors import InputError, MissingBackendError, SopranoOnnxError
+
+log = logging.getLogger(__name__)
+NAN = float("nan")
+
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog, then runs back across the quiet green field."
+# Eight sentences of 30+ characters each, so the text front end keeps them apart (no merging).
+BATCH_TEXTS = (
+    "The morning train left the station exactly on time.",
+    "She painted the old wooden fence a bright shade of blue.",
+    "Rain fell softly on the roof for most of the night.",
+    "A small boat drifted slowly toward the distant harbour.",
+    "He opened the letter and read it twice before smiling.",
+    "The library stays open late on the first Friday of the month.",
+    "Fresh bread from the corner bakery filled the street with warmth.",
+    "Our guide pointed out three kinds of birds along the river.",
+)
+UPSTREAM_MAX_TOKENS = 512  # upstream generates until [STOP] or this many tokens
+
+
+@dataclass
+class Synthesis:
+    """One synthesize() call: audio and the per-stage times (seconds; NaN where not measured)."""
+
+    audio_samples: int
+    sample_rate: int
+    num_tokens: int
+    stop_emitted: bool = False
+    prefill_s: float = NAN
+    per_token_s: list[float] = field(default_factory=list)
+    lm_s: float = NAN
+    decoder_s: float = NAN
+    istft_s: float = NAN
+    wall_s: float = NAN
+
+    @property
+    def audio_s(self) -> float:
+        return self.audio_samples / self.sample_rate
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    backend: str
+    lm: Path | None
+    decoder: Path | None = None
+    precision: str = "fp32"
+    threads: int = 1
+    num_tokens: int = 128
+    text: str = DEFAULT_TEXT
+    repeats: int = 3
+    warmup_tokens: int = 16
+    stream: bool = True
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        for name in ("threads", "num_tokens", "repeats"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.batch_size <= len(BATCH_TEXTS):
+            raise InputError(f"--batch {self.batch_size}: between 0 (off) and {len(BATCH_TEXTS)}")
+        if self.backend != "upstream" and self.lm is None:
+            raise InputError(f"--backend {self.backend} needs --lm")
+        if self.backend in ("onnx", "openvino") and self.decoder is None:
+            raise InputError(f"--backend {self.backend} needs --decoder")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _seconds(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return NAN
+    return v
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else NAN
+
+
+def _median(values: Iterable[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(statistics.median(vals)) if vals else NAN
+
+
+def _num_samples(audio: Any) -> int:
+    if audio is None:
+        return 0
+    if hasattr(audio, "detach"):  # torch tensor
+        audio = audio.detach().cpu().numpy()
+    return int(np.asarray(audio).shape[-1]) if np.ndim(audio) else 0
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Engines
+
+
+def resolve_model_file(path: Path, stem: str, backend: str) -> Path:
+    """A model file as given, or the one in a folder: for openvino an IR (.xml) first, then ONNX;
+    `stem` (the export's file name) first, then the folder's only model file of that kind."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    exts = (".xml", ".onnx") if backend == "openvino" else (".onnx",)
+    for ext in exts:
+        if (path / f"{stem}{ext}").is_file():
+            return path / f"{stem}{ext}"
+        found = sorted(path.glob(f"*{ext}"))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(f"{path}: several {ext} files ({', '.join(f.name for f in found)}); pass the file itself")
+    raise InputError(f"{path}: no {' or '.join(exts)} model file in this folder")
+
+
+class _TimedLM:
+    """Wraps the runtime's LM backend to time every forward: start/end per call, prefill flagged
+    (an empty KV cache). Everything else is delegated."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.calls: list[tuple[float, float, bool]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def run(self, feed: Any) -> Any:
+        past = feed.get("past_key_0")
+        prefill = past is None or past.shape[2] == 0
+        start = time.perf_counter()
+        out = self._inner.run(feed)
+        self.calls.append((start, time.perf_counter(), prefill))
+        return out
+
+    def per_token_s(self) -> list[float]:
+        """Per generated token: start of a decode forward to the start of the next one (sampling,
+        cache handling and the forward itself); the last forward of a sequence counts by its own time."""
+        out: list[float] = []
+        for (s0, e0, p0), (s1, _, p1) in zip(self.calls, self.calls[1:] + [(math.nan, math.nan, True)]):
+            if p0:
+                continue
+            out.append(e0 - s0 if p1 else s1 - s0)
+        return out
+
+
+class RuntimeEngine:
+    """The runtime on ONNX Runtime or OpenVINO files (pipeline_lib.runtime.SopranoTTS)."""
+
+    RUNTIME_BACKENDS = {"onnx": "onnx_cpu", "openvino": "openvino_cpu"}
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        try:
+            from pipeline_lib.runtime.tts import DECODER_FILE, LM_FILE, SopranoTTS
+        except ImportError as exc:
+            raise MissingBackendError(
+                f"--backend {cfg.backend}: the runtime (pipeline_lib.runtime.tts.SopranoTTS) cannot be imported: {exc}"
+            ) from exc
+        lm = resolve_model_file(Path(cfg.lm), LM_FILE, cfg.backend)
+        decoder = resolve_model_file(Path(cfg.decoder), DECODER_FILE, cfg.backend)
+        self.tts = SopranoTTS(lm, decoder, backend=self.RUNTIME_BACKENDS[cfg.backend], num_threads=cfg.threads)
+        self.sample_rate = int(getattr(self.tts, "sample_rate", 32000))
+        self.timed_lm = _TimedLM(self.tts.lm) if hasattr(self.tts, "lm") else None
+        if self.timed_lm is not None:
+            self.tts.lm = self.timed_lm
+
+    def synthesize(self, text: str, max_new_tokens: int) -> Synthesis:
+        if self.timed_lm is not None:
+            self.timed_lm.calls.clear()
+        start = time.perf_counter()
+        out = self.tts.synthesize(text, max_new_tokens=max_new_tokens)
+        wall = time.perf_counter() - start
+        t = out.get("timings", {}) or {}
+        if self.timed_lm is not None:
+            per_token = self.timed_lm.per_token_s()
+        else:  # the runtime reports the mean decode step only
+            mean = _seconds(t.get("per_token"))
+            per_token = [] if math.isnan(mean) else [mean]
+        n = int(out.get("num_tokens", 0))
+        reasons = out.get("finish_reasons") or []
+        return Synthesis(
+            audio_samples=_num_samples(out.get("audio")),
+            sample_rate=int(out.get("sample_rate", self.sample_rate)),
+            num_tokens=n,
+            stop_emitted="stop" in reasons if reasons else n < max_new_tokens,
+            prefill_s=_seconds(t.get("prefill")),
+            per_token_s=per_token,
+            lm_s=_seconds(t.get("lm_total")),
+            decoder_s=_seconds(t.get("decoder")),
+            istft_s=_seconds(t.get("istft")),
+            wall_s=wall,
+        )
+
+    def first_chunk_s(self, text: str, max_new_tokens: int) -> float | None:
+        stream = getattr(self.tts, "infer_stream", None)
+        if stream is None:
+            return None
+        kwargs: dict[str, Any] = {"chunk_size": 1}
+        if _accepts(stream, "max_new_tokens"):
+            kwargs["max_new_tokens"] = max_new_tokens
+        start = time.perf_counter()
+        gen = stream(text, **kwargs)
+        try:
+            next(iter(gen))
+        except StopIteration:
+            return None
+        finally:
+            close = getattr(gen, "close", None)
+            if close:
+                close()
+        return time.perf_counter() - start
+
+    def batch(self, texts: Sequence[str], max_new_tokens: int) -> tuple[float, float] | None:
+        fn = getattr(self.tts, "infer_batch", None)
+        if fn is None:
+            return None
+        kwargs = {"max_new_tokens": max_new_tokens} if _accepts(fn, "max_new_tokens") else {}
+        start = time.perf_counter()
+        out = fn(list(texts), **kwargs)
+        wall = time.perf_counter() - start
+        samples = sum(_num_samples(item.get("audio") if isinstance(item, dict) else item) for item in out)
+        return samples / self.sample_rate, wall
+
+
+class TorchEngine:
+    """Our torch reference: the LM step model with its KV cache, the decoder, torch.istft."""
+
+    REPETITION_PENALTY = 1.2  # upstream's default, Hugging Face semantics
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        import torch
+        from tokenizers import Tokenizer
+
+        from pipeline_lib.model import decoder as dec
+        from pipeline_lib.model.lm import load_lm
+
+        torch.set_num_threads(cfg.threads)
+        ckpt = Path(cfg.lm)
+        self.lm = load_lm(ckpt)
+        self.decoder = dec.load_decoder(Path(cfg.decoder) if cfg.decoder else ckpt / "decoder.pth",
+                                        expected_input_channels=self.lm.cfg.hidden_size)
+        self.tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        self.stop_id = self.tokenizer.token_to_id("[STOP]")
+        if self.stop_id is None:
+            raise SopranoOnnxError(f"{ckpt / 'tokenizer.json'}: no [STOP] token; not a Soprano tokenizer.")
+        self.sample_rate = self.decoder.dims.sample_rate
+        self._spectrum_to_audio = dec.spectrum_to_audio
+
+    def _prompt_ids(self, text: str) -> list[list[int]]:
+        from pipeline_lib.text import prepare_prompts
+
+        prompts = [self.tokenizer.encode(p.prompt, add_special_tokens=False).ids for p in prepare_prompts([text])]
+        limit = self.lm.cfg.max_position_embeddings
+        for ids in prompts:
+            if not ids:
+                raise InputError("the prompt tokenised to nothing")
+            if len(ids) >= limit:
+                raise InputError(f"a prompt of {len(ids)} tokens does not fit the {limit} positions; shorten the text")
+        return prompts
+
+    def _generate(self, ids: list[int], max_new_tokens: int) -> tuple[Any, float, list[float], bool]:
+        """Greedy decoding with repetition penalty: (hidden [1, C, n], prefill_s, per-token s, stopped)."""
+        import torch
+
+        lm = self.lm
+        max_new = min(max_new_tokens, lm.cfg.max_position_embeddings - len(ids))
+        seen = torch.zeros(lm.cfg.vocab_size, dtype=torch.bool)
+        seen[torch.tensor(ids)] = True
+        inp = torch.tensor([ids])
+        mask = torch.ones(1, len(ids), dtype=torch.int64)
+        pos = torch.arange(len(ids))[None]
+        start = time.perf_counter()
+        logits, hidden, *past = lm(inp, mask, pos, *lm.empty_cache(1))
+        prefill = time.perf_counter() - start
+        hiddens, per_token, stopped = [], [], False
+        for k in range(max_new):
+            start = time.perf_counter()  # a token's time: choosing it, then its forward step
+            scores = logits[0, -1].clone()
+            s = scores[seen]
+            scores[seen] = torch.where(s < 0, s * self.REPETITION_PENALTY, s / self.REPETITION_PENALTY)
+            tok = int(scores.argmax())
+            if tok == self.stop_id:
+                stopped = True
+                break
+            hiddens.append(hidden[:, -1])
+            seen[tok] = True
+            if k == max_new - 1:
+                break
+            n = mask.shape[1]
+            mask = torch.ones(1, n + 1, dtype=torch.int64)
+            logits, hidden, *past = lm(torch.tensor([[tok]]), mask, torch.tensor([[n]]), *past)
+            per_token.append(time.perf_counter() - start)
+        return torch.stack(hiddens, dim=2), prefill, per_token, stopped  # [1, C, n]
+
+    def synthesize(self, text: str, max_new_tokens: int) -> Synthesis:
+        import torch
+
+        wall_start = time.perf_counter()
+        prefill = lm_s = dec_s = istft_s = 0.0
+        per_token: list[float] = []
+        samples = tokens = 0
+        stopped = False
+        with torch.inference_mode():
+            for ids in self._prompt_ids(text):
+                start = time.perf_counter()
+                hidden, p, steps, stop = self._generate(ids, max_new_tokens)
+                lm_s += time.perf_counter() - start
+                prefill += p
+                per_token += steps
+                stopped |= stop
+                tokens += hidden.shape[2]
+                if hidden.shape[2] < 2:
+                    continue  # one hidden vector decodes to no audio
+                start = time.perf_counter()
+                spec = self.decoder(hidden)
+                dec_s += time.perf_counter() - start
+                start = time.perf_counter()
+                audio = self._spectrum_to_audio(spec, self.decoder.dims.n_fft, self.decoder.dims.hop_length)
+                istft_s += time.perf_counter() - start
+                samples += int(audio.shape[-1])
+        return Synthesis(audio_samples=samples, sample_rate=self.sample_rate, num_tokens=tokens, stop_emitted=stopped,
+                         prefill_s=prefill, per_token_s=per_token, lm_s=lm_s, decoder_s=dec_s, istft_s=istft_s,
+                         wall_s=time.perf_counter() - wall_start)
+
+    def first_chunk_s(self, text: str, max_new_tokens: int) -> float | None:
+        return None
+
+    def batch(self, texts: Sequence[str], max_new_tokens: int) -> tuple[float, float] | None:
+        return None
+
+
+class UpstreamEngine:
+    """The upstream package on the checkpoint directory (transformers backend, CPU)."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        try:
+            import torch
+            from soprano.tts import SopranoTTS
+        except ImportError as exc:
+            raise MissingBackendError(
+                f"--backend upstream needs the soprano-tts package (pip install --no-deps soprano-tts): {exc}"
+            ) from exc
+        torch.set_num_threads(cfg.threads)
+
+        class _NoWarmup(SopranoTTS):
+            """Upstream's constructor runs a warm-up synthesis; skip it so load time is load time only."""
+
+            loading = True
+
+            def infer(self, *args: Any, **kwargs: Any) -> Any:
+                return None if self.loading else super().infer(*args, **kwargs)
+
+        if cfg.lm is None or not Path(cfg.lm).is_dir():
+            raise InputError(f"--backend upstream: --lm must be the checkpoint directory, got {cfg.lm}")
+        self.tts = _NoWarmup(device="cpu", backend="transformers", model_path=str(cfg.lm))
+        self.tts.loading = False
+        self.sample_rate = 32000
+        self._times: dict[str, float] = {}
+        self._responses: list[dict] = []
+        pipeline_infer = self.tts.pipeline.infer
+        decoder = self.tts.decoder
+
+        def timed_infer(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = pipeline_infer(*args, **kwargs)
+            self._times["lm"] = self._times.get("lm", 0.0) + time.perf_counter() - start
+            self._responses.extend(out)
+            return out
+
+        self.tts.pipeline.infer = timed_infer
+        original_forward = decoder.forward
+
+        def timed_forward(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = original_forward(*args, **kwargs)
+            self._times["decoder"] = self._times.get("decoder", 0.0) + time.perf_counter() - start
+            return out
+
+        decoder.forward = timed_forward
+
+    def synthesize(self, text: str, max_new_tokens: int) -> Synthesis:
+        self._times.clear()
+        self._responses.clear()
+        start = time.perf_counter()
+        audio = self.tts.infer(text)
+        wall = time.perf_counter() - start
+        tokens = sum(int(r["hidden_state"].shape[0]) for r in self._responses)
+        stopped = any(r.get("finish_reason") == "stop" for r in self._responses)
+        return Synthesis(audio_samples=_num_samples(audio), sample_rate=self.sample_rate, num_tokens=tokens,
+                         stop_emitted=stopped, lm_s=self._times.get("lm", NAN),
+                         decoder_s=self._times.get("decoder", NAN), wall_s=wall)
+
+    def first_chunk_s(self, text: str, max_new_tokens: int) -> float | None:
+        return None
+
+    def batch(self, texts: Sequence[str], max_new_tokens: int) -> tuple[float, float] | None:
+        return None
+
+
+ENGINES: dict[str, Callable[[BenchConfig], Any]] = {
+    "onnx": RuntimeEngine,
+    "openvino": RuntimeEngine,
+    "torch": TorchEngine,
+    "upstream": UpstreamEngine,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# One configuration
+
+
+def measure(cfg: BenchConfig) -> dict[str, Any]:
+    """Load, warm up, time `repeats` syntheses, streaming and batch; return one row (COLUMNS keys)."""
+    max_new = UPSTREAM_MAX_TOKENS if cfg.backend == "upstream" else cfg.num_tokens
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else NAN
+    start = time.perf_counter()
+    engine = ENGINES[cfg.backend](cfg)
+    load_s = time.perf_counter() - start
+    log.info("%s %s t%d: loaded in %.2f s", cfg.backend, cfg.precision, cfg.threads, load_s)
+
+    # Warm-up: a short synthesis, so first-call allocations stay out of the timings. Not for upstream:
+    # it cannot be shortened (it always runs to [STOP] or 512 tokens), and its first-call overhead is
+    # small against a whole 512-token synthesis.
+    if cfg.warmup_tokens > 0 and cfg.backend != "upstream":
+        engine.synthesize(cfg.text, min(cfg.warmup_tokens, max_new))
+    runs = []
+    for i in range(cfg.repeats):
+        runs.append(engine.synthesize(cfg.text, max_new))
+        r = runs[-1]
+        log.info("  run %d: %d tokens, %.2f s audio in %.2f s (x%.2f real time)", i + 1, r.num_tokens, r.audio_s,
+                 r.wall_s, r.audio_s / r.wall_s if r.wall_s else NAN)
+
+    first_chunk = NAN
+    if cfg.stream:
+        chunks = [engine.first_chunk_s(cfg.text, max_new) for _ in range(cfg.repeats)]
+        if all(c is not None for c in chunks):
+            first_chunk = _median(chunks)
+
+    batch_audio = batch_wall = NAN
+    if cfg.batch_size:
+        measured = engine.batch(BATCH_TEXTS[: cfg.batch_size], max_new)
+        if measured is not None:
+            batch_audio, batch_wall = measured
+
+    per_token = [t for r in runs for t in r.per_token_s]
+    row = summarize(cfg, runs, load_s, per_token, first_chunk, batch_audio, batch_wall)
+    row["peak_rss_mb"] = peak_rss_mb()
+    row["load_avg"] = load_avg
+    return row
+
+
+def summarize(
+    cfg: BenchConfig,
+    runs: Sequence[Synthesis],
+    load_s: float,
+    per_token: Sequence[float],
+    first_chunk_s: float,
+    batch_audio_s: float,
+    batch_wall_s: float,
+) -> dict[str, Any]:
+    """The row of a configuration: medians over runs; rtf and xrt from the median wall and audio."""
+    wall = _median(r.wall_s for r in runs)
+    audio = _median(r.audio_s for r in runs)
+    lm = _median(r.lm_s for r in runs)
+    prefill = _median(r.prefill_s for r in runs)
+    decoder = _median(r.decoder_s for r in runs)
+    istft = _median(r.istft_s for r in runs)
+    accounted = [v for v in (lm, decoder, istft) if not math.isnan(v)]
+    max_new = UPSTREAM_MAX_TOKENS if cfg.backend == "upstream" else cfg.num_tokens
+    tokens = int(statistics.median(r.num_tokens for r in runs))
+    stopped = any(r.stop_emitted for r in runs)
+    if stopped:
+        note = f"[STOP] after {tokens} of {max_new} tokens"
+    elif cfg.backend == "upstream":
+        note = f"fixed {tokens} tokens: upstream runs to [STOP] or {max_new}; random weights never emit [STOP]"
+    else:
+        note = f"fixed {tokens} tokens; random weights never emit [STOP]"
+    row: dict[str, Any] = {c: NAN for c in COLUMNS}
+    row.update(
+        config=config_label(cfg.backend, cfg.precision, cfg.threads),
+        backend=cfg.backend,
+        precision=cfg.precision,
+        threads=cfg.threads,
+        max_new_tokens=max_new,
+        num_tokens=tokens,
+        stop_emitted=int(stopped),
+        repeats=len(runs),
+        load_s=load_s,
+        prefill_s=prefill,
+        per_token_median_ms=1e3 * _percentile(per_token, 50),
+        per_token_p90_ms=1e3 * _percentile(per_token, 90),
+        decode_s=lm - prefill,
+        lm_s=lm,
+        decoder_s=decoder,
+        istft_s=istft,
+        other_s=wall - sum(accounted) if accounted else NAN,
+        audio_s=audio,
+        wall_s=wall,
+        rtf=wall / audio if audio > 0 else NAN,
+        xrt=audio / wall if wall > 0 else NAN,
+        first_chunk_ms=1e3 * first_chunk_s,
+        batch_size=cfg.batch_size if not math.isnan(batch_wall_s) else 0,
+        batch_audio_s=batch_audio_s,
+        batch_wall_s=batch_wall_s,
+        batch8_xrt=batch_audio_s / batch_wall_s if batch_wall_s > 0 else NAN,
+        note=note,
+    )
+    return row
+
+
+def config_label(backend: str, precision: str, threads: int) -> str:
+    return f"{backend}-{precision}-t{threads}"

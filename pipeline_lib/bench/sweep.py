@@ -1,0 +1,240 @@
+"""Many benchmark configurations, each in its own process, into one tidy table.
+
+Each configuration runs as `python -m pipeline_lib.cli bench ... --json FILE` in a fresh process, so the
+peak RSS is that configuration's own and thread pools (ONNX Runtime, OpenVINO, torch, OpenMP) start
+clean with the requested thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from pipeline_lib.bench import COLUMNS
+from pipeline_lib.errors import SopranoOnnxError
+
+log = logging.getLogger(__name__)
+
+# Where the pipeline puts each backend x precision (relative to the repository root): the first
+# candidate folder that exists is used. ONNX fp32 is the export stages' output; the convert stage
+# writes ONNX int8 and OpenVINO IR (fp32, int8), each as {lm,decoder}/ folders.
+MODEL_DIRS: dict[tuple[str, str], tuple[Path, ...]] = {
+    ("onnx", "fp32"): (Path("artifacts/export"), Path("artifacts/onnx/fp32")),
+    ("onnx", "int8"): (Path("artifacts/onnx/int8"), Path("artifacts/onnx_int8")),
+    ("openvino", "fp32"): (Path("artifacts/openvino/fp32"),),
+    ("openvino", "int8"): (Path("artifacts/openvino/int8"),),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One configuration: what to run and on which files."""
+
+    backend: str
+    precision: str
+    threads: int
+    lm: Path
+    decoder: Path | None = None
+    optional: bool = False  # a failure becomes a row with a note instead of an error (the upstream oracle)
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}-{self.precision}-t{self.threads}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every configuration of a sweep shares."""
+
+    num_tokens: int = 128
+    text: str | None = None
+    repeats: int = 3
+    upstream_repeats: int = 1
+    warmup_tokens: int = 16
+    batch_size: int = 8
+    stream: bool = True
+    timeout_s: float = 900.0
+
+
+def thread_counts(values: Iterable[Any]) -> list[int]:
+    """Thread counts as ints, in order, without duplicates (1 and ${threads} may be equal)."""
+    out: list[int] = []
+    for v in values:
+        n = int(v)
+        if n < 1:
+            raise SopranoOnnxError(f"bench.threads: thread counts must be >= 1, got {v!r}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise SopranoOnnxError("bench.threads is empty: list at least one thread count, e.g. [1, ${threads}]")
+    return out
+
+
+def model_dirs(root: Path, backend: str, precision: str) -> tuple[Path, Path]:
+    """(LM folder, decoder folder) of an exported / converted backend x precision: the first candidate
+    base folder holding both (the first candidate when none does, for the error message)."""
+    try:
+        bases = [Path(root) / b for b in MODEL_DIRS[(backend, precision)]]
+    except KeyError:
+        raise ValueError(f"no model folders for backend {backend!r} at precision {precision!r}") from None
+    for base in bases:
+        if (base / "lm").is_dir() and (base / "decoder").is_dir():
+            return base / "lm", base / "decoder"
+    return bases[0] / "lm", bases[0] / "decoder"
+
+
+def artifact_configs(backends: Sequence[str] | None, precisions: Sequence[str] | None) -> list[tuple[str, str]]:
+    """The (backend, precision) pairs the pipeline builds: ONNX fp32 always (the export stages), then
+    every convert.backends x convert.precisions target of the convert stage (None: no convert stage)."""
+    pairs = [("onnx", "fp32")]
+    pairs += [(str(b), str(p)) for b in backends or () for p in precisions or ()]
+    return list(dict.fromkeys(pairs))
+
+
+def plan(
+    root: Path,
+    checkpoint_dir: Path,
+    threads: Sequence[int],
+    targets: Sequence[tuple[str, str]] = (("onnx", "fp32"),),
+    backends: Sequence[str] = ("onnx", "openvino", "torch", "upstream"),
+    upstream_threads: int | None = None,
+) -> list[Job]:
+    """Every configuration of the benchmark stage: each (backend, precision) of `targets` (see
+    artifact_configs) whose backend is in `backends`, at every thread count (a missing artifact is an
+    error), the torch reference at every thread count, and upstream once, at `upstream_threads`
+    (default: the last thread count), when installed: it always generates 512 tokens on random weights."""
+    ckpt = Path(checkpoint_dir)
+    jobs: list[Job] = []
+    for backend, precision in targets:
+        if backend not in backends:
+            continue
+        lm, dec = model_dirs(root, backend, precision)
+        missing = [str(p) for p in (lm, dec) if not p.is_dir()]
+        if missing:
+            raise SopranoOnnxError(
+                f"benchmark of {backend} {precision}: {', '.join(missing)} not found; build it first "
+                f"(dvc repro {'export_lm export_decoder' if precision == 'fp32' and backend == 'onnx' else f'convert@{backend}-{precision}'})."
+            )
+        jobs += [Job(backend, precision, n, lm, dec) for n in threads]
+    if "torch" in backends:
+        jobs += [Job("torch", "fp32", n, ckpt, ckpt / "decoder.pth") for n in threads]
+    if "upstream" in backends and upstream_available():
+        jobs.append(Job("upstream", "fp32", int(upstream_threads or threads[-1]), ckpt, optional=True))
+    return jobs
+
+
+def upstream_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("soprano") is not None
+
+
+def job_argv(job: Job, settings: Settings, json_path: Path) -> list[str]:
+    argv = [sys.executable, "-m", "pipeline_lib.cli", "bench", "--backend", job.backend, "--lm", str(job.lm),
+            "--precision", job.precision, "--num_threads", str(job.threads), "--num_tokens", str(settings.num_tokens),
+            "--repeats", str(settings.upstream_repeats if job.backend == "upstream" else settings.repeats),
+            "--warmup_tokens", str(settings.warmup_tokens), "--batch", str(settings.batch_size), "--json", str(json_path)]
+    if job.decoder is not None:
+        argv += ["--decoder", str(job.decoder)]
+    if settings.text:
+        argv += ["--text", settings.text]
+    if not settings.stream:
+        argv.append("--no_stream")
+    return argv
+
+
+def job_env(threads: int) -> dict[str, str]:
+    """The environment of one configuration: OpenMP / BLAS pools sized like the engine's own."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def run_job(job: Job, settings: Settings, workdir: Path) -> dict[str, Any]:
+    """Run one configuration in a fresh process; its JSON row (NaN for nulls)."""
+    json_path = workdir / f"{job.label}.json"
+    argv = job_argv(job, settings, json_path)
+    log.info("bench %s", job.label)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, env=job_env(job.threads), capture_output=True, text=True,
+                              timeout=settings.timeout_s)
+        failure = None if proc.returncode == 0 else f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"
+    except subprocess.TimeoutExpired:
+        failure = f"timed out after {settings.timeout_s:.0f} s"
+    if failure is None and not json_path.is_file():
+        failure = f"no result written to {json_path}"
+    if failure is not None:
+        if job.optional:
+            log.warning("bench %s failed (optional, kept as a note): %s", job.label, failure)
+            row = {c: math.nan for c in COLUMNS}
+            row.update(config=job.label, backend=job.backend, precision=job.precision, threads=job.threads,
+                       note=f"failed: {failure.splitlines()[-1] if failure.strip() else failure}")
+            return row
+        raise SopranoOnnxError(f"benchmark {job.label} failed ({' '.join(argv)}): {failure}")
+    row = {k: (math.nan if v is None else v) for k, v in json.loads(json_path.read_text()).items()}
+    log.info("bench %s: x%.2f real time, %.1f s in its process", job.label, row["xrt"], time.perf_counter() - start)
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """speedup_vs_torch (xrt over the torch reference at the same threads) and speedup_vs_fp32."""
+    torch_xrt = {r["threads"]: r["xrt"] for r in rows if r["backend"] == "torch"}
+    fp32_xrt = {(r["backend"], r["threads"]): r["xrt"] for r in rows if r["precision"] == "fp32"}
+    for r in rows:
+        t = torch_xrt.get(r["threads"], math.nan)
+        f = fp32_xrt.get((r["backend"], r["threads"]), math.nan)
+        r["speedup_vs_torch"] = r["xrt"] / t if t and not math.isnan(t) else math.nan
+        r["speedup_vs_fp32"] = r["xrt"] / f if f and not math.isnan(f) else math.nan
+    return rows
+
+
+def run_sweep(jobs: Sequence[Job], settings: Settings) -> list[dict[str, Any]]:
+    """Every job in its own process, in order; rows with the ratio columns filled in."""
+    if not jobs:
+        raise SopranoOnnxError("nothing to benchmark: no configurations were planned")
+    with tempfile.TemporaryDirectory(prefix="soprano-bench-") as work:
+        rows = [run_job(job, settings, Path(work)) for job in jobs]
+    return add_ratios(rows)
+
+
+def to_frame(rows: Sequence[dict[str, Any]]):
+    """Rows as a pandas DataFrame with exactly COLUMNS, in order."""
+    import pandas as pd
+
+    return pd.DataFrame([{c: r.get(c, math.nan) for c in COLUMNS} for r in rows], columns=list(COLUMNS))
+
+
+def headline(rows: Sequence[dict[str, Any]], threads: int) -> dict[str, Any]:
+    """The DVC metrics: figures at `threads` per configuration, best per backend, int8 speedups."""
+
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v)
+
+    at = [r for r in rows if int(r["threads"]) == int(threads)]
+    by_config = {f"{r['backend']}_{r['precision']}": r for r in at}
+    fixed = [r["max_new_tokens"] for r in rows if r["backend"] != "upstream"]
+    metrics: dict[str, Any] = {"threads": int(threads), "num_tokens": int(fixed[0]) if fixed else None}
+    for key in ("xrt", "rtf", "speedup_vs_torch", "per_token_median_ms", "first_chunk_ms", "batch8_xrt", "peak_rss_mb"):
+        metrics[key] = {name: clean(r[key]) for name, r in by_config.items()}
+    best: dict[str, Any] = {}
+    for r in at:
+        if isinstance(r["xrt"], float) and math.isnan(r["xrt"]):
+            continue
+        if r["backend"] not in best or r["xrt"] > best[r["backend"]]:
+            best[r["backend"]] = r["xrt"]
+    metrics["best_xrt"] = {b: clean(v) for b, v in best.items()}
+    metrics["int8_speedup"] = {r["backend"]: clean(r["speedup_vs_fp32"]) for r in at if r["precision"] == "int8"}
+    return metrics

@@ -1,0 +1,410 @@
+"""The review report: reports/report.md and its PNG plots, built only from one run's CSV and metrics.
+
+Inputs: the benchmark CSV (one row per backend x precision x threads, pipeline_lib.bench.COLUMNS),
+the benchmark metrics JSON (headline figures), the parity metrics JSON files, and the checkpoint's
+source.json. The environment (CPU, cores, library versions, date) is read where the report is built.
+Every number in the report is formatted by `fmt` from those inputs; none is written here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+RANDOM_WEIGHTS_LINE = "**Random weights: audio is noise, timings are valid.**"
+LIBRARIES = ("numpy", "onnxruntime", "openvino", "torch", "nncf", "transformers")
+XRT_PNG = "xrt_by_backend.png"
+BREAKDOWN_PNG = "stage_breakdown.png"
+BACKEND_ORDER = ("torch", "upstream", "onnx", "openvino")
+BACKEND_NAMES = {"torch": "PyTorch reference", "upstream": "upstream soprano-tts", "onnx": "ONNX Runtime",
+                 "openvino": "OpenVINO"}
+
+# Report tables: (CSV column, header). Between them they show every column of the CSV.
+RTF_TABLE = (
+    ("backend", "backend"), ("precision", "precision"), ("threads", "threads"), ("num_tokens", "tokens"),
+    ("audio_s", "audio (s)"), ("wall_s", "wall (s)"), ("rtf", "RTF"), ("xrt", "x real time"),
+    ("speedup_vs_torch", "speedup vs PyTorch"), ("speedup_vs_fp32", "speedup vs fp32"),
+    ("first_chunk_ms", "first chunk (ms)"), ("batch8_xrt", "batch x real time"), ("peak_rss_mb", "peak RSS (MiB)"),
+)
+STAGE_TABLE = (
+    ("config", "configuration"), ("load_s", "load (s)"), ("prefill_s", "prefill (s)"),
+    ("per_token_median_ms", "per token median (ms)"), ("per_token_p90_ms", "per token p90 (ms)"),
+    ("decode_s", "decode (s)"), ("lm_s", "LM total (s)"), ("decoder_s", "decoder (s)"), ("istft_s", "ISTFT (s)"),
+    ("other_s", "other (s)"), ("wall_s", "wall (s)"),
+)
+RUN_TABLE = (
+    ("config", "configuration"), ("max_new_tokens", "max new tokens"), ("num_tokens", "tokens generated"),
+    ("stop_emitted", "[STOP] emitted"), ("repeats", "repeats"), ("batch_size", "batch texts"),
+    ("batch_audio_s", "batch audio (s)"), ("batch_wall_s", "batch wall (s)"), ("load_avg", "load average"),
+    ("note", "note"),
+)
+
+
+def fmt(value: Any) -> str:
+    """How the report writes a value: 4 significant digits for floats, ints as they are, '-' for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            value = value.item()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if value == int(value) and abs(value) < 1e6:
+            return str(int(value))
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def core_counts() -> tuple[int | None, int | None]:
+    """(logical CPUs usable by this process, physical cores) where known."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:
+        physical = None
+    return logical, physical
+
+
+def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass
+class Environment:
+    cpu: str
+    logical_cpus: int | None
+    physical_cores: int | None
+    python: str
+    libraries: dict[str, str]
+    date: str
+
+    @classmethod
+    def here(cls) -> "Environment":
+        logical, physical = core_counts()
+        return cls(cpu=cpu_model(), logical_cpus=logical, physical_cores=physical, python=platform.python_version(),
+                   libraries=library_versions(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def metric_files(paths: Sequence[Path]) -> list[Path]:
+    """Files as given; a folder stands for the *.json files in it (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        out += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    return out
+
+
+def read_parity(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """{model: {metric: value}} merged from metric files ({model: {metric: value}} each) or folders of them."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in metric_files(paths):
+        data = read_json(path)
+        for model, metrics in data.items():
+            if isinstance(metrics, Mapping):
+                merged.setdefault(model, {}).update(metrics)
+            else:  # a flat file: its name is the model
+                merged.setdefault(Path(path).stem, {})[model] = metrics
+    return merged
+
+
+def _sort_key(row: Mapping[str, Any]) -> tuple:
+    b = row["backend"]
+    return (BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER), str(row["precision"]), int(row["threads"]))
+
+
+def _records(df) -> list[dict[str, Any]]:
+    rows = df.to_dict("records")
+    return sorted(rows, key=_sort_key)
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _columns_table(rows: Sequence[Mapping[str, Any]], spec: Sequence[tuple[str, str]]) -> str:
+    return md_table([h for _, h in spec], ([r.get(c) for c, _ in spec] for r in rows))
+
+
+def checkpoint_lines(source: Mapping[str, Any]) -> list[str]:
+    name = source.get("name", "?")
+    if source.get("random_weights"):
+        extra = ", ".join(f"{k} {fmt(source[k])}" for k in ("seed", "num_layers", "lm_head_scale") if k in source)
+        return [f"- Checkpoint: `{name}`: random weights (source `{source.get('source')}`, {extra}); "
+                f"tokenizer: {source.get('tokenizer', '?')}"]
+    lines = [f"- Checkpoint: `{name}` (source `{source.get('source')}`)"]
+    if source.get("repo_id"):
+        lines.append(f"- Hub id: `{source['repo_id']}`, revision `{source.get('revision') or '?'}`")
+    if source.get("path"):
+        lines.append(f"- Path: `{source['path']}`")
+    return lines
+
+
+def headline_tables(metrics: Mapping[str, Any]) -> str:
+    """Benchmark metrics as tables: nested metrics keyed by the same names (configurations, backends)
+    share a table with one row per name and one column per metric; scalars go on one line."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, value in metrics.items():
+        if isinstance(value, Mapping):
+            groups.setdefault(tuple(value), []).append(name)
+    parts = []
+    for keys, names in groups.items():
+        if not keys:
+            parts.append(", ".join(f"{n}: -" for n in names))
+            continue
+        parts.append(md_table(["", *names], ([k, *(metrics[n].get(k) for n in names)] for k in keys)))
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, Mapping)}
+    if scalars:
+        parts.append(", ".join(f"{k}: {fmt(v)}" for k, v in scalars.items()))
+    return "\n\n".join(parts)
+
+
+def by_metric_tables(data: Mapping[str, Mapping[str, Any]]) -> str:
+    """{model: {metric: value}} as tables with one row per metric and one column per model; models with
+    the same metrics share a table (fp32 targets against torch, int8 targets against fp32, ...)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for model, metrics in data.items():
+        groups.setdefault(tuple(metrics), []).append(model)
+    return "\n\n".join(
+        md_table(["metric", *models], ([k, *(data[m].get(k) for m in models)] for k in keys))
+        for keys, models in groups.items())
+
+
+def build_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    bench_metrics: Mapping[str, Any],
+    parity: Mapping[str, Mapping[str, Any]],
+    source: Mapping[str, Any],
+    env: Environment,
+    images: Sequence[str] = (XRT_PNG, BREAKDOWN_PNG),
+    convert: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    out: list[str] = ["# Soprano CPU inference report", ""]
+    if source.get("random_weights"):
+        out += [f"> {RANDOM_WEIGHTS_LINE}", ""]
+    tokens = sorted({r["max_new_tokens"] for r in rows if r["backend"] != "upstream"
+                     and not (isinstance(r["max_new_tokens"], float) and math.isnan(r["max_new_tokens"]))})
+    out += ["## Setup", ""]
+    out += checkpoint_lines(source)
+    cores = f"{fmt(env.logical_cpus)} logical CPUs" + (f", {fmt(env.physical_cores)} physical cores" if env.physical_cores else "")
+    out += [
+        f"- CPU: {env.cpu}; {cores}",
+        "- Libraries: " + ", ".join(f"{k} {v}" for k, v in env.libraries.items()) + f"; Python {env.python}",
+        f"- Date: {env.date}",
+        "- Token count: fixed at " + ", ".join(fmt(t) for t in tokens) + " new tokens per synthesis "
+        "(max_new_tokens; random weights never emit [STOP]); upstream always runs to [STOP] or its 512-token limit. "
+        "RTF = wall / audio duration (below 1 is faster than real time); x real time = audio / wall. "
+        "Each configuration ran in its own process; timings are medians over the repeats after a warm-up.",
+        "",
+    ]
+    threads = bench_metrics.get("threads")
+    out += [f"## Headline (threads = {fmt(threads)})", ""]
+    out += ["From the benchmark metrics (metrics/bench.json): per configuration at this thread count, the best "
+            "x real time per backend, and int8 over fp32 x real time per backend.", "",
+            headline_tables(bench_metrics), ""]
+
+    out += ["## Real-time factor by backend, precision and threads", "",
+            "Speedups are x real time over the PyTorch reference at the same thread count, and over fp32 of the "
+            "same backend and threads.", "",
+            _columns_table(rows, RTF_TABLE), ""]
+    out += ["## Per-stage times", "",
+            "Per synthesis (medians). Per token: one LM decode step (choosing the token and its forward pass). "
+            "Other: text front end, tokenizer and glue (wall minus LM, decoder and ISTFT). "
+            "Upstream's LM is not split into prefill and decode, and its decoder time includes the ISTFT.", "",
+            _columns_table(rows, STAGE_TABLE), ""]
+    out += ["## Runs", "", _columns_table(rows, RUN_TABLE), ""]
+    out += ["## Parity (exported vs torch reference)", ""]
+    if parity:
+        out += [by_metric_tables(parity), ""]
+    else:
+        out += ["No parity metrics found.", ""]
+    if convert:
+        out += ["## Conversion (time and size per converted target)", "", by_metric_tables(convert), ""]
+    out += ["## Plots", ""]
+    out += [f"![x real time by backend and threads]({images[0]})", "", f"![per-stage time breakdown]({images[1]})", ""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _label(row: Mapping[str, Any]) -> str:
+    name = BACKEND_NAMES.get(row["backend"], row["backend"])
+    return f"{name}\n{row['precision']}"
+
+
+def plot_xrt(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Grouped bars: x real time per backend / precision, one bar per thread count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = list(dict.fromkeys(_label(r) for r in rows))
+    threads = sorted({int(r["threads"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(groups) + 2), 4.8), dpi=120)
+    colors = dict(zip(threads, plt.cm.viridis(np.linspace(0.2, 0.8, len(threads)))))
+    width = 0.8 / max(1, len(threads))
+    bars_by_threads: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in threads}
+    for i, g in enumerate(groups):  # each group's bars centred on its tick, whatever thread counts it has
+        present = [(n, float(r["xrt"])) for n in threads for r in rows
+                   if _label(r) == g and int(r["threads"]) == n and not math.isnan(float(r["xrt"]))]
+        for j, (n, y) in enumerate(present):
+            bars_by_threads[n][0].append(i + (j - (len(present) - 1) / 2) * width)
+            bars_by_threads[n][1].append(y)
+    for n in threads:
+        xs, ys = bars_by_threads[n]
+        bars = ax.bar(xs, ys, width=width * 0.95, color=colors[n], label=f"{n} thread{'s' if n > 1 else ''}")
+        ax.bar_label(bars, labels=[fmt(y) for y in ys], padding=2, fontsize=8)
+    ax.axhline(1.0, color="firebrick", linestyle="--", linewidth=1, label="real time (1x)")
+    ax.set_xticks(range(len(groups)), groups, fontsize=9)
+    ax.set_xlabel("backend and precision")
+    ax.set_ylabel("x real time (audio s / wall s)")
+    ax.set_title("Synthesis speed by backend and thread count (higher is better)")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+STAGES = (  # (CSV column, legend label, colour)
+    ("prefill_s", "LM prefill", "#4c72b0"),
+    ("decode_s", "LM decode (per-token loop)", "#55a868"),
+    ("lm_only_s", "LM, not split (upstream)", "#8fbc8f"),
+    ("decoder_s", "decoder (upstream: incl. ISTFT)", "#c44e52"),
+    ("istft_s", "ISTFT", "#dd8452"),
+    ("other_s", "other (text, tokenizer, glue)", "#8c8c8c"),
+)
+
+
+def plot_breakdown(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Stacked horizontal bars: seconds of each stage per second of audio (the bar's length is the RTF)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def val(r: Mapping[str, Any], key: str) -> float:
+        if key == "lm_only_s":  # the LM where it is not split into prefill and decode
+            split = not math.isnan(float(r["prefill_s"]))
+            v = 0.0 if split else float(r["lm_s"])
+        else:
+            v = float(r[key])
+        audio = float(r["audio_s"])
+        return 0.0 if math.isnan(v) or not audio > 0 else max(v, 0.0) / audio
+
+    labels = [f"{BACKEND_NAMES.get(r['backend'], r['backend'])} {r['precision']}, {int(r['threads'])}t" for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 2.2), dpi=120)
+    left = [0.0] * len(rows)
+    for key, name, color in STAGES:
+        widths = [val(r, key) for r in rows]
+        if not any(widths):
+            continue
+        ax.barh(range(len(rows)), widths, left=left, color=color, label=name, height=0.7)
+        left = [a + b for a, b in zip(left, widths)]
+    for i, (r, total) in enumerate(zip(rows, left)):
+        ax.text(total, i, f" RTF {fmt(float(r['rtf']))}", va="center", fontsize=8)
+    ax.axvline(1.0, color="firebrick", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("compute time per second of audio (s/s); the whole bar is the RTF, < 1 is faster than real time")
+    ax.set_title("Where the time goes, per stage")
+    ax.margins(x=0.12)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="stage")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_report(
+    bench_csv: Path,
+    bench_metrics: Path,
+    parity_files: Sequence[Path],
+    source_json: Path,
+    out_dir: Path,
+    env: Environment | None = None,
+    convert_files: Sequence[Path] = (),
+) -> Path:
+    """Write out_dir/report.md, out_dir/xrt_by_backend.png and out_dir/stage_breakdown.png."""
+    import pandas as pd
+
+    from pipeline_lib.fsutil import atomic_file
+
+    rows = _records(pd.read_csv(bench_csv))
+    metrics = read_json(bench_metrics)
+    parity = read_parity(list(parity_files))
+    source = read_json(source_json)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, plot in ((XRT_PNG, plot_xrt), (BREAKDOWN_PNG, plot_breakdown)):
+        with atomic_file(out_dir / name) as tmp:
+            plot(rows, tmp)
+    convert = read_parity(list(convert_files))  # same shape: {target: {figure: value}}
+    text = build_markdown(rows, metrics, parity, source, env or Environment.here(), convert=convert)
+    with atomic_file(out_dir / "report.md") as tmp:
+        tmp.write_text(text)
+    return out_dir / "report.md"

@@ -1,0 +1,106 @@
+"""`soprano-onnx speak`: text -> 16-bit PCM WAV (32 kHz) with an exported model folder.
+
+Text comes from the positional argument, from `--text-file F`, or from stdin when the text is `-`.
+Heavy imports (numpy, onnxruntime, tokenizers) happen inside `run`, so building the CLI parser
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pipeline_lib.errors import InputError
+
+BACKEND_CHOICES = {"onnx": "onnx_cpu", "openvino": "openvino_cpu", "onnx_cpu": "onnx_cpu", "openvino_cpu": "openvino_cpu"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", help="text to speak; '-' reads it from stdin (UTF-8)")
+    p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file instead")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output WAV file (16-bit PCM, mono)")
+    p.add_argument("--model", type=Path, required=True,
+                   help="export folder (soprano_lm_step.onnx, soprano_decoder_preistft.onnx, JSON configs, tokenizer.json)")
+    p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default="onnx", help="inference backend (default: onnx)")
+    p.add_argument("--threads", type=int, default=4, help="intra-op threads (default: 4)")
+    p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are generated")
+    p.add_argument("--chunk-size", type=int, default=1, help="tokens per streamed chunk (with --stream)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="audio tokens per sentence, at most 512")
+    p.add_argument("--batch-size", type=int, default=None, help="sentences per LM batch")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def _decode_utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{source}: not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
+            "save the text as UTF-8"
+        ) from exc
+
+
+def read_text(args: argparse.Namespace) -> str:
+    if args.text_file is not None:
+        if args.text is not None:
+            raise InputError("give the text either as an argument or with --text-file, not both")
+        try:
+            data = args.text_file.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{args.text_file}: cannot read the text file ({exc.strerror or exc})") from exc
+        return _decode_utf8(data, str(args.text_file))
+    if args.text is None:
+        raise InputError("no text: pass it as an argument, with --text-file F, or '-' to read stdin")
+    if args.text == "-":
+        return _decode_utf8(sys.stdin.buffer.read(), "<stdin>")
+    return args.text
+
+
+def run(args: argparse.Namespace) -> int:
+    import wave
+
+    import numpy as np
+
+    from pipeline_lib.runtime.tts import SopranoTTS, write_wav
+
+    text = read_text(args)
+    start = time.perf_counter()
+    tts = SopranoTTS.from_dir(args.model, backend=BACKEND_CHOICES[args.backend], num_threads=args.threads)
+    load_s = time.perf_counter() - start
+    sampling = dict(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    t0 = time.perf_counter()
+    first_chunk_s = None
+    if args.stream:
+        samples = 0
+        chunks = tts.infer_stream(text, chunk_size=args.chunk_size, **sampling)
+        with wave.open(str(args.output), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(tts.sample_rate)
+            for chunk in chunks:
+                if first_chunk_s is None:
+                    first_chunk_s = time.perf_counter() - t0
+                pcm = np.round(np.clip(chunk, -1.0, 1.0) * 32767.0).astype("<i2")
+                w.writeframes(pcm.tobytes())
+                samples += len(chunk)
+    else:
+        result = tts.synthesize(text, batch_size=args.batch_size, **sampling)
+        samples = len(result["audio"])
+        write_wav(args.output, result["audio"], tts.sample_rate)
+    wall = time.perf_counter() - t0
+    audio_s = samples / tts.sample_rate
+    print(f"wrote {args.output}: {audio_s:.2f} s of audio ({samples} samples at {tts.sample_rate} Hz)")
+    line = f"wall time {wall:.2f} s (model load {load_s:.2f} s), x-real-time {audio_s / wall if wall > 0 else 0.0:.2f}"
+    if first_chunk_s is not None:
+        line += f", first chunk after {first_chunk_s * 1000:.0f} ms"
+    print(line)
+    return 0

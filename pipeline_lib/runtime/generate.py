@@ -1,0 +1,318 @@
+"""The LM loop in NumPy: batched prefill, then one-token decode steps over an explicit KV cache.
+
+* Prefill runs all prompts of a batch at once, left-padded: attention_mask marks the real tokens,
+  position_ids = cumsum(mask) - 1 clipped at 0, and the cache starts empty.
+* Each decode step feeds the sampled token of every still-running row with the previous step's
+  `present_*` outputs as `past_*` inputs. A row stops on its own at [STOP] (finish reason "stop"),
+  after `max_new_tokens` tokens ("length") or, with the hallucination guard on, when its hidden
+  states repeat ("hallucination"). Finished rows leave the batch at once (the cache arrays are
+  sliced to the running rows, and left-padding columns no running row needs are trimmed), so they
+  cost nothing afterwards.
+* Hidden-state convention (DESIGN.md): for each generated token other than [STOP], the final-norm
+  hidden state of the forward step that produced it; the first comes from the prompt's last
+  position. So a row with n non-[STOP] tokens yields n hidden vectors.
+
+Positions: a row uses prompt + generated positions. RoPE is computed from position_ids inside the
+graph, so positions past max_position_embeddings still run (as upstream does: it allows a
+512-token prompt plus 512 new tokens); the runtime keeps prompts to at most
+max_position_embeddings // 2 tokens (see SopranoTTS) so rows stay close to the trained range.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from pipeline_lib.errors import InputError, ModelFileError
+from pipeline_lib.runtime.backends import LMBackend
+from pipeline_lib.runtime.sampling import SamplingParams, select_tokens
+
+__all__ = [
+    "LMSpec",
+    "StepEvent",
+    "GenerationTimings",
+    "GenerationOutput",
+    "HallucinationGuard",
+    "generate_steps",
+    "generate",
+    "validate_max_new_tokens",
+]
+
+# Upstream's hallucination_detector constants: a run of near-identical consecutive hidden states.
+HALLUCINATION_DIFF_THRESHOLD = 300.0  # L1 distance below which two consecutive states count as "same"
+HALLUCINATION_MAX_RUNLENGTH = 16
+
+
+@dataclass(frozen=True)
+class LMSpec:
+    """What the runtime needs from `soprano_lm_step_config.json`."""
+
+    path: Path
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    special_tokens: dict[str, int]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+
+    @property
+    def stop_id(self) -> int:
+        return self.special_tokens["stop"]
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @classmethod
+    def from_json(cls, path: Path | str) -> LMSpec:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(
+                f"{path}: LM config JSON not found; it is written beside the ONNX file by "
+                "`soprano-onnx export` (or `dvc repro`)."
+            )
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            spec = cls(
+                path=path,
+                input_names=tuple(i["name"] for i in d["inputs"]),
+                output_names=tuple(o["name"] for o in d["outputs"]),
+                special_tokens={k: int(d["special_tokens"][k]) for k in ("unk", "text", "start", "stop")},
+                num_layers=int(d["num_layers"]),
+                num_kv_heads=int(d["num_kv_heads"]),
+                head_dim=int(d["head_dim"]),
+                hidden_size=int(d["hidden_size"]),
+                vocab_size=int(d["vocab_size"]),
+                max_position_embeddings=int(d["max_position_embeddings"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelFileError(
+                f"{path}: not a valid LM step config ({type(exc).__name__}: {exc}); re-export it with "
+                "`soprano-onnx export` (or `dvc repro`)."
+            ) from exc
+        return spec
+
+    def check_interface(self) -> None:
+        """The names the loop feeds and reads must all be there (for num_layers layers)."""
+        needed = ["input_ids", "attention_mask", "position_ids", *self.past_names]
+        produced = ["logits", "hidden_states", *self.present_names]
+        missing = [n for n in needed if n not in self.input_names] + [n for n in produced if n not in self.output_names]
+        if missing:
+            raise ModelFileError(
+                f"{self.path}: the LM step interface lacks {missing} (expected for {self.num_layers} layers); "
+                "re-export with `soprano-onnx export` (or `dvc repro`)."
+            )
+
+
+@dataclass
+class StepEvent:
+    """One forward pass's result: row `rows[i]` (index into the prompts) got token `tokens[i]`,
+    produced by hidden state `hidden[i]`. `keep[i]` is False for [STOP] (no hidden vector for it).
+    `finished` lists the rows that ended at this step with their reason."""
+
+    step: int
+    rows: np.ndarray
+    tokens: np.ndarray
+    hidden: np.ndarray
+    keep: np.ndarray
+    finished: list[tuple[int, str]]
+
+
+@dataclass
+class GenerationTimings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def per_step_s(self) -> float:
+        return self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    def add(self, other: GenerationTimings) -> None:
+        self.prefill_s += other.prefill_s
+        self.decode_s += other.decode_s
+        self.decode_steps += other.decode_steps
+
+
+@dataclass
+class GenerationOutput:
+    hidden: list[np.ndarray]  # per prompt: [n_i, hidden_size] float32
+    tokens: list[np.ndarray]  # per prompt: generated ids, [STOP] included when it ended the row
+    finish_reasons: list[str]
+    timings: GenerationTimings = field(default_factory=GenerationTimings)
+
+
+def validate_max_new_tokens(max_new_tokens: int, limit: int) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or not 1 <= max_new_tokens <= limit:
+        raise InputError(f"max_new_tokens must be an int in 1..{limit} (the model's max_position_embeddings), got {max_new_tokens!r}")
+    return int(max_new_tokens)
+
+
+class HallucinationGuard:
+    """Upstream's hallucination_detector, online: per row, a counter that grows by one for each new
+    hidden state within L1 distance 300 of the previous one and shrinks by one (not below 0)
+    otherwise; the row is flagged when it exceeds 16."""
+
+    def __init__(self, rows: int, hidden_size: int) -> None:
+        self.prev = np.zeros((rows, hidden_size), dtype=np.float32)
+        self.has_prev = np.zeros(rows, dtype=bool)
+        self.run = np.zeros(rows, dtype=np.int64)
+
+    def update(self, hidden: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Feed this step's states (rows with keep False are skipped); returns the flagged rows."""
+        similar = np.abs(hidden - self.prev).sum(axis=-1) < HALLUCINATION_DIFF_THRESHOLD
+        counted = keep & self.has_prev
+        self.run = np.where(counted & similar, self.run + 1, np.where(counted, np.maximum(self.run - 1, 0), self.run))
+        self.prev = np.where(keep[:, None], hidden, self.prev)
+        self.has_prev |= keep
+        return self.run > HALLUCINATION_MAX_RUNLENGTH
+
+    def select(self, idx: np.ndarray) -> None:
+        self.prev, self.has_prev, self.run = self.prev[idx], self.has_prev[idx], self.run[idx]
+
+
+def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    lengths = [len(p) for p in prompt_ids]
+    if min(lengths) < 1:
+        raise InputError("every prompt needs at least one token")
+    width = max(lengths)
+    ids = np.full((len(prompt_ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompt_ids), width), dtype=np.int64)
+    for r, p in enumerate(prompt_ids):
+        ids[r, width - len(p):] = p
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
+def generate_steps(
+    lm: LMBackend,
+    spec: LMSpec,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    generators: Sequence[np.random.Generator] | None = None,
+    hallucination_guard: bool = False,
+    timings: GenerationTimings | None = None,
+) -> Iterator[StepEvent]:
+    """Run the LM on a batch of tokenised prompts, yielding one `StepEvent` per forward pass."""
+    max_new_tokens = validate_max_new_tokens(max_new_tokens, spec.max_position_embeddings)
+    if not prompt_ids:
+        return
+    timings = timings if timings is not None else GenerationTimings()
+    gens = list(generators) if generators is not None else None
+    if not params.greedy and (gens is None or len(gens) != len(prompt_ids)):
+        raise ValueError("sampling needs one numpy Generator per prompt")
+    batch = len(prompt_ids)
+    ids, mask = _left_pad(prompt_ids, spec.stop_id)
+    seen = np.zeros((batch, spec.vocab_size), dtype=bool)
+    for r, p in enumerate(prompt_ids):
+        seen[r, np.asarray(p, dtype=np.int64)] = True
+    empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
+    feed: dict[str, np.ndarray] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0),
+    }
+    feed.update((name, empty) for name in spec.past_names)
+    next_pos = mask.sum(axis=1)  # position of the next token of each row
+    rows = np.arange(batch)
+    guard = HallucinationGuard(batch, spec.hidden_size) if hallucination_guard else None
+    past_names, present_names = spec.past_names, spec.present_names
+
+    t0 = time.perf_counter()
+    out = lm.run(feed)
+    timings.prefill_s += time.perf_counter() - t0
+    t_step = time.perf_counter()
+    for step in range(max_new_tokens):
+        logits = out["logits"][:, -1, :]
+        hidden = np.ascontiguousarray(out["hidden_states"][:, -1, :])
+        tokens = select_tokens(logits, seen, params, gens)
+        seen[np.arange(len(rows)), tokens] = True
+        keep = tokens != spec.stop_id
+        done = ~keep
+        reasons = np.where(done, "stop", "")
+        if guard is not None:
+            flagged = guard.update(hidden, keep) & keep
+            reasons = np.where(flagged, "hallucination", reasons)
+            done |= flagged
+        if step == max_new_tokens - 1:
+            reasons = np.where(done, reasons, "length")
+            done[:] = True
+        finished = [(int(rows[i]), str(reasons[i])) for i in np.flatnonzero(done)]
+        event = StepEvent(step, rows, tokens, hidden, keep, finished)
+        if step > 0:
+            timings.decode_s += time.perf_counter() - t_step
+            timings.decode_steps += 1
+        yield event
+        if done.all():
+            return
+        t_step = time.perf_counter()
+        presents = [out[name] for name in present_names]
+        if done.any():
+            idx = np.flatnonzero(~done)
+            rows, tokens, next_pos, mask, seen = rows[idx], tokens[idx], next_pos[idx], mask[idx], seen[idx]
+            presents = [p[idx] for p in presents]
+            if gens is not None:
+                gens = [gens[i] for i in idx]
+            if guard is not None:
+                guard.select(idx)
+            first = int(np.argmax(mask.any(axis=0)))  # leading columns no running row attends to
+            if first > 0:
+                mask = mask[:, first:]
+                presents = [np.ascontiguousarray(p[:, :, first:]) for p in presents]
+        mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        feed = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": next_pos[:, None]}
+        feed.update(zip(past_names, presents))
+        next_pos = next_pos + 1
+        out = lm.run(feed)
+
+
+def generate(
+    lm: LMBackend,
+    spec: LMSpec,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    generators: Sequence[np.random.Generator] | None = None,
+    hallucination_guard: bool = False,
+) -> GenerationOutput:
+    """Run `generate_steps` to the end and collect each prompt's hidden states and tokens."""
+    batch = len(prompt_ids)
+    timings = GenerationTimings()
+    max_new_tokens = validate_max_new_tokens(max_new_tokens, spec.max_position_embeddings)
+    hidden = np.zeros((batch, max_new_tokens, spec.hidden_size), dtype=np.float32)
+    tokens = np.zeros((batch, max_new_tokens), dtype=np.int64)
+    n_tokens = np.zeros(batch, dtype=np.int64)
+    n_hidden = np.zeros(batch, dtype=np.int64)
+    reasons = [""] * batch
+    for ev in generate_steps(
+        lm, spec, prompt_ids, max_new_tokens=max_new_tokens, params=params, generators=generators,
+        hallucination_guard=hallucination_guard, timings=timings,
+    ):
+        tokens[ev.rows, ev.step] = ev.tokens
+        n_tokens[ev.rows] += 1
+        kept = ev.rows[ev.keep]
+        hidden[kept, ev.step] = ev.hidden[ev.keep]  # [STOP] is always a row's last token
+        n_hidden[kept] += 1
+        for row, reason in ev.finished:
+            reasons[row] = reason
+    return GenerationOutput(
+        hidden=[hidden[r, : n_hidden[r]].copy() for r in range(batch)],
+        tokens=[tokens[r, : n_tokens[r]].copy() for r in range(batch)],
+        finish_reasons=reasons,
+        timings=timings,
+    )

@@ -1,0 +1,443 @@
+"""`SopranoTTS`: text -> 32 kHz speech with the exported LM step model, the pre-ISTFT decoder and
+the NumPy ISTFT. Runtime dependencies only: numpy, onnxruntime (or openvino), tokenizers; never
+torch or transformers (except `use_torch_istft=True`, a cross-check).
+
+Pipeline per call: normalise and split the text (`pipeline_lib.text`, upstream-identical), cut any
+sentence whose prompt exceeds `max_prompt_tokens`, run the LM over the sentences in batches of
+`batch_size`, decode every sentence's hidden states to a spectrum, ISTFT, and concatenate the
+sentences' audio in order. A sentence with n hidden vectors gives (n - 1) * samples_per_token
+samples: upstream `infer_batch` keeps exactly that many from the end of the decoder output, which
+is all of it.
+
+Streaming (`infer_stream`) is lossless: it decodes sliding windows that carry `stream_context`
+tokens of context on each side, enough that every emitted sample equals the full-sequence decode
+(see `stream_context_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import wave
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from pipeline_lib.audio.istft import IstftConfig, istft
+from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
+from pipeline_lib.runtime.backends import HOW_TO_PRODUCE, load_backends, normalize_backend, require_file
+from pipeline_lib.runtime.generate import (
+    GenerationTimings,
+    LMSpec,
+    generate,
+    generate_steps,
+    validate_max_new_tokens,
+)
+from pipeline_lib.runtime.sampling import SamplingParams, row_generators
+from pipeline_lib.text import SPECIAL_TOKENS, SentencePrompt, fit_to_positions, prepare_prompts
+
+__all__ = ["SopranoTTS", "stream_context_tokens", "write_wav", "LM_FILE", "DECODER_FILE"]
+
+LM_FILE = "soprano_lm_step"
+DECODER_FILE = "soprano_decoder_preistft"
+LM_CONFIG_SUFFIX = "_config.json"
+DECODER_CONFIG_SUFFIX = "_istft_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_BATCH_SIZE = 8
+# Upstream's decoder layout, used when the ISTFT config lacks the "decoder" section.
+_DEFAULT_DECODER = {"num_layers": 8, "dw_kernel": 3, "input_channels": 512}
+
+
+def stream_context_tokens(decoder: dict[str, Any], cfg: IstftConfig) -> int:
+    """Tokens of context a decoded window needs on each side of the samples it emits, so that they
+    equal the full-sequence decode (up to float rounding).
+
+    Sample 2048*c (a token boundary) sits at spectral frame centre upscale*c. The ISTFT adds the
+    frames within n_fft/2 samples of it: frames down to upscale*c - (n_fft/(2*hop) - 1). Each such
+    frame must be clear of the window edge by the depthwise convolutions' reach (num_layers *
+    (kernel // 2) frames: their zero padding corrupts that many frames at a window edge). The
+    frame-level interpolation, the k=1 input conv and the per-frame norms and MLPs are local.
+    Soprano: 8 * 1 + 2048 / 1024 - 1 = 9 frames -> ceil(9 / 4) = 3 tokens.
+
+    Measured on the tiny checkpoint (float64 torch reference, windows around tokens 15..17 of 30):
+    3 tokens each side reproduce the full decode exactly (0.0), 2 tokens leave 6.5e-9 of peak with
+    the random weights but 5e-5 of peak with the weights scaled by 5, 1 token 5e-5 (5.7e-2 scaled).
+    So 3 is what structure requires, whatever the weights; fewer only happens to be close enough.
+    """
+    frames = int(decoder["num_layers"]) * (int(decoder["dw_kernel"]) // 2) + math.ceil(cfg.n_fft / (2 * cfg.hop_length)) - 1
+    return max(1, math.ceil(frames / cfg.upscale_factor))
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
+    """Mono 16-bit PCM WAV (stdlib `wave`); samples clipped to [-1, 1]."""
+    path = Path(path)
+    pcm = np.round(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def _config_beside(model_path: Path, suffix: str, canonical: str) -> Path:
+    """`{stem}{suffix}` beside the model, else the canonical export name in the same folder."""
+    own = model_path.with_name(model_path.stem + suffix)
+    if own.is_file():
+        return own
+    fallback = model_path.with_name(canonical + suffix)
+    return fallback if fallback.is_file() else own
+
+
+def _load_tokenizer(path: Path, spec: LMSpec) -> Any:
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"{path}: cannot be read as a tokenizers JSON file ({exc}); copy the checkpoint's tokenizer.json beside the LM.") from exc
+    tok.no_padding()
+    tok.no_truncation()
+    found = {name.strip("[]").lower(): tok.token_to_id(name) for name in SPECIAL_TOKENS}
+    if found != spec.special_tokens:
+        raise ModelFileError(
+            f"{path}: special token ids {found} differ from {spec.path.name}'s special_tokens "
+            f"{spec.special_tokens}; the tokenizer does not belong to this LM export "
+            "(copy the checkpoint's tokenizer.json beside the LM)."
+        )
+    return tok
+
+
+def _check_names(kind: str, path: Path, config: Path, expected: Sequence[str], found: Sequence[str]) -> None:
+    if set(expected) != set(found):
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        raise ModelFileError(
+            f"{path}: {kind} names do not match {config.name}: expected {list(expected)}, found {list(found)} "
+            f"(missing from the model: {missing}; not in the config: {extra}); the model and its config "
+            f"come from different exports: {HOW_TO_PRODUCE}."
+        )
+
+
+class SopranoTTS:
+    """Soprano text-to-speech on CPU from exported models.
+
+    lm_path / decoder_path: the LM step model and the pre-ISTFT decoder (.onnx; .xml IR also for
+    backend "openvino_cpu"). Their JSON configs and tokenizer.json are found beside them (tokenizer:
+    beside the LM, then beside the decoder) unless given. `max_prompt_tokens` (default
+    max_position_embeddings // 2 = 256) bounds a sentence prompt; longer sentences are cut at
+    sentence marks, clause marks or spaces into several prompts, so text of any length is spoken.
+    """
+
+    def __init__(
+        self,
+        lm_path: str | Path,
+        decoder_path: str | Path,
+        backend: str = "onnx_cpu",
+        num_threads: int = 4,
+        tokenizer_path: str | Path | None = None,
+        use_torch_istft: bool = False,
+        *,
+        lm_config_path: str | Path | None = None,
+        decoder_config_path: str | Path | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        self.backend = normalize_backend(backend)
+        self.lm_path, self.decoder_path = Path(lm_path), Path(decoder_path)
+        require_file(self.lm_path, "LM step model")
+        require_file(self.decoder_path, "decoder model")
+        lm_cfg = Path(lm_config_path) if lm_config_path else _config_beside(self.lm_path, LM_CONFIG_SUFFIX, LM_FILE)
+        dec_cfg = (Path(decoder_config_path) if decoder_config_path
+                   else _config_beside(self.decoder_path, DECODER_CONFIG_SUFFIX, DECODER_FILE))
+        self.spec = LMSpec.from_json(lm_cfg)
+        require_file(dec_cfg, "decoder ISTFT config JSON")
+        self.istft_config = IstftConfig.from_json(dec_cfg)
+        dec_meta = json.loads(dec_cfg.read_text(encoding="utf-8"))
+        self.decoder_dims = {**_DEFAULT_DECODER, **(dec_meta.get("decoder") or {})}
+        onnx_meta = dec_meta.get("onnx") or {}
+        dec_in = (onnx_meta.get("input") or {}).get("name", "hidden_states")
+        dec_out = (onnx_meta.get("output") or {}).get("name", "spectrum")
+        if int(self.decoder_dims["input_channels"]) != self.spec.hidden_size:
+            raise ModelFileError(
+                f"{dec_cfg}: decoder input_channels {self.decoder_dims['input_channels']} differ from the LM's "
+                f"hidden_size {self.spec.hidden_size} ({lm_cfg.name}); the two come from different checkpoints."
+            )
+        if tokenizer_path is None:
+            candidates = [self.lm_path.with_name(TOKENIZER_FILE), self.decoder_path.with_name(TOKENIZER_FILE)]
+            tokenizer_path = next((c for c in candidates if c.is_file()), candidates[0])
+        self.tokenizer_path = require_file(Path(tokenizer_path), "tokenizer.json")
+        self.tokenizer = _load_tokenizer(self.tokenizer_path, self.spec)
+
+        self.num_threads = num_threads
+        self.lm, self.decoder = load_backends(self.backend, self.lm_path, self.decoder_path, num_threads)
+        _check_names("input", self.lm_path, lm_cfg, self.spec.input_names, self.lm.input_names)
+        _check_names("output", self.lm_path, lm_cfg, self.spec.output_names, self.lm.output_names)
+        self.spec.check_interface()
+        _check_names("input", self.decoder_path, dec_cfg, [dec_in], self.decoder.input_names)
+        _check_names("output", self.decoder_path, dec_cfg, [dec_out], self.decoder.output_names)
+
+        self.use_torch_istft = bool(use_torch_istft)
+        if self.use_torch_istft:
+            try:
+                import torch  # noqa: F401
+            except ImportError as exc:
+                raise MissingBackendError("use_torch_istft=True needs torch: pip install 'soprano-onnx[export]'") from exc
+        self.batch_size = self._positive_int("batch_size", batch_size)
+        self.max_prompt_tokens = self._positive_int(
+            "max_prompt_tokens", max_prompt_tokens if max_prompt_tokens is not None else self.spec.max_position_embeddings // 2
+        )
+        self.sample_rate = self.istft_config.sample_rate
+        self.samples_per_token = self.istft_config.samples_per_token
+        self.stream_context = stream_context_tokens(self.decoder_dims, self.istft_config)
+        self.last_timings: dict[str, float] = {}
+        # The text normaliser's first call imports inflect (about a second): pay that here, not in
+        # the first synthesis's timings.
+        self.prepare(["Hello world 1."])
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, **kwargs: Any) -> SopranoTTS:
+        """An export folder: soprano_lm_step.onnx, soprano_decoder_preistft.onnx, their JSON configs
+        and tokenizer.json. With backend "openvino_cpu", .xml IR files there are preferred."""
+        d = Path(model_dir)
+        if not d.is_dir():
+            raise ModelFileError(f"{d}: model folder not found; {HOW_TO_PRODUCE}.")
+        ext = ".onnx"
+        if normalize_backend(kwargs.get("backend", "onnx_cpu")) == "openvino_cpu" and (d / f"{LM_FILE}.xml").is_file() \
+                and (d / f"{DECODER_FILE}.xml").is_file():
+            ext = ".xml"
+        return cls(d / f"{LM_FILE}{ext}", d / f"{DECODER_FILE}{ext}", **kwargs)
+
+    @staticmethod
+    def _positive_int(name: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise InputError(f"{name} must be an int >= 1, got {v!r}")
+        return int(v)
+
+    # --------------------------------------------------------------------------------------------
+    # Text
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer.encode(prompt).ids)
+
+    def prepare(self, texts: Sequence[str]) -> tuple[list[SentencePrompt], list[list[int]]]:
+        """Sentence prompts (each at most max_prompt_tokens tokens) and their token ids."""
+        try:
+            prompts = fit_to_positions(prepare_prompts(list(texts)), self.count_tokens, self.max_prompt_tokens)
+        except InputError:
+            raise
+        except ValueError as exc:  # max_prompt_tokens too small for any text
+            raise InputError(str(exc)) from exc
+        ids = [e.ids for e in self.tokenizer.encode_batch([p.prompt for p in prompts])]
+        return prompts, ids
+
+    # --------------------------------------------------------------------------------------------
+    # Core
+
+    def _decode(self, hidden: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """[B, T, H] hidden states -> [B, (T-1) * samples_per_token] audio, decoder and ISTFT seconds."""
+        t0 = time.perf_counter()
+        spec = self.decoder.run(np.ascontiguousarray(hidden.transpose(0, 2, 1), dtype=np.float32))
+        t1 = time.perf_counter()
+        audio = istft(spec, self.istft_config, use_torch=self.use_torch_istft)
+        return audio, t1 - t0, time.perf_counter() - t1
+
+    def _decode_sentences(self, hidden: list[np.ndarray]) -> tuple[list[np.ndarray], float, float]:
+        """Per sentence audio; sentences of equal length are decoded together (no padding)."""
+        audio: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(hidden)
+        t_dec = t_istft = 0.0
+        by_len: dict[int, list[int]] = {}
+        for i, h in enumerate(hidden):
+            if len(h) >= 2:  # 0 or 1 hidden vectors: no samples
+                by_len.setdefault(len(h), []).append(i)
+        for n, idx in by_len.items():
+            for start in range(0, len(idx), self.batch_size):
+                group = idx[start:start + self.batch_size]
+                out, td, ti = self._decode(np.stack([hidden[i] for i in group]))
+                t_dec, t_istft = t_dec + td, t_istft + ti
+                keep = (n - 1) * self.samples_per_token
+                for row, i in enumerate(group):
+                    audio[i] = out[row, out.shape[1] - keep:]
+        return audio, t_dec, t_istft
+
+    def _run(
+        self,
+        texts: Sequence[str],
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int | None,
+        batch_size: int | None,
+        hallucination_guard: bool,
+    ) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        max_new_tokens = validate_max_new_tokens(max_new_tokens, self.spec.max_position_embeddings)
+        batch_size = self._positive_int("batch_size", batch_size if batch_size is not None else self.batch_size)
+        prompts, ids = self.prepare(texts)
+        gens = None if params.greedy else row_generators(seed, range(len(prompts)))
+        hidden: list[np.ndarray] = []
+        reasons: list[str] = []
+        lm_t = GenerationTimings()
+        t_lm = time.perf_counter()
+        for start in range(0, len(prompts), batch_size):
+            out = generate(
+                self.lm, self.spec, ids[start:start + batch_size], max_new_tokens=max_new_tokens, params=params,
+                generators=None if gens is None else gens[start:start + batch_size],
+                hallucination_guard=hallucination_guard,
+            )
+            hidden += out.hidden
+            reasons += out.finish_reasons
+            lm_t.add(out.timings)
+        t_lm = time.perf_counter() - t_lm
+        sentence_audio, t_dec, t_istft = self._decode_sentences(hidden)
+        per_text: list[list[np.ndarray]] = [[] for _ in texts]
+        for p, a in zip(prompts, sentence_audio):  # prompts are in (text, sentence) order
+            per_text[p.text_index].append(a)
+        audios = [np.concatenate(a).astype(np.float32, copy=False) if a else np.zeros(0, np.float32) for a in per_text]
+        timings = {
+            "prefill": lm_t.prefill_s,
+            "per_token": lm_t.per_step_s,
+            "lm_total": t_lm,
+            "decoder": t_dec,
+            "istft": t_istft,
+            "total": time.perf_counter() - t_start,
+        }
+        self.last_timings = timings
+        return {
+            "audios": audios,
+            "sample_rate": self.sample_rate,
+            "num_tokens": int(sum(len(h) for h in hidden)),
+            "sentences": len(prompts),
+            "sentence_texts": [p.text for p in prompts],
+            "hidden_lengths": [len(h) for h in hidden],
+            "finish_reasons": reasons,
+            "timings": timings,
+        }
+
+    # --------------------------------------------------------------------------------------------
+    # Public API
+
+    def synthesize(
+        self,
+        text: str,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 0.95,
+        top_k: int = 0,
+        repetition_penalty: float = 1.2,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        hallucination_guard: bool = False,
+    ) -> dict[str, Any]:
+        """Speak `text`. Returns audio (float32 mono), sample_rate, num_tokens (audio tokens
+        generated), sentences (count), finish_reasons (per sentence: "stop", "length" or
+        "hallucination"), hidden_lengths, and timings in seconds (prefill, per_token = mean decode
+        step, lm_total, decoder, istft, total)."""
+        if not isinstance(text, str):
+            raise InputError(f"text must be a str, got {type(text).__name__}")
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        res = self._run([text], max_new_tokens, params, seed, batch_size, hallucination_guard)
+        res["audio"] = res.pop("audios")[0]
+        return res
+
+    def infer(
+        self,
+        text: str,
+        out_path: str | Path | None = None,
+        top_p: float = 0.95,
+        temperature: float = 0.0,
+        repetition_penalty: float = 1.2,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Upstream-compatible: audio as a float32 array; also a 16-bit WAV at out_path if given."""
+        audio = self.synthesize(text, top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty, **kwargs)["audio"]
+        if out_path:
+            write_wav(out_path, audio, self.sample_rate)
+        return audio
+
+    def infer_batch(
+        self,
+        texts: Sequence[str],
+        out_dir: str | Path | None = None,
+        top_p: float = 0.95,
+        temperature: float = 0.0,
+        repetition_penalty: float = 1.2,
+        max_new_tokens: int = 512,
+        top_k: int = 0,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        hallucination_guard: bool = False,
+    ) -> list[np.ndarray]:
+        """Upstream-compatible: one float32 array per text (all sentences share LM batches);
+        writes out_dir/{i}.wav if out_dir is given."""
+        if isinstance(texts, str):
+            raise InputError("infer_batch expects a list of texts; use infer() for one text")
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        audios = self._run(list(texts), max_new_tokens, params, seed, batch_size, hallucination_guard)["audios"]
+        if out_dir:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            for i, a in enumerate(audios):
+                write_wav(out / f"{i}.wav", a, self.sample_rate)
+        return audios
+
+    def infer_stream(
+        self,
+        text: str,
+        chunk_size: int = 1,
+        top_p: float = 0.95,
+        temperature: float = 0.0,
+        repetition_penalty: float = 1.2,
+        max_new_tokens: int = 512,
+        top_k: int = 0,
+        seed: int | None = None,
+        hallucination_guard: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """Yield float32 audio chunks of `chunk_size` tokens (chunk_size * samples_per_token samples;
+        a sentence's last chunk holds the rest) as soon as generation allows. Lossless: the chunks
+        concatenate to `infer`'s audio for the same text, settings and seed."""
+        if not isinstance(text, str):
+            raise InputError(f"text must be a str, got {type(text).__name__}")
+        chunk_size = self._positive_int("chunk_size", chunk_size)
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        max_new_tokens = validate_max_new_tokens(max_new_tokens, self.spec.max_position_embeddings)
+        prompts, ids = self.prepare([text])  # errors surface here, before the first next()
+        gens = None if params.greedy else row_generators(seed, range(len(prompts)))
+        return self._stream(ids, gens, chunk_size, max_new_tokens, params, hallucination_guard)
+
+    def _stream(
+        self,
+        ids: list[list[int]],
+        gens: list[np.random.Generator] | None,
+        chunk_size: int,
+        max_new_tokens: int,
+        params: SamplingParams,
+        hallucination_guard: bool,
+    ) -> Iterator[np.ndarray]:
+        ctx, spt = self.stream_context, self.samples_per_token
+        for row, prompt in enumerate(ids):
+            buf = np.zeros((max_new_tokens, self.spec.hidden_size), dtype=np.float32)
+            n = 0  # hidden vectors so far
+            done = 0  # sample blocks (one per pair of neighbouring tokens) already yielded
+
+            def window(start: int, end: int, last: int) -> np.ndarray:
+                """Blocks [start, end) from a window of tokens [max(0, start - ctx), last]."""
+                a = max(0, start - ctx)
+                audio, _, _ = self._decode(buf[None, a:last + 1])
+                return audio[0, (start - a) * spt:(end - a) * spt]
+
+            for ev in generate_steps(
+                self.lm, self.spec, [prompt], max_new_tokens=max_new_tokens, params=params,
+                generators=None if gens is None else [gens[row]], hallucination_guard=hallucination_guard,
+            ):
+                if ev.keep[0]:
+                    buf[n] = ev.hidden[0]
+                    n += 1
+                if ev.finished:
+                    break
+                while n - 1 - ctx - done >= chunk_size:  # block j is exact once token j + 1 + ctx exists
+                    yield window(done, done + chunk_size, done + chunk_size + ctx)
+                    done += chunk_size
+            if n - 1 > done:
+                yield window(done, n - 1, n - 1)

@@ -1,0 +1,290 @@
+"""Conversion to OpenVINO IR (fp32, int8) and int8 ONNX: round trips, sizes, parity, the ovc CLI, bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline_lib.audio.istft import IstftConfig
+from pipeline_lib.convert import (
+    ConvertSettings,
+    compile_openvino,
+    convert_onnx_to_openvino,
+    convert_target,
+    load_openvino_model,
+    model_file,
+)
+from pipeline_lib.errors import MissingBackendError, ModelFileError
+from pipeline_lib.export.decoder import DECODER_CONFIG, DECODER_ONNX
+from pipeline_lib.export.lm import LM_CONFIG, LM_ONNX
+from pipeline_lib.parity import (
+    ParityThresholds,
+    QuantParityThresholds,
+    check_decoder,
+    check_lm,
+    check_quantized,
+    openvino_runner,
+    ort_runner,
+    runner_for,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _conf(group: str) -> dict:
+    return yaml.safe_load((REPO_ROOT / f"conf/{group}/default.yaml").read_text())
+
+
+def _lm_feed(lm_config: dict, past: int = 5, seq: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {
+        "input_ids": rng.integers(0, lm_config["vocab_size"], (1, seq)).astype(np.int64),
+        "attention_mask": np.ones((1, past + seq), np.int64),
+        "position_ids": np.arange(past, past + seq, dtype=np.int64)[None],
+    }
+    shape = (1, lm_config["num_kv_heads"], past, lm_config["head_dim"])
+    for i in range(lm_config["num_layers"]):
+        for kind in ("key", "value"):
+            feed[f"past_{kind}_{i}"] = rng.standard_normal(shape, dtype=np.float32)
+    return feed
+
+
+def _const_types(xml_path: Path) -> set[str]:
+    root = ET.parse(xml_path).getroot()
+    return {l.find("data").get("element_type") for l in root.iter("layer") if l.get("type") == "Const"}
+
+
+@pytest.fixture(scope="module")
+def lm_config(tiny_export: Path) -> dict:
+    return json.loads((tiny_export / LM_CONFIG).read_text())
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every backend x precision of the tiny export, built as the convert stage builds them (params from conf/)."""
+    settings = ConvertSettings.from_params(_conf("convert"))
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for backend in ("onnx", "openvino"):
+        for precision in ("fp32", "int8"):
+            out[f"{backend}-{precision}"] = root / backend / precision
+            convert_target(backend, precision, tiny_export, tiny_export, out[f"{backend}-{precision}"], settings)
+    return out
+
+
+# --- fp32 IR ----------------------------------------------------------------------------------------------
+
+
+def test_fp32_ir_keeps_fp32_weights_and_matches_onnx(tiny_export, lm_config, tmp_path):
+    xml = convert_onnx_to_openvino(tiny_export / LM_ONNX, tmp_path / "lm.xml")
+    assert xml == tmp_path / "lm.xml" and xml.with_suffix(".bin").is_file()
+    assert "f16" not in _const_types(xml), "fp32 IR must not hold fp16 weights (save_model's default)"
+    assert xml.with_suffix(".bin").stat().st_size > 0.95 * (tiny_export / LM_ONNX).stat().st_size
+    feed = _lm_feed(lm_config)
+    ref, got = ort_runner(tiny_export / LM_ONNX)(feed), openvino_runner(xml)(feed)
+    assert np.abs(got["logits"] - ref["logits"]).max() < 2e-3
+    assert np.abs(got["hidden_states"] - ref["hidden_states"]).max() < 1e-3
+    for i in range(lm_config["num_layers"]):
+        assert got[f"present_key_{i}"].shape == ref[f"present_key_{i}"].shape == (1, 1, 8, 128)
+        assert np.abs(got[f"present_value_{i}"] - ref[f"present_value_{i}"]).max() < 1e-4
+
+
+def test_default_out_path_is_beside_the_onnx(tiny_export, tmp_path):
+    onnx = Path(shutil.copy2(tiny_export / DECODER_ONNX, tmp_path / DECODER_ONNX))
+    xml = convert_onnx_to_openvino(onnx)
+    assert xml == tmp_path / "soprano_decoder_preistft_fp32.xml"
+    hidden = np.random.default_rng(0).standard_normal((2, 512, 9), dtype=np.float32)
+    ref = ort_runner(onnx)({"hidden_states": hidden})["spectrum"]
+    got = openvino_runner(xml)({"hidden_states": hidden})["spectrum"]
+    assert got.shape == ref.shape == (2, 1025, 33, 2)
+    assert np.abs(got - ref).max() < 1e-3
+
+
+def test_openvino_fp32_passes_the_export_parity_checks(tiny_checkpoint, targets):
+    from pipeline_lib.model.decoder import load_decoder
+    from pipeline_lib.model.lm import load_lm
+
+    folder = targets["openvino-fp32"]
+    th = ParityThresholds.from_mapping(_conf("parity")["convert_fp32"] | {"decode_steps": 16})
+    lm = load_lm(tiny_checkpoint)
+    decoder = load_decoder(tiny_checkpoint / "decoder.pth", expected_input_channels=lm.cfg.hidden_size)
+    report = check_decoder(decoder, runner_for(model_file(folder / "decoder", "decoder")),
+                           IstftConfig.from_json(folder / "decoder" / DECODER_CONFIG), th)
+    check_lm(lm, runner_for(model_file(folder / "lm", "lm")), 3, th, report)
+    assert report.passed, report.failures
+    assert report.metrics["lm_greedy_token_agreement"] == 1.0
+
+
+def test_compile_uses_f32_precision(targets):
+    compiled = compile_openvino(targets["openvino-fp32"] / "decoder" / "soprano_decoder_preistft.xml", num_threads=1)
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower() in ("f32", "<type: 'float32'>", "float32")
+    assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+
+
+# --- the stage's folders ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"])
+def test_target_folders_are_self_contained(targets, name):
+    folder = targets[name]
+    backend, precision = name.split("-")
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder", "lm"]
+    for which, cfg_name in (("lm", LM_CONFIG), ("decoder", DECODER_CONFIG)):
+        model = model_file(folder / which, which)
+        assert model.is_file() and model.suffix == (".xml" if backend == "openvino" else ".onnx")
+        cfg = json.loads((folder / which / cfg_name).read_text())
+        conversion = cfg["conversion"] if which == "lm" else cfg["onnx"]["conversion"]
+        assert (conversion["backend"], conversion["precision"]) == (backend, precision)
+    assert (folder / "lm" / "tokenizer.json").is_file()
+    IstftConfig.from_json(folder / "decoder" / DECODER_CONFIG)  # the runtime's strict reader accepts it
+    if backend == "openvino":
+        assert (folder / "lm" / "soprano_lm_step.bin").is_file()
+
+
+def test_onnx_fp32_is_the_export(targets, tiny_export):
+    assert (targets["onnx-fp32"] / "lm" / LM_ONNX).read_bytes() == (tiny_export / LM_ONNX).read_bytes()
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_int8_is_smaller_and_close_to_fp32(targets, tiny_export, lm_config, backend):
+    folder = targets[f"{backend}-int8"]
+    for which, src in (("lm", tiny_export / LM_ONNX), ("decoder", tiny_export / DECODER_ONNX)):
+        model = model_file(folder / which, which)
+        size = sum(p.stat().st_size for p in (model, model.with_suffix(".bin")) if p.is_file())
+        assert size < 0.5 * src.stat().st_size, (which, size)
+    if backend == "openvino":
+        assert {"u8", "i8"} & _const_types(model_file(folder / "lm", "lm"))
+    th = QuantParityThresholds.from_mapping(_conf("parity")["convert_int8"])
+    report = check_quantized(
+        ort_runner(tiny_export / LM_ONNX), runner_for(model_file(folder / "lm", "lm")),
+        ort_runner(tiny_export / DECODER_ONNX), runner_for(model_file(folder / "decoder", "decoder")),
+        lm_config, IstftConfig.from_json(tiny_export / DECODER_CONFIG), th,
+    )
+    assert report.passed, report.failures
+    assert report.metrics["lm_hidden_cosine_min"] < 1.0  # it is quantised
+
+
+def test_check_quantized_catches_a_broken_model(tiny_export, lm_config):
+    ref = ort_runner(tiny_export / LM_ONNX)
+
+    def noisy(feed):
+        out = ref(feed)
+        rng = np.random.default_rng(0)
+        return {**out, "hidden_states": rng.standard_normal(out["hidden_states"].shape).astype(np.float32),
+                "logits": rng.standard_normal(out["logits"].shape).astype(np.float32)}
+
+    dec = ort_runner(tiny_export / DECODER_ONNX)
+    th = QuantParityThresholds.from_mapping(_conf("parity")["convert_int8"] | {"decode_steps": 16})
+    report = check_quantized(ref, noisy, dec, dec, lm_config, IstftConfig.from_json(tiny_export / DECODER_CONFIG), th)
+    assert not report.passed
+    assert any("lm_hidden_cosine_min" in f for f in report.failures)
+    assert any("lm_token_agreement" in f for f in report.failures)
+
+
+# --- ovc command line -------------------------------------------------------------------------------------
+
+
+def test_ovc_cli_converts_our_onnx(tiny_export, tmp_path):
+    import openvino as ov
+
+    ovc = shutil.which("ovc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if ovc is None:
+        pytest.skip("ovc not on PATH")
+    out = tmp_path / "cli" / "decoder.xml"
+    proc = subprocess.run([ovc, str(tiny_export / DECODER_ONNX), "--output_model", str(out), "--compress_to_fp16=False"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    model = ov.Core().read_model(str(out))
+    assert [i.get_any_name() for i in model.inputs] == ["hidden_states"]
+    assert "spectrum" in model.outputs[0].get_names()
+    assert "f16" not in _const_types(out)
+    hidden = np.random.default_rng(1).standard_normal((1, 512, 5), dtype=np.float32)
+    ref = ort_runner(tiny_export / DECODER_ONNX)({"hidden_states": hidden})["spectrum"]
+    assert np.abs(openvino_runner(out)({"hidden_states": hidden})["spectrum"] - ref).max() < 1e-3
+
+
+# --- bad files, missing packages, atomic outputs ----------------------------------------------------------
+
+
+def test_xml_without_bin_names_the_file(targets, tmp_path):
+    xml = Path(shutil.copy2(targets["openvino-fp32"] / "lm" / "soprano_lm_step.xml", tmp_path / "lm.xml"))
+    with pytest.raises(ModelFileError, match=r"lm\.bin"):
+        load_openvino_model(xml)
+    with pytest.raises(ModelFileError, match=r"lm\.bin"):
+        openvino_runner(xml)
+
+
+def test_bin_of_another_model_names_the_file(targets, tmp_path):
+    """OpenVINO alone reads the decoder's (larger) .bin under the LM's .xml without a word."""
+    xml = Path(shutil.copy2(targets["openvino-fp32"] / "lm" / "soprano_lm_step.xml", tmp_path / "lm.xml"))
+    shutil.copy2(targets["openvino-fp32"] / "decoder" / "soprano_decoder_preistft.bin", tmp_path / "lm.bin")
+    with pytest.raises(ModelFileError, match=r"lm\.bin.*another model"):
+        load_openvino_model(xml)
+
+
+def test_truncated_bin_and_bad_xml(targets, tmp_path):
+    src = targets["openvino-int8"] / "decoder"
+    xml = Path(shutil.copy2(src / "soprano_decoder_preistft.xml", tmp_path / "d.xml"))
+    (tmp_path / "d.bin").write_bytes((src / "soprano_decoder_preistft.bin").read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match=r"d\.bin"):
+        load_openvino_model(xml)
+    xml.write_text("<net><layers>")
+    with pytest.raises(ModelFileError, match=r"d\.xml"):
+        load_openvino_model(xml)
+    with pytest.raises(ModelFileError, match="nothing.xml"):
+        load_openvino_model(tmp_path / "nothing.xml")
+
+
+def test_missing_openvino_package(monkeypatch, tiny_export, tmp_path):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(MissingBackendError, match=r"pip install 'soprano-onnx\[openvino\]'"):
+        convert_onnx_to_openvino(tiny_export / DECODER_ONNX, tmp_path / "d.xml")
+    with pytest.raises(MissingBackendError, match=r"pip install 'soprano-onnx\[openvino\]'"):
+        load_openvino_model(tmp_path / "d.xml")
+    with pytest.raises(ImportError):  # MissingBackendError is an ImportError too
+        openvino_runner(tmp_path / "d.xml")
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_save_leaves_neither_file(monkeypatch, tiny_export, tmp_path):
+    import openvino as ov
+
+    real = ov.save_model
+
+    def half_then_fail(model, path, **kw):
+        real(model, path, **kw)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ov, "save_model", half_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_onnx_to_openvino(tiny_export / DECODER_ONNX, tmp_path / "d.xml")
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_target_leaves_no_folder(tiny_export, tmp_path):
+    lm_dir = tmp_path / "lm_export"
+    lm_dir.mkdir()
+    shutil.copy2(tiny_export / LM_CONFIG, lm_dir / LM_CONFIG)  # config without its model
+    with pytest.raises(ModelFileError, match=LM_ONNX):
+        convert_target("openvino", "fp32", tiny_export, lm_dir, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_export"]
+
+
+def test_bad_arguments(tiny_export, tmp_path):
+    with pytest.raises(ValueError, match="weight_format"):
+        convert_onnx_to_openvino(tiny_export / DECODER_ONNX, tmp_path / "d.xml", weight_format="int4")
+    with pytest.raises(ValueError, match=r"\.xml"):
+        convert_onnx_to_openvino(tiny_export / DECODER_ONNX, tmp_path / "d.bin")
+    with pytest.raises(ModelFileError, match="missing.onnx"):
+        convert_onnx_to_openvino(tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="unknown target"):
+        convert_target("tensorrt", "fp32", tiny_export, tiny_export, tmp_path / "x")

@@ -1,0 +1,606 @@
+"""The CPU runtime (pipeline_lib.runtime) on the tiny export, plus the LM loop on a fake LM.
+
+Uses the session fixture `tiny_export` (tests/conftest.py): decoder + LM step + tokenizer of the
+tiny checkpoint in one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
+from pipeline_lib.runtime.backends import LMBackend
+from pipeline_lib.runtime.generate import (
+    HALLUCINATION_MAX_RUNLENGTH,
+    HallucinationGuard,
+    LMSpec,
+    generate,
+)
+from pipeline_lib.runtime.sampling import SamplingParams, row_generators
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LM_ONNX = "soprano_lm_step.onnx"
+DEC_ONNX = "soprano_decoder_preistft.onnx"
+LM_JSON = "soprano_lm_step_config.json"
+TWO_SENTENCES = "Dr. Smith paid $12.50 for 3 apples on Jan. 5th. Then he left at 10:30 AM!"
+FOUR_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog near the river. "
+    "A second sentence follows here, a little longer than the first one was. "
+    "Short one now, but long enough to stay alone! "
+    "And finally the fourth sentence closes this small paragraph of text?"
+)
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_export):
+    from pipeline_lib import SopranoTTS
+
+    return SopranoTTS.from_dir(tiny_export, num_threads=2)
+
+
+def _shadow(src: Path, dst: Path, replace: tuple[str, ...] = ()) -> Path:
+    """A copy of an export folder: symlinks, except real copies of the files in `replace`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name in replace:
+            shutil.copy2(f, dst / f.name)
+        else:
+            (dst / f.name).symlink_to(f)
+    return dst
+
+
+def _peak_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ------------------------------------------------------------------------------------------------
+# synthesize
+
+
+def test_synthesize_output(tts):
+    r = tts.synthesize(TWO_SENTENCES, max_new_tokens=24)
+    audio = r["audio"]
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert r["sample_rate"] == 32000
+    assert r["sentences"] == 2 == len(r["finish_reasons"]) == len(r["hidden_lengths"])
+    assert len(audio) == sum((n - 1) * 2048 for n in r["hidden_lengths"])
+    assert r["num_tokens"] == sum(r["hidden_lengths"])
+    assert set(r["finish_reasons"]) <= {"stop", "length", "hallucination"}
+    assert np.isfinite(audio).all() and audio.std() > 0
+    assert set(r["timings"]) == {"prefill", "per_token", "lm_total", "decoder", "istft", "total"}
+    assert all(v >= 0 for v in r["timings"].values())
+
+
+def test_synthesize_follows_the_hidden_state_convention(tts):
+    # The random tiny LM never emits [STOP]: every sentence runs to max_new_tokens, one hidden vector each.
+    r = tts.synthesize(TWO_SENTENCES, max_new_tokens=9)
+    assert r["hidden_lengths"] == [9, 9] and r["finish_reasons"] == ["length", "length"]
+    assert len(r["audio"]) == 2 * 8 * 2048
+
+
+def test_batched_equals_unbatched(tts):
+    a = tts.synthesize(FOUR_SENTENCES, max_new_tokens=24, batch_size=8)
+    b = tts.synthesize(FOUR_SENTENCES, max_new_tokens=24, batch_size=1)
+    c = tts.synthesize(FOUR_SENTENCES, max_new_tokens=24, batch_size=3)
+    assert a["sentences"] == 4
+    assert _peak_diff(a["audio"], b["audio"]) <= 1e-4
+    assert _peak_diff(c["audio"], b["audio"]) <= 1e-4
+
+
+def test_seed_makes_sampling_reproducible(tts):
+    kw = dict(max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=50)
+    a = tts.synthesize(TWO_SENTENCES, seed=5, **kw)["audio"]
+    b = tts.synthesize(TWO_SENTENCES, seed=5, **kw)["audio"]
+    c = tts.synthesize(TWO_SENTENCES, seed=6, **kw)["audio"]
+    np.testing.assert_array_equal(a, b)
+    assert a.shape != c.shape or not np.array_equal(a, c)
+    # Rows sample from their own generators: batching does not change a seeded result.
+    d = tts.synthesize(TWO_SENTENCES, seed=5, batch_size=1, **kw)["audio"]
+    assert _peak_diff(d, a) <= 1e-4
+
+
+def test_infer_and_infer_batch_write_wavs(tts, tmp_path):
+    texts = ["Hello world, this is the first text.", TWO_SENTENCES]
+    single = [tts.infer(t, out_path=tmp_path / f"s{i}.wav", max_new_tokens=12) for i, t in enumerate(texts)]
+    batch = tts.infer_batch(texts, out_dir=tmp_path / "batch", max_new_tokens=12)
+    for i, (s, b) in enumerate(zip(single, batch)):
+        assert _peak_diff(b, s) <= 1e-4
+        for path in (tmp_path / f"s{i}.wav", tmp_path / "batch" / f"{i}.wav"):
+            with wave.open(str(path)) as w:
+                assert (w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()) == (32000, 1, 2, len(s))
+                pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2") / 32767.0
+            assert np.abs(pcm - s).max() < 1e-4
+
+
+def test_long_text_is_spoken_sentence_by_sentence(tts):
+    words = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
+    rng = np.random.default_rng(0)
+    parts = []
+    while sum(len(p) + 1 for p in parts) < 20_000:
+        n = int(rng.integers(3, 60))
+        sentence = " ".join(rng.choice(words, size=n)).capitalize()
+        parts.append(sentence + str(rng.choice([".", "!", "?", ",", ";"])))
+    parts.append(" ".join(["unbroken"] * 120))  # one very long run without any sentence mark
+    text = " ".join(parts)
+    assert len(text) >= 20_000
+    prompts, ids = tts.prepare([text])
+    assert max(len(i) for i in ids) <= tts.max_prompt_tokens == tts.spec.max_position_embeddings // 2
+    r = tts.synthesize(text, max_new_tokens=4)
+    assert r["sentences"] == len(prompts) > 50
+    assert len(r["audio"]) == r["sentences"] * 3 * 2048
+    assert np.isfinite(r["audio"]).all()
+
+
+def test_small_prompt_budget_splits_sentences(tiny_export):
+    from pipeline_lib import SopranoTTS
+
+    small = SopranoTTS.from_dir(tiny_export, num_threads=1, max_prompt_tokens=24)
+    prompts, ids = small.prepare([FOUR_SENTENCES])
+    assert len(prompts) > 4 and max(len(i) for i in ids) <= 24
+    assert len(small.synthesize(FOUR_SENTENCES, max_new_tokens=3)["audio"]) == len(prompts) * 2 * 2048
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming
+
+
+class _CountingLM(LMBackend):
+    def __init__(self, inner: LMBackend) -> None:
+        self.inner, self.calls = inner, 0
+        self.path, self.input_names, self.output_names = inner.path, inner.input_names, inner.output_names
+
+    def run(self, feed):
+        self.calls += 1
+        return self.inner.run(feed)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_stream_equals_infer(tts, chunk_size):
+    full = tts.infer(TWO_SENTENCES, max_new_tokens=20)
+    chunks = list(tts.infer_stream(TWO_SENTENCES, chunk_size=chunk_size, max_new_tokens=20))
+    assert all(c.dtype == np.float32 for c in chunks)
+    streamed = np.concatenate(chunks)
+    assert streamed.shape == full.shape
+    assert np.abs(streamed - full).max() <= 1e-5
+    # Regular chunks hold chunk_size tokens of audio; only a sentence's last chunk may differ.
+    assert sum(len(c) == chunk_size * 2048 for c in chunks) >= len(chunks) - 2
+
+
+def test_stream_equals_infer_when_sampling_with_a_seed(tts):
+    kw = dict(max_new_tokens=14, temperature=0.9, top_p=0.9, seed=21)
+    full = tts.infer(TWO_SENTENCES, **kw)
+    streamed = np.concatenate(list(tts.infer_stream(TWO_SENTENCES, chunk_size=2, **kw)))
+    assert np.abs(streamed - full).max() <= 1e-5
+
+
+def test_first_chunk_arrives_before_generation_ends(tts, monkeypatch):
+    counting = _CountingLM(tts.lm)
+    monkeypatch.setattr(tts, "lm", counting)
+    stream = tts.infer_stream("Hello there, this is a single sentence to stream.", chunk_size=1, max_new_tokens=40)
+    first = next(stream)
+    calls_at_first = counting.calls
+    rest = list(stream)
+    # 1 prefill + 39 decode steps in all; the first chunk needs tokens 0 .. 1 + stream_context.
+    assert counting.calls == 40
+    assert calls_at_first == 2 + tts.stream_context
+    assert len(first) == 2048 and len(first) + sum(len(c) for c in rest) == 39 * 2048
+    # One chunk per step after the first; the tokens held back as right context come out at the end.
+    assert [len(c) for c in rest] == [2048] * (39 - 1 - (tts.stream_context + 1)) + [(tts.stream_context + 1) * 2048]
+
+
+def test_stream_context_is_lossless_for_the_decoder(tts):
+    """Decoding a window with stream_context tokens on each side reproduces the full decode."""
+    ctx, spt = tts.stream_context, tts.samples_per_token
+    assert ctx == 3
+    hidden = np.random.default_rng(0).standard_normal((1, 30, 512)).astype(np.float32)
+    full = tts._decode(hidden)[0][0]
+    peak = np.abs(full).max()
+    for start, end in [(0, 1), (5, 6), (12, 16), (25, 29)]:
+        a, b = max(0, start - ctx), min(29, end + ctx)
+        window = tts._decode(hidden[:, a:b + 1])[0][0]
+        got = window[(start - a) * spt:(end - a) * spt]
+        assert np.abs(got - full[start * spt:end * spt]).max() <= 1e-6 * max(1.0, peak)
+
+
+def test_stream_rejects_bad_input_before_iterating(tts):
+    with pytest.raises(InputError):
+        tts.infer_stream("   ")
+    with pytest.raises(InputError):
+        tts.infer_stream("hello there", chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# input validation
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t ", "!!! ??? ...", "\U0001F600 \U0001F680"])
+def test_empty_or_unspeakable_text(tts, text):
+    with pytest.raises(InputError):
+        tts.synthesize(text)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(max_new_tokens=0), "1..512"), (dict(max_new_tokens=513), "1..512"), (dict(max_new_tokens=2.5), "1..512"),
+     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"),
+     (dict(top_k=-2), "top_k"), (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(batch_size=0), "batch_size"),
+     (dict(seed=-3, temperature=0.5), "seed")],
+)
+def test_bad_parameters(tts, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        tts.synthesize("Hello there, general Kenobi.", **kwargs)
+
+
+def test_non_string_text(tts):
+    with pytest.raises(InputError):
+        tts.synthesize(b"bytes are not text")
+    with pytest.raises(InputError):
+        tts.infer_batch("a single string")
+
+
+# ------------------------------------------------------------------------------------------------
+# model files
+
+
+def test_unknown_backend(tiny_export):
+    from pipeline_lib import SopranoTTS
+
+    with pytest.raises(ValueError, match="onnx_cpu"):
+        SopranoTTS.from_dir(tiny_export, backend="cuda")
+
+
+@pytest.mark.parametrize("name", [LM_ONNX, DEC_ONNX, LM_JSON, "soprano_decoder_preistft_istft_config.json", "tokenizer.json"])
+def test_missing_file(tiny_export, tmp_path, name):
+    from pipeline_lib import SopranoTTS
+
+    d = _shadow(tiny_export, tmp_path / "m")
+    (d / name).unlink()
+    with pytest.raises(ModelFileError, match=name.replace(".", r"\.")) as e:
+        SopranoTTS.from_dir(d)
+    if name.endswith(".onnx"):
+        assert "soprano-onnx export" in str(e.value) and "dvc repro" in str(e.value)
+
+
+def test_missing_model_dir(tmp_path):
+    from pipeline_lib import SopranoTTS
+
+    with pytest.raises(ModelFileError, match="soprano-onnx export"):
+        SopranoTTS.from_dir(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("name", [LM_ONNX, DEC_ONNX])
+def test_corrupted_onnx(tiny_export, tmp_path, name):
+    from pipeline_lib import SopranoTTS
+
+    d = _shadow(tiny_export, tmp_path / "c")
+    (d / name).unlink()
+    (d / name).write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelFileError, match=name.replace(".", r"\.")):
+        SopranoTTS.from_dir(d)
+
+
+def test_truncated_onnx(tiny_export, tmp_path):
+    from pipeline_lib import SopranoTTS
+
+    d = _shadow(tiny_export, tmp_path / "t")
+    data = (tiny_export / LM_ONNX).read_bytes()
+    (d / LM_ONNX).unlink()
+    (d / LM_ONNX).write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelFileError, match=LM_ONNX.replace(".", r"\.")):
+        SopranoTTS.from_dir(d)
+
+
+def test_config_names_do_not_match_the_model(tiny_export, tmp_path):
+    from pipeline_lib import SopranoTTS
+
+    d = _shadow(tiny_export, tmp_path / "n", replace=(LM_JSON,))
+    cfg = json.loads((d / LM_JSON).read_text())
+    cfg["inputs"][2]["name"] = "position_idx"
+    (d / LM_JSON).write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError) as e:
+        SopranoTTS.from_dir(d)
+    msg = str(e.value)
+    assert LM_ONNX in msg and "expected" in msg and "found" in msg and "position_idx" in msg and "position_ids" in msg
+
+
+def test_decoder_config_names_do_not_match_the_model(tiny_export, tmp_path):
+    from pipeline_lib import SopranoTTS
+
+    name = "soprano_decoder_preistft_istft_config.json"
+    d = _shadow(tiny_export, tmp_path / "dn", replace=(name,))
+    cfg = json.loads((d / name).read_text())
+    cfg["onnx"]["output"]["name"] = "spectrogram"
+    (d / name).write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match="spectrogram"):
+        SopranoTTS.from_dir(d)
+
+
+def test_tokenizer_with_other_special_ids(tiny_export, tmp_path):
+    from pipeline_lib import SopranoTTS
+
+    d = _shadow(tiny_export, tmp_path / "k", replace=("tokenizer.json",))
+    tok = json.loads((d / "tokenizer.json").read_text())
+    swap = {"[START]": "[STOP]", "[STOP]": "[START]"}
+    for t in tok["added_tokens"]:
+        t["content"] = swap.get(t["content"], t["content"])
+    vocab = tok["model"]["vocab"]
+    vocab["[START]"], vocab["[STOP]"] = vocab["[STOP]"], vocab["[START]"]
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ModelFileError, match="special token ids"):
+        SopranoTTS.from_dir(d)
+
+
+def test_unreadable_tokenizer(tiny_export, tmp_path):
+    from pipeline_lib import SopranoTTS
+
+    d = _shadow(tiny_export, tmp_path / "u")
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="tokenizer.json"):
+        SopranoTTS.from_dir(d)
+
+
+def test_tokenizer_found_beside_the_decoder(tiny_export, tmp_path):
+    from pipeline_lib import SopranoTTS
+
+    lm_dir, dec_dir = tmp_path / "lm", tmp_path / "dec"
+    lm_dir.mkdir(), dec_dir.mkdir()
+    for f in (LM_ONNX, LM_JSON):
+        (lm_dir / f).symlink_to(tiny_export / f)
+    for f in (DEC_ONNX, "soprano_decoder_preistft_istft_config.json", "tokenizer.json"):
+        (dec_dir / f).symlink_to(tiny_export / f)
+    tts = SopranoTTS(lm_dir / LM_ONNX, dec_dir / DEC_ONNX, num_threads=1)
+    assert tts.tokenizer_path == dec_dir / "tokenizer.json"
+
+
+def test_missing_backend_packages(tiny_export, monkeypatch):
+    from pipeline_lib import SopranoTTS
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(MissingBackendError, match=r"pip install 'soprano-onnx\[openvino\]'"):
+        SopranoTTS.from_dir(tiny_export, backend="openvino_cpu")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingBackendError, match="pip install onnxruntime"):
+        SopranoTTS.from_dir(tiny_export, backend="onnx_cpu")
+
+
+def test_openvino_backend_matches_onnx(tiny_export, tts):
+    pytest.importorskip("openvino")
+    from pipeline_lib import SopranoTTS
+
+    ov = SopranoTTS.from_dir(tiny_export, backend="openvino_cpu", num_threads=2)
+    a = ov.synthesize(TWO_SENTENCES, max_new_tokens=16)["audio"]
+    b = tts.synthesize(TWO_SENTENCES, max_new_tokens=16)["audio"]
+    assert _peak_diff(a, b) <= 1e-3
+
+
+def test_runtime_does_not_import_torch_or_transformers(tiny_export):
+    code = (
+        "import sys\n"
+        "from pipeline_lib import SopranoTTS\n"
+        f"tts = SopranoTTS.from_dir({str(tiny_export)!r}, num_threads=1)\n"
+        "r = tts.synthesize('Hello world, no torch here.', max_new_tokens=6)\n"
+        "chunks = list(tts.infer_stream('Hello world, no torch here.', max_new_tokens=6))\n"
+        "assert len(r['audio']) > 0 and chunks\n"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _speak(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "speak", *args], input=stdin,
+                          capture_output=True, cwd=REPO_ROOT, env=env, timeout=300)
+
+
+def _wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (32000, 1, 2)
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+
+
+def test_cli_speak_writes_wav(tiny_export, tts, tmp_path):
+    expected = tts.synthesize(TWO_SENTENCES, max_new_tokens=10)["audio"]
+    out = _speak(TWO_SENTENCES, "-o", str(tmp_path / "a.wav"), "--model", str(tiny_export), "--threads", "1",
+                 "--max-new-tokens", "10")
+    assert out.returncode == 0, out.stderr.decode()
+    text = out.stdout.decode()
+    assert "x-real-time" in text and "wall time" in text and f"{len(expected) / 32000:.2f} s" in text
+    pcm = _wav(tmp_path / "a.wav")
+    assert len(pcm) == len(expected)
+    assert np.abs(pcm / 32767.0 - expected).max() < 1e-4
+
+
+def test_cli_speak_stream_from_stdin_and_file(tiny_export, tmp_path):
+    n = 2 * 7 * 2048
+    out = _speak("-", "-o", str(tmp_path / "s.wav"), "--model", str(tiny_export), "--stream", "--max-new-tokens", "8",
+                 "--threads", "1", stdin=TWO_SENTENCES.encode())
+    assert out.returncode == 0, out.stderr.decode()
+    assert len(_wav(tmp_path / "s.wav")) == n and "first chunk" in out.stdout.decode()
+    (tmp_path / "t.txt").write_text(TWO_SENTENCES, encoding="utf-8")
+    out = _speak("--text-file", str(tmp_path / "t.txt"), "-o", str(tmp_path / "f.wav"), "--model", str(tiny_export),
+                 "--backend", "onnx", "--max-new-tokens", "8", "--temperature", "0.5", "--top-p", "0.9",
+                 "--repetition-penalty", "1.1", "--seed", "3", "--threads", "1")
+    assert out.returncode == 0, out.stderr.decode()
+    assert len(_wav(tmp_path / "f.wav")) == n
+
+
+def test_cli_non_utf8_file(tiny_export, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("caf\u00e9 ok. ".encode() + b"then \xff\xfe broken")
+    out = _speak("--text-file", str(bad), "-o", str(tmp_path / "x.wav"), "--model", str(tiny_export))
+    assert out.returncode == 2
+    err = out.stderr.decode()
+    assert str(bad) in err and "UTF-8" in err and "offset 15" in err
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_cli_errors(tiny_export, tmp_path):
+    out = _speak("   ", "-o", str(tmp_path / "x.wav"), "--model", str(tiny_export))
+    assert out.returncode == 2 and "empty" in out.stderr.decode()
+    out = _speak("hello there", "-o", str(tmp_path / "x.wav"), "--model", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "soprano-onnx export" in out.stderr.decode()
+    out = _speak("hello there", "-o", str(tmp_path / "x.wav"), "--model", str(tiny_export), "--max-new-tokens", "0")
+    assert out.returncode == 2 and "1..512" in out.stderr.decode()
+
+
+# ------------------------------------------------------------------------------------------------
+# The LM loop on a fake LM that ends rows at chosen positions
+
+
+FAKE_SPEC = LMSpec(
+    path=Path("fake.json"),
+    input_names=("input_ids", "attention_mask", "position_ids", "past_key_0", "past_value_0"),
+    output_names=("logits", "hidden_states", "present_key_0", "present_value_0"),
+    special_tokens={"unk": 0, "text": 1, "start": 2, "stop": 3},
+    num_layers=1, num_kv_heads=1, head_dim=4, hidden_size=3, vocab_size=32, max_position_embeddings=64,
+)
+
+
+class FakeLM(LMBackend):
+    """Deterministic per row: the cache stores (token, position) per real token; the row emits
+    [STOP] once it reaches the position given by its first prompt token; otherwise token
+    4 + (7 * input + position) % 28. Hidden state = (input token, position, first prompt token).
+    It checks that the cache the loop feeds back is consistent (real tokens at positions 0..n-1)."""
+
+    def __init__(self) -> None:
+        self.path, self.input_names, self.output_names = Path("fake"), list(FAKE_SPEC.input_names), list(FAKE_SPEC.output_names)
+        self.batch_sizes: list[int] = []
+
+    def run(self, feed):
+        ids, mask, pos = feed["input_ids"], feed["attention_mask"], feed["position_ids"]
+        past_k, past_v = feed["past_key_0"], feed["past_value_0"]
+        b, s = ids.shape
+        assert mask.shape == (b, past_k.shape[2] + s) and past_k.shape == past_v.shape
+        assert mask[:, 0].any()  # no column that no row attends to is left at the front
+        assert past_k.flags.c_contiguous
+        self.batch_sizes.append(b)
+        new = np.zeros((b, 1, s, 4), np.float32)
+        new[:, 0, :, 0], new[:, 0, :, 1] = ids, pos
+        key = np.concatenate([past_k, new], axis=2)
+        logits = np.zeros((b, s, FAKE_SPEC.vocab_size), np.float32)
+        hidden = np.zeros((b, s, 3), np.float32)
+        for r in range(b):
+            real = key[r, 0, mask[r] == 1]
+            np.testing.assert_array_equal(real[:, 1], np.arange(len(real)))  # positions 0..n-1, in order
+            first = real[0, 0]
+            for j in range(s):
+                nxt = 3 if pos[r, j] >= first else 4 + (7 * ids[r, j] + pos[r, j]) % 28
+                logits[r, j, nxt] = 10.0
+                hidden[r, j] = (ids[r, j], pos[r, j], first)
+        return {"logits": logits, "hidden_states": hidden, "present_key_0": key, "present_value_0": key.copy()}
+
+
+FAKE_PROMPTS = [[9, 1, 5, 6, 2], [6, 1, 2], [20, 1, 7, 7, 7, 7, 2], [12, 1, 2], [4, 1, 8, 2]]
+
+
+def test_loop_stops_rows_independently_and_drops_them():
+    lm = FakeLM()
+    out = generate(lm, FAKE_SPEC, FAKE_PROMPTS, max_new_tokens=12, params=SamplingParams(repetition_penalty=1.0))
+    assert lm.batch_sizes == sorted(lm.batch_sizes, reverse=True) and lm.batch_sizes[-1] < len(FAKE_PROMPTS)
+    for r, prompt in enumerate(FAKE_PROMPTS):
+        first, n_prompt = prompt[0], len(prompt)
+        produced = first - (n_prompt - 1)  # tokens before [STOP], from the prompt's last position on
+        if produced < 12:
+            assert out.finish_reasons[r] == "stop" and out.tokens[r][-1] == 3 and len(out.tokens[r]) == produced + 1
+        else:
+            assert out.finish_reasons[r] == "length" and len(out.tokens[r]) == 12 and 3 not in out.tokens[r]
+        h = out.hidden[r]
+        assert len(h) == len(out.tokens[r]) - (out.finish_reasons[r] == "stop")
+        # Hidden k comes from the step that produced token k: input = prompt's last token, then token k-1.
+        inputs = [prompt[-1], *out.tokens[r][: len(h) - 1]]
+        np.testing.assert_array_equal(h[:, 0], inputs)
+        np.testing.assert_array_equal(h[:, 1], np.arange(n_prompt - 1, n_prompt - 1 + len(h)))
+
+
+def test_loop_batched_equals_one_by_one():
+    params = SamplingParams(repetition_penalty=1.3)
+    batched = generate(FakeLM(), FAKE_SPEC, FAKE_PROMPTS, max_new_tokens=20, params=params)
+    for r, prompt in enumerate(FAKE_PROMPTS):
+        alone = generate(FakeLM(), FAKE_SPEC, [prompt], max_new_tokens=20, params=params)
+        np.testing.assert_array_equal(alone.tokens[0], batched.tokens[r])
+        np.testing.assert_array_equal(alone.hidden[0], batched.hidden[r])
+        assert alone.finish_reasons[0] == batched.finish_reasons[r]
+
+
+def test_loop_sampling_batched_equals_one_by_one():
+    params = SamplingParams(temperature=1.5, top_p=0.99, repetition_penalty=1.0)
+    gens = row_generators(4, range(len(FAKE_PROMPTS)))
+    batched = generate(FakeLM(), FAKE_SPEC, FAKE_PROMPTS, max_new_tokens=10, params=params, generators=gens)
+    for r, prompt in enumerate(FAKE_PROMPTS):
+        alone = generate(FakeLM(), FAKE_SPEC, [prompt], max_new_tokens=10, params=params,
+                         generators=row_generators(4, [r]))
+        np.testing.assert_array_equal(alone.tokens[0], batched.tokens[r])
+
+
+def test_hallucination_guard_matches_upstream_rule():
+    torch = pytest.importorskip("torch")
+    soprano_tts = pytest.importorskip("soprano.tts")
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n = int(rng.integers(5, 60))
+        # Mix of near-repeats (L1 < 300) and jumps over 512 dims.
+        steps = np.where(rng.random((n, 1)) < 0.8, rng.normal(0, 0.1, (n, 512)), rng.normal(0, 3.0, (n, 512)))
+        states = np.cumsum(steps, axis=0).astype(np.float32)
+        guard = HallucinationGuard(1, 512)
+        flagged_at = None
+        for i in range(n):
+            if guard.update(states[i:i + 1], np.array([True]))[0] and flagged_at is None:
+                flagged_at = i
+        expected = soprano_tts.SopranoTTS.hallucination_detector(None, torch.from_numpy(states))
+        assert (flagged_at is not None) == expected, trial
+        if flagged_at is not None:
+            assert not soprano_tts.SopranoTTS.hallucination_detector(None, torch.from_numpy(states[:flagged_at]))
+            assert flagged_at > HALLUCINATION_MAX_RUNLENGTH
+
+
+class _RepeatingLM(FakeLM):
+    """Emits the same hidden state forever after the prompt: a 'hallucinating' row."""
+
+    def run(self, feed):
+        out = super().run(feed)
+        out["hidden_states"] = np.zeros_like(out["hidden_states"])
+        out["logits"][..., 3] = -100.0  # never stop
+        return out
+
+
+def test_hallucination_guard_stops_the_row():
+    prompts = [[30, 1, 2]]
+    off = generate(_RepeatingLM(), FAKE_SPEC, prompts, max_new_tokens=40, params=SamplingParams(repetition_penalty=1.0))
+    assert off.finish_reasons == ["length"] and len(off.hidden[0]) == 40
+    on = generate(_RepeatingLM(), FAKE_SPEC, prompts, max_new_tokens=40, params=SamplingParams(repetition_penalty=1.0),
+                  hallucination_guard=True)
+    assert on.finish_reasons == ["hallucination"] and len(on.hidden[0]) == HALLUCINATION_MAX_RUNLENGTH + 2
+
+
+def test_synthesize_with_hallucination_guard(tts):
+    r = tts.synthesize(TWO_SENTENCES, max_new_tokens=30, hallucination_guard=True)
+    assert set(r["finish_reasons"]) <= {"length", "hallucination"}
+    assert len(r["audio"]) == sum((n - 1) * 2048 for n in r["hidden_lengths"])
+
+
+def test_torch_istft_cross_check(tiny_export, tts):
+    pytest.importorskip("torch")
+    from pipeline_lib import SopranoTTS
+
+    with_torch = SopranoTTS.from_dir(tiny_export, num_threads=2, use_torch_istft=True)
+    a = with_torch.synthesize(TWO_SENTENCES, max_new_tokens=12)["audio"]
+    b = tts.synthesize(TWO_SENTENCES, max_new_tokens=12)["audio"]
+    assert _peak_diff(a, b) <= 1e-5
