@@ -71,8 +71,10 @@ def convert_onnx_to_openvino(
     ``weight_format="fp32"``: ``openvino.convert_model`` then ``save_model(..., compress_to_fp16=False)``.
     OpenVINO's ``save_model`` and the ``ovc`` tool compress weights to fp16 BY DEFAULT; here fp32 means fp32.
     ``weight_format="int8"``: NNCF weight compression (``int8_mode``: ``int8_asym`` or ``int8_sym``),
-    per output channel, every MatMul / Gather / Conv weight including the embedding and the logits head;
-    activations stay f32 (weight-only: weights are decompressed on the fly inside the kernels).
+    per output channel, every MatMul / Gather / Conv weight including the embedding and the logits head.
+    The IR holds int8 weights and their scales, activations are f32; at run time the CPU plugin by default
+    also quantises activations on the fly in groups of 32 (``DYNAMIC_QUANTIZATION_GROUP_SIZE``) for int8
+    dot products - turning that off (0) made the LM ~1.6x slower per token here.
 
     The default ``out_path`` is beside the ONNX file: ``<stem>_fp32.xml`` / ``<stem>_int8.xml``.
     Both files are written under temporary names and renamed at the end: a failure leaves neither.
@@ -280,7 +282,7 @@ def _convert_model(src: Path, dst_dir: Path, backend: str, precision: str, setti
         if precision == "fp32":
             info["method"] = "openvino.convert_model + save_model(compress_to_fp16=False)"
         else:
-            info["method"] = f"nncf.compress_weights mode={settings.openvino_int8_mode} (per-channel, weights only)"
+            info["method"] = f"nncf.compress_weights mode={settings.openvino_int8_mode} (per-channel int8 weights)"
         info["inference_precision_hint"] = "f32"
     else:
         raise ValueError(f"unknown target {backend}/{precision}: backends {BACKENDS}, precisions {PRECISIONS}")

@@ -147,11 +147,13 @@ def read_parity(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
     for path in metric_files(paths):
         data = read_json(path)
+        if not all(isinstance(v, Mapping) for v in data.values()):  # a flat file: its name is the model
+            data = {Path(path).stem: data}
         for model, metrics in data.items():
-            if isinstance(metrics, Mapping):
-                merged.setdefault(model, {}).update(metrics)
-            else:  # a flat file: its name is the model
-                merged.setdefault(Path(path).stem, {})[model] = metrics
+            key = model
+            if key in merged and any(merged[key].get(k, v) != v for k, v in metrics.items()):
+                key = f"{model} ({Path(path).parent.name}/{Path(path).name})"  # same model, other figures: keep both
+            merged.setdefault(key, {}).update(metrics)
     return merged
 
 
@@ -247,9 +249,16 @@ def build_markdown(
         "- Token count: fixed at " + ", ".join(fmt(t) for t in tokens) + " new tokens per synthesis "
         "(max_new_tokens; random weights never emit [STOP]); upstream always runs to [STOP] or its 512-token limit. "
         "RTF = wall / audio duration (below 1 is faster than real time); x real time = audio / wall. "
-        "Each configuration ran in its own process; timings are medians over the repeats after a warm-up.",
+        "Each configuration ran in its own process; figures are from the median of the repeats (by wall time) after "
+        "a warm-up, per-token percentiles over all repeats.",
         "",
     ]
+    loads = [float(r["load_avg"]) for r in rows if not math.isnan(float(r.get("load_avg", math.nan)))]
+    if loads and env.logical_cpus and max(loads) >= env.logical_cpus:
+        out += [f"> **The machine was busy while benchmarking:** 1-minute load average up to {fmt(max(loads))} on "
+                f"{fmt(env.logical_cpus)} logical CPUs when a configuration started (column `load average` below). "
+                "Other processes competed for the cores, so timings are noisy, multi-thread ones most; compare with care.",
+                ""]
     threads = bench_metrics.get("threads")
     out += [f"## Headline (threads = {fmt(threads)})", ""]
     out += ["From the benchmark metrics (metrics/bench.json): per configuration at this thread count, the best "
@@ -261,7 +270,8 @@ def build_markdown(
             "same backend and threads.", "",
             _columns_table(rows, RTF_TABLE), ""]
     out += ["## Per-stage times", "",
-            "Per synthesis (medians). Per token: one LM decode step (choosing the token and its forward pass). "
+            "One synthesis: the median of the repeats by wall time, so the stages add up to the wall time. "
+            "Per token: one LM decode step (choosing the token and its forward pass). "
             "Other: text front end, tokenizer and glue (wall minus LM, decoder and ISTFT). "
             "Upstream's LM is not split into prefill and decode, and its decoder time includes the ISTFT.", "",
             _columns_table(rows, STAGE_TABLE), ""]
@@ -367,7 +377,7 @@ def plot_breakdown(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("compute time per second of audio (s/s); the whole bar is the RTF, < 1 is faster than real time")
     ax.set_title("Where the time goes, per stage")
-    ax.margins(x=0.12)
+    ax.set_xlim(0, max([*left, 1.0]) * 1.18)  # room for the RTF labels
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="stage")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -115,6 +115,19 @@ def test_report_holds_every_number_of_its_inputs(inputs):
         assert s in text, s
 
 
+def test_report_warns_when_the_machine_was_busy(inputs):
+    import pandas as pd
+
+    tmp, csv, metrics, parity, source, convert = inputs
+    text = build_report(csv, metrics, parity, source, tmp / "out", env=ENV).read_text()
+    assert "machine was busy" not in text  # load averages 0.4..0.47 on 2 CPUs
+    df = pd.read_csv(csv)
+    df.loc[3, "load_avg"] = 3.25
+    df.to_csv(csv, index=False)
+    text = build_report(csv, metrics, parity, source, tmp / "out", env=ENV).read_text()
+    assert "machine was busy" in text and "up to 3.25 on 2 logical CPUs" in text
+
+
 def test_report_opens_with_the_random_weights_line(inputs):
     tmp, csv, metrics, parity, source, convert = inputs
     lines = build_report(csv, metrics, parity, source, tmp / "out", env=ENV).read_text().splitlines()
@@ -161,3 +174,16 @@ def test_report_stage_script(inputs):
 def test_fmt():
     assert fmt(2) == "2" and fmt(2.0) == "2" and fmt(0.000579833) == "0.0005798" and fmt(123.456789) == "123.5"
     assert fmt(float("nan")) == "-" and fmt(None) == "-" and fmt("x") == "x"
+
+
+def test_parity_files_and_folders_merge_without_hiding_figures(tmp_path):
+    from pipeline_lib.report import read_parity
+
+    (tmp_path / "convert").mkdir()
+    (tmp_path / "parity.json").write_text(json.dumps({"onnx_fp32": {"snr": 120.5}}))
+    (tmp_path / "convert/onnx-fp32.json").write_text(json.dumps({"onnx_fp32": {"snr": 121.25}}))
+    (tmp_path / "convert/openvino-int8.json").write_text(json.dumps({"openvino_int8": {"cos": 0.995}}))
+    (tmp_path / "flat.json").write_text(json.dumps({"snr": 99.5}))
+    merged = read_parity([tmp_path / "parity.json", tmp_path / "convert", tmp_path / "flat.json"])
+    assert merged == {"onnx_fp32": {"snr": 120.5}, "onnx_fp32 (convert/onnx-fp32.json)": {"snr": 121.25},
+                      "openvino_int8": {"cos": 0.995}, "flat": {"snr": 99.5}}

@@ -507,16 +507,16 @@ def summarize(
     batch_audio_s: float,
     batch_wall_s: float,
 ) -> dict[str, Any]:
-    """The row of a configuration: medians over runs; rtf and xrt from the median wall and audio."""
-    wall = _median(r.wall_s for r in runs)
-    audio = _median(r.audio_s for r in runs)
-    lm = _median(r.lm_s for r in runs)
-    prefill = _median(r.prefill_s for r in runs)
-    decoder = _median(r.decoder_s for r in runs)
-    istft = _median(r.istft_s for r in runs)
+    """The row of a configuration. Whole-synthesis figures come from the median run by wall time (the
+    lower middle one for an even count), so that they add up: lm = prefill + decode and wall = lm +
+    decoder + istft + other. Per-token percentiles pool the decode steps of all runs."""
+    median_run = sorted(runs, key=lambda r: r.wall_s)[(len(runs) - 1) // 2]
+    wall, audio = median_run.wall_s, median_run.audio_s
+    lm, prefill = median_run.lm_s, median_run.prefill_s
+    decoder, istft = median_run.decoder_s, median_run.istft_s
     accounted = [v for v in (lm, decoder, istft) if not math.isnan(v)]
     max_new = UPSTREAM_MAX_TOKENS if cfg.backend == "upstream" else cfg.num_tokens
-    tokens = int(statistics.median(r.num_tokens for r in runs))
+    tokens = median_run.num_tokens
     stopped = any(r.stop_emitted for r in runs)
     if stopped:
         note = f"[STOP] after {tokens} of {max_new} tokens"
