@@ -16,7 +16,7 @@ def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[st
 
     with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=False)
+    return OmegaConf.to_container(cfg, resolve=True)  # as DVC writes params.yaml
 
 
 def write_params(path: Path, overrides: Sequence[str] = ()) -> None:
