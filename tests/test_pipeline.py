@@ -38,7 +38,9 @@ def fresh_clone(tmp_path_factory):
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"]):
         _run(cmd, dest, env)
-    params = compose(["checkpoint=tiny", "parity.decode_steps=16"])
+    # Small benchmark settings: the test checks the pipeline's wiring, not the figures.
+    params = compose(["checkpoint=tiny", "parity.decode_steps=16", "bench.num_tokens=16", "bench.repeats=1",
+                      "bench.warmup_tokens=4", "bench.batch_size=2"])
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest, env
 
@@ -46,9 +48,13 @@ def fresh_clone(tmp_path_factory):
 def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
     repo, env = fresh_clone
     first = _run(["dvc", "repro"], repo, env)
-    assert _ran_stages(first)[:4] == ["fetch", "export_decoder", "export_lm", "parity"]
+    ran = _ran_stages(first)
+    assert ran[:4] == ["fetch", "export_decoder", "export_lm", "parity"]
+    assert {"benchmark", "report"} <= set(ran) and any(s.startswith("convert@") for s in ran), ran
     for path in ("artifacts/checkpoints/tiny/model.safetensors", "artifacts/export/decoder/soprano_decoder_preistft.onnx",
-                 "artifacts/export/lm/soprano_lm_step.onnx", "artifacts/export/lm/tokenizer.json", "metrics/parity.json"):
+                 "artifacts/export/lm/soprano_lm_step.onnx", "artifacts/export/lm/tokenizer.json", "metrics/parity.json",
+                 "artifacts/openvino/int8/lm/soprano_lm_step.xml", "artifacts/onnx/int8/lm/soprano_lm_step.onnx",
+                 "reports/bench.csv", "reports/report.md", "reports/xrt_by_backend.png"):
         assert (repo / path).is_file(), path
 
     second = _run(["dvc", "repro"], repo, env)
@@ -58,7 +64,10 @@ def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
     params["parity"]["decode_steps"] = 8
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], repo, env)
-    assert _ran_stages(third) == ["parity"], third
+    # The report reads metrics/parity.json, so it follows; nothing upstream of parity reruns.
+    assert _ran_stages(third) == ["parity", "report"], third
+    report = (repo / "reports/report.md").read_text()
+    assert "random weights" in report.lower()
 
 
 def test_failing_parity_fails_the_stage_and_leaves_no_metrics(fresh_clone):

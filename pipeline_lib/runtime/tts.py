@@ -200,15 +200,17 @@ class SopranoTTS:
     @classmethod
     def from_dir(cls, model_dir: str | Path, **kwargs: Any) -> SopranoTTS:
         """An export folder: soprano_lm_step.onnx, soprano_decoder_preistft.onnx, their JSON configs
-        and tokenizer.json. With backend "openvino_cpu", .xml IR files there are preferred."""
+        and tokenizer.json; or a pipeline folder with lm/ and decoder/ subfolders (artifacts/export,
+        artifacts/<backend>/<precision>). With backend "openvino_cpu", .xml IR files are preferred."""
         d = Path(model_dir)
         if not d.is_dir():
             raise ModelFileError(f"{d}: model folder not found; {HOW_TO_PRODUCE}.")
+        lm_dir, dec_dir = (d / "lm", d / "decoder") if (d / "lm").is_dir() and (d / "decoder").is_dir() else (d, d)
         ext = ".onnx"
-        if normalize_backend(kwargs.get("backend", "onnx_cpu")) == "openvino_cpu" and (d / f"{LM_FILE}.xml").is_file() \
-                and (d / f"{DECODER_FILE}.xml").is_file():
+        if normalize_backend(kwargs.get("backend", "onnx_cpu")) == "openvino_cpu" and (lm_dir / f"{LM_FILE}.xml").is_file() \
+                and (dec_dir / f"{DECODER_FILE}.xml").is_file():
             ext = ".xml"
-        return cls(d / f"{LM_FILE}{ext}", d / f"{DECODER_FILE}{ext}", **kwargs)
+        return cls(lm_dir / f"{LM_FILE}{ext}", dec_dir / f"{DECODER_FILE}{ext}", **kwargs)
 
     @staticmethod
     def _positive_int(name: str, v: Any) -> int:
