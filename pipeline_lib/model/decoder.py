@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline_lib.errors import CheckpointError
+from pipeline_lib.model.weights import load_checked
 
 # Buffers that upstream keeps in its state_dict but that are not weights of the spectral model.
 _NON_WEIGHT_KEYS = ("head.istft.window",)
@@ -158,20 +159,11 @@ def load_decoder(path: Path | str, expected_input_channels: int | None = None) -
             f"{expected_input_channels} from config.json; the two files come from different models."
         )
     model = SopranoSpectralDecoder(dims)
-    expected = model.state_dict()
     weights = {k: v for k, v in sd.items() if k not in _NON_WEIGHT_KEYS}
-    for key, tensor in expected.items():
-        if key not in weights:
-            raise CheckpointError(f"{path}: key '{key}' is missing (expected shape {tuple(tensor.shape)}).")
-        if tuple(weights[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{path}: '{key}' has shape {tuple(weights[key].shape)}, expected {tuple(tensor.shape)}."
-            )
-    extra = sorted(set(weights) - set(expected))
+    extra = sorted(set(weights) - set(model.state_dict()))
     if extra:
         raise CheckpointError(f"{path}: unexpected keys {extra[:5]}; this is not a Soprano decoder state_dict.")
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    return model.eval()
+    return load_checked(model, weights, path, "this decoder.pth does not match the Soprano decoder shapes")
 
 
 def spectrum_to_audio(spec: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline_lib.errors import CheckpointError
+from pipeline_lib.model.weights import load_checked
 
 EXPECTED_ARCHITECTURE = "Qwen3ForCausalLM"
 EXPECTED_MODEL_TYPE = "qwen3"
@@ -235,14 +236,4 @@ def load_lm(ckpt_dir: Path | str) -> SopranoLMStep:
     except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
         raise CheckpointError(f"{weights_path}: cannot be read as safetensors ({exc}); re-fetch the checkpoint.") from exc
     model = SopranoLMStep(cfg)
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in weights:
-            raise CheckpointError(f"{weights_path}: tensor '{key}' is missing (expected shape {tuple(tensor.shape)}).")
-        if tuple(weights[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{weights_path}: '{key}' has shape {tuple(weights[key].shape)}, expected {tuple(tensor.shape)} "
-                "from config.json; config and weights come from different models."
-            )
-    model.load_state_dict({k: weights[k].float() for k in expected})
-    return model.eval()
+    return load_checked(model, weights, weights_path, "config.json and model.safetensors come from different models")
