@@ -247,7 +247,7 @@ def build_markdown(
         "- Libraries: " + ", ".join(f"{k} {v}" for k, v in env.libraries.items()) + f"; Python {env.python}",
         f"- Date: {env.date}",
         "- Token count: fixed at " + ", ".join(fmt(t) for t in tokens) + " new tokens per synthesis "
-        "(max_new_tokens; random weights never emit [STOP]); upstream always runs to [STOP] or its 512-token limit. "
+        "(max_new_tokens; random weights never emit [STOP]); upstream's generate is held to the same count. "
         "RTF = wall / audio duration (below 1 is faster than real time); x real time = audio / wall. "
         "Each configuration ran in its own process; figures are from the median of the repeats (by wall time) after "
         "a warm-up, per-token percentiles over all repeats.",

@@ -90,16 +90,22 @@ def test_bench_command_upstream(tiny_checkpoint, tmp_path):
     pytest.importorskip("soprano")
     out = tmp_path / "row.json"
     proc = subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "bench", "--backend", "upstream", "--lm",
-                           str(tiny_checkpoint), "--repeats", "1", "--json", str(out)],
+                           str(tiny_checkpoint), "--repeats", "1", "--num_tokens", "12", "--warmup_tokens", "4",
+                           "--json", str(out)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = json.loads(out.read_text())
-    assert row["max_new_tokens"] == 512
-    # Upstream's count is its own: 512 on random weights unless the model emits [STOP].
-    assert 0 < row["num_tokens"] <= 512
+    # Upstream's generate() is held to the bench's token count (token for token with ours).
+    assert row["max_new_tokens"] == 12
+    assert 0 < row["num_tokens"] <= 12
     assert row["audio_s"] == pytest.approx((row["num_tokens"] - 1) * 2048 / 32000)
     assert row["rtf"] == pytest.approx(row["wall_s"] / row["audio_s"], rel=1e-9)
     assert row["lm_s"] > 0 and row["decoder_s"] > 0
+    # infer_batch on the eight bench sentences, infer_stream's first chunk, the process's peak RSS.
+    assert row["batch_size"] == 8 and row["batch_wall_s"] > 0 and row["batch8_xrt"] > 0
+    assert 0 < row["batch_audio_s"] <= 8 * 11 * 2048 / 32000
+    assert row["first_chunk_ms"] > 0 and row["peak_rss_mb"] > 0
+    assert "max_new_tokens=12" in row["note"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -97,6 +97,26 @@ def test_batched_equals_unbatched(tts):
     assert _peak_diff(c["audio"], b["audio"]) <= 1e-4
 
 
+def test_batched_decoder_equals_one_by_one(tiny_export):
+    """Equal-length sentences (always, at a fixed token count with random weights) share one decoder
+    call when decoder_batch_size allows; the audio is the one-by-one decode's."""
+    from pipeline_lib import SopranoTTS
+
+    batched = SopranoTTS.from_dir(tiny_export, num_threads=2, decoder_batch_size=8)
+    calls: list[int] = []
+    run = batched.decoder.run
+    batched.decoder.run = lambda h: (calls.append(h.shape[0]), run(h))[1]
+    a = batched.synthesize(FOUR_SENTENCES, max_new_tokens=24)
+    assert a["sentences"] == 4 and len(set(a["hidden_lengths"])) == 1 and calls == [4]
+    lean = SopranoTTS.from_dir(tiny_export, num_threads=2)  # low_memory: one sentence per call
+    assert lean.low_memory and lean.decoder_batch_size == 1
+    b = lean.synthesize(FOUR_SENTENCES, max_new_tokens=24)
+    assert _peak_diff(a["audio"], b["audio"]) <= 1e-4
+    c = SopranoTTS.from_dir(tiny_export, num_threads=2, low_memory=False)  # ORT defaults, batched decoder
+    assert c.decoder_batch_size == c.batch_size
+    assert _peak_diff(c.synthesize(FOUR_SENTENCES, max_new_tokens=24)["audio"], b["audio"]) <= 1e-4
+
+
 def test_seed_makes_sampling_reproducible(tts):
     kw = dict(max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=50)
     a = tts.synthesize(TWO_SENTENCES, seed=5, **kw)["audio"]

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_tokens", "--num-tokens", "--max_new_tokens", "--max-new-tokens", dest="num_tokens",
                    type=int, default=128,
                    help="tokens to generate per synthesis (max_new_tokens; random weights never emit [STOP], "
-                        "so this fixes the count). Upstream ignores it: it runs to [STOP] or 512 tokens.")
+                        "so this fixes the count). Upstream too: its generate() is held to this count.")
     p.add_argument("--text", default=None, help="text to synthesise (default: one sentence)")
     p.add_argument("--repeats", type=int, default=3, help="timed syntheses after one warm-up (medians are reported)")
     p.add_argument("--warmup_tokens", "--warmup-tokens", dest="warmup_tokens", type=int, default=16)

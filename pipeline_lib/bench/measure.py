@@ -8,8 +8,11 @@ Every backend is wrapped in an engine with one interface:
 
 - onnx / openvino: the runtime (`pipeline_lib.runtime.SopranoTTS`) on exported / converted files.
 - torch: our torch reference (pipeline_lib.model), the same greedy KV-cache loop in torch.
-- upstream: the `soprano-tts` package (`soprano.tts.SopranoTTS`, transformers backend). It always
-  generates until [STOP] or 512 tokens; with random weights that is 512.
+- upstream: the `soprano-tts` package (`soprano.tts.SopranoTTS`, transformers backend). By itself it
+  generates until [STOP] or 512 tokens (with random weights: 512); the engine wraps its model's
+  `generate` so that `max_new_tokens` is the bench's token count, the same as ours: the comparison
+  is token for token (`infer`, `infer_batch`). Its streaming path (`infer_stream`) has its own loop,
+  unchanged; the first chunk comes long before 512 tokens anyway.
 
 Random weights never emit [STOP], so the token count is fixed by max_new_tokens: every synthesis
 generates exactly that many tokens, and the row records the count actually generated.
@@ -426,8 +429,19 @@ class UpstreamEngine:
             return out
 
         decoder.forward = timed_forward
+        # Token for token: upstream's pipeline asks generate() for 512 new tokens; ask for ours.
+        self.max_new_tokens = int(cfg.num_tokens)
+        model = self.tts.pipeline.model
+        original_generate = model.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            kwargs["max_new_tokens"] = self.max_new_tokens
+            return original_generate(*args, **kwargs)
+
+        model.generate = generate
 
     def synthesize(self, text: str, max_new_tokens: int) -> Synthesis:
+        self.max_new_tokens = int(max_new_tokens)
         self._times.clear()
         self._responses.clear()
         start = time.perf_counter()
@@ -440,10 +454,28 @@ class UpstreamEngine:
                          decoder_s=self._times.get("decoder", NAN), wall_s=wall)
 
     def first_chunk_s(self, text: str, max_new_tokens: int) -> float | None:
-        return None
+        """Upstream's `infer_stream` (chunk_size=1): call to its first yielded chunk."""
+        import contextlib
+        import io
+
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its own latency line
+            gen = self.tts.infer_stream(text, chunk_size=1)
+            try:
+                next(iter(gen))
+            except StopIteration:
+                return None
+            finally:
+                gen.close()
+        return time.perf_counter() - start
 
     def batch(self, texts: Sequence[str], max_new_tokens: int) -> tuple[float, float] | None:
-        return None
+        """Upstream's `infer_batch` on the texts (its LM batches all sentences; decoder in batches)."""
+        self.max_new_tokens = int(max_new_tokens)
+        start = time.perf_counter()
+        out = self.tts.infer_batch(list(texts))
+        wall = time.perf_counter() - start
+        return sum(_num_samples(a) for a in out) / self.sample_rate, wall
 
 
 ENGINES: dict[str, Callable[[BenchConfig], Any]] = {
@@ -460,17 +492,16 @@ ENGINES: dict[str, Callable[[BenchConfig], Any]] = {
 
 def measure(cfg: BenchConfig) -> dict[str, Any]:
     """Load, warm up, time `repeats` syntheses, streaming and batch; return one row (COLUMNS keys)."""
-    max_new = UPSTREAM_MAX_TOKENS if cfg.backend == "upstream" else cfg.num_tokens
+    max_new = cfg.num_tokens
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else NAN
     start = time.perf_counter()
     engine = ENGINES[cfg.backend](cfg)
     load_s = time.perf_counter() - start
     log.info("%s %s t%d: loaded in %.2f s", cfg.backend, cfg.precision, cfg.threads, load_s)
 
-    # Warm-up: a short synthesis, so first-call allocations stay out of the timings. Not for upstream:
-    # it cannot be shortened (it always runs to [STOP] or 512 tokens), and its first-call overhead is
-    # small against a whole 512-token synthesis.
-    if cfg.warmup_tokens > 0 and cfg.backend != "upstream":
+    # Warm-up: a short synthesis, so first-call allocations stay out of the timings (every engine,
+    # upstream included: its generate() is held to the requested token count).
+    if cfg.warmup_tokens > 0:
         engine.synthesize(cfg.text, min(cfg.warmup_tokens, max_new))
     runs = []
     for i in range(cfg.repeats):
@@ -515,13 +546,14 @@ def summarize(
     lm, prefill = median_run.lm_s, median_run.prefill_s
     decoder, istft = median_run.decoder_s, median_run.istft_s
     accounted = [v for v in (lm, decoder, istft) if not math.isnan(v)]
-    max_new = UPSTREAM_MAX_TOKENS if cfg.backend == "upstream" else cfg.num_tokens
+    max_new = cfg.num_tokens
     tokens = median_run.num_tokens
     stopped = any(r.stop_emitted for r in runs)
     if stopped:
         note = f"[STOP] after {tokens} of {max_new} tokens"
     elif cfg.backend == "upstream":
-        note = f"fixed {tokens} tokens: upstream runs to [STOP] or {max_new}; random weights never emit [STOP]"
+        note = (f"fixed {tokens} tokens: upstream's generate() held to max_new_tokens={max_new} (it asks for "
+                f"{UPSTREAM_MAX_TOKENS}), token for token with ours; random weights never emit [STOP]")
     else:
         note = f"fixed {tokens} tokens; random weights never emit [STOP]"
     row: dict[str, Any] = {c: NAN for c in COLUMNS}

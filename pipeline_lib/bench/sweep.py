@@ -111,7 +111,8 @@ def plan(
     """Every configuration of the benchmark stage: each (backend, precision) of `targets` (see
     artifact_configs) whose backend is in `backends`, at every thread count (a missing artifact is an
     error), the torch reference at every thread count, and upstream once, at `upstream_threads`
-    (default: the last thread count), when installed: it always generates 512 tokens on random weights."""
+    (default: the last thread count), when installed (its generate() is held to num_tokens, token for
+    token with ours, and it is slow, so it runs once)."""
     ckpt = Path(checkpoint_dir)
     jobs: list[Job] = []
     for backend, precision in targets:

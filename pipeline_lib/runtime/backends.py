@@ -29,6 +29,7 @@ __all__ = [
     "OpenVinoDecoder",
     "load_backends",
     "normalize_backend",
+    "fix_malloc_mmap_threshold",
 ]
 
 BACKENDS = ("onnx_cpu", "openvino_cpu")
@@ -89,14 +90,47 @@ def _import_ort() -> Any:
     return ort
 
 
-def _ort_session(path: Path, num_threads: int) -> Any:
+_MMAP_THRESHOLD_SET = False
+
+
+def fix_malloc_mmap_threshold(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve allocations of `threshold` bytes or more by mmap, always, so that freeing them
+    returns the pages to the OS. (By default glibc raises its mmap threshold dynamically, up to 32 MiB,
+    each time a large block is freed; ONNX Runtime's load - protobuf, initializers, prepacked copies -
+    then leaves hundreds of MiB of freed but resident heap: about 300 MiB with the 80M model.)
+    Process-wide and idempotent; False where it does not apply (not glibc)."""
+    global _MMAP_THRESHOLD_SET
+    if _MMAP_THRESHOLD_SET:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        _MMAP_THRESHOLD_SET = bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+    return _MMAP_THRESHOLD_SET
+
+
+def _ort_session(path: Path, num_threads: int, low_memory: bool = True) -> Any:
+    """low_memory (default): no CPU memory arena (its chunks, sized for the largest batch seen, stay
+    allocated) and a fixed glibc mmap threshold (see fix_malloc_mmap_threshold). Measured on the
+    80M model, 2 threads: peak RSS of a 128-token synthesis 553 MiB instead of 580-870 MiB (the
+    load-time peak varied run to run); the bench process (synthesis, streaming, an 8-sentence batch)
+    655-659 instead of 933-963 MiB; per-token time the same within noise (9.43 vs 9.51 ms).
+    Prepacking stays on: turning it off saves nothing once freed memory is returned, and makes decode
+    steps ~40% slower."""
     ort = _import_ort()
+    if low_memory:
+        fix_malloc_mmap_threshold()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(num_threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if low_memory:
+        opts.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any load failure means an unusable file
@@ -107,9 +141,9 @@ def _ort_session(path: Path, num_threads: int) -> Any:
 
 
 class _OrtBase:
-    def __init__(self, path: Path, num_threads: int) -> None:
+    def __init__(self, path: Path, num_threads: int, low_memory: bool = True) -> None:
         self.path = path
-        self.session = _ort_session(path, num_threads)
+        self.session = _ort_session(path, num_threads, low_memory)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -182,14 +216,15 @@ class OpenVinoDecoder(_OpenVinoBase, DecoderBackend):
 
 
 def load_backends(
-    backend: str, lm_path: Path, decoder_path: Path, num_threads: int
+    backend: str, lm_path: Path, decoder_path: Path, num_threads: int, low_memory: bool = True
 ) -> tuple[LMBackend, DecoderBackend]:
-    """Compile both models with `backend` ('onnx_cpu' or 'openvino_cpu'); checks that the files exist."""
+    """Compile both models with `backend` ('onnx_cpu' or 'openvino_cpu'); checks that the files exist.
+    low_memory: ONNX Runtime's memory settings (see _ort_session); OpenVINO ignores it."""
     backend = normalize_backend(backend)
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
     require_file(lm_path, "LM step model")
     require_file(decoder_path, "decoder model")
     if backend == "onnx_cpu":
-        return OrtLM(lm_path, num_threads), OrtDecoder(decoder_path, num_threads)
+        return OrtLM(lm_path, num_threads, low_memory), OrtDecoder(decoder_path, num_threads, low_memory)
     return OpenVinoLM(lm_path, num_threads), OpenVinoDecoder(decoder_path, num_threads)

@@ -129,6 +129,12 @@ class SopranoTTS:
     beside the LM, then beside the decoder) unless given. `max_prompt_tokens` (default
     max_position_embeddings // 2 = 256) bounds a sentence prompt; longer sentences are cut at
     sentence marks, clause marks or spaces into several prompts, so text of any length is spoken.
+    `low_memory` (default True): ONNX Runtime without its CPU memory arena and with a fixed glibc mmap
+    threshold, so freed load-time and batch buffers go back to the OS (80M model: 655 instead of
+    930-960 MiB peak over the benchmark, at the same speed; see backends._ort_session), and one sentence per
+    decoder call. False: ORT's defaults and `decoder_batch_size` = batch_size. `decoder_batch_size`:
+    at most this many sentences of equal length per decoder call (no padding, same audio).
+    `warm_up` (default True): run a few tokens through both models at construction (see warm_up).
     """
 
     def __init__(
@@ -144,6 +150,9 @@ class SopranoTTS:
         decoder_config_path: str | Path | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_prompt_tokens: int | None = None,
+        low_memory: bool = True,
+        decoder_batch_size: int | None = None,
+        warm_up: bool = True,
     ) -> None:
         self.backend = normalize_backend(backend)
         self.lm_path, self.decoder_path = Path(lm_path), Path(decoder_path)
@@ -172,7 +181,8 @@ class SopranoTTS:
         self.tokenizer = _load_tokenizer(self.tokenizer_path, self.spec)
 
         self.num_threads = num_threads
-        self.lm, self.decoder = load_backends(self.backend, self.lm_path, self.decoder_path, num_threads)
+        self.low_memory = bool(low_memory)
+        self.lm, self.decoder = load_backends(self.backend, self.lm_path, self.decoder_path, num_threads, self.low_memory)
         _check_names("input", self.lm_path, lm_cfg, self.spec.input_names, self.lm.input_names)
         _check_names("output", self.lm_path, lm_cfg, self.spec.output_names, self.lm.output_names)
         self.spec.check_interface()
@@ -186,6 +196,14 @@ class SopranoTTS:
             except ImportError as exc:
                 raise MissingBackendError("use_torch_istft=True needs torch: pip install 'soprano-onnx[export]'") from exc
         self.batch_size = self._positive_int("batch_size", batch_size)
+        # Sentences with the same number of hidden vectors share a decoder call, up to this many (no
+        # padding: identical audio). On CPU it does not pay: 8 x 128 tokens of the 80M decoder take
+        # 0.79 s one by one, 0.79 s in pairs, 0.87 s at once, and raise the peak RSS by 120 MiB. So
+        # low_memory decodes one sentence per call unless told otherwise.
+        self.decoder_batch_size = self._positive_int(
+            "decoder_batch_size",
+            decoder_batch_size if decoder_batch_size is not None else (1 if self.low_memory else self.batch_size),
+        )
         self.max_prompt_tokens = self._positive_int(
             "max_prompt_tokens", max_prompt_tokens if max_prompt_tokens is not None else self.spec.max_position_embeddings // 2
         )
@@ -195,7 +213,19 @@ class SopranoTTS:
         self.last_timings: dict[str, float] = {}
         # The text normaliser's first call imports inflect (about a second): pay that here, not in
         # the first synthesis's timings.
-        self.prepare(["Hello world 1."])
+        _, warm_ids = self.prepare(["Hello world 1."])
+        if warm_up:
+            self.warm_up(warm_ids[:1])
+
+    def warm_up(self, ids: list[list[int]] | None = None) -> None:
+        """One short streamed sentence (prefill, stream_context + 2 tokens, two small decoder windows):
+        the sessions' first-run costs (thread pool start, kernel selection, first allocations) are
+        paid here rather than by the first call, which matters most for infer_stream's first chunk."""
+        if ids is None:
+            ids = self.prepare(["Hello world 1."])[1][:1]
+        n = min(self.stream_context + 2, self.spec.max_position_embeddings)
+        for _ in self._stream(ids, None, 1, n, SamplingParams(0.0, 0.95, 0, 1.2), False):
+            pass
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, **kwargs: Any) -> SopranoTTS:
@@ -255,8 +285,8 @@ class SopranoTTS:
             if len(h) >= 2:  # 0 or 1 hidden vectors: no samples
                 by_len.setdefault(len(h), []).append(i)
         for n, idx in by_len.items():
-            for start in range(0, len(idx), self.batch_size):
-                group = idx[start:start + self.batch_size]
+            for start in range(0, len(idx), self.decoder_batch_size):
+                group = idx[start:start + self.decoder_batch_size]
                 out, td, ti = self._decode(np.stack([hidden[i] for i in group]))
                 t_dec, t_istft = t_dec + td, t_istft + ti
                 keep = (n - 1) * self.samples_per_token
