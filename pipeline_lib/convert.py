@@ -56,10 +56,6 @@ def import_nncf() -> Any:
     return nncf
 
 
-# ---------------------------------------------------------------------------------------------------------
-# OpenVINO IR: convert, save atomically, load with checks, compile in f32
-
-
 def convert_onnx_to_openvino(
     onnx_path: Path | str,
     out_path: Path | str | None = None,
@@ -179,10 +175,6 @@ def compile_openvino(model: Any, num_threads: int = 1, core: Any = None, config:
     cfg = {**OV_F32_CONFIG, "INFERENCE_NUM_THREADS": int(num_threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
     cfg.update(config or {})
     return (core or ov.Core()).compile_model(model, "CPU", cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Conversion targets: one self-contained runtime folder per backend x precision
 
 
 @dataclass

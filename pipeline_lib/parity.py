@@ -193,10 +193,6 @@ def format_report(report: ParityReport) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Converted artifacts: an OpenVINO runner, and int8 models against their fp32 reference
-
-
 def openvino_runner(xml_path: Path, num_threads: int = 1) -> Runner:
     """A Runner over an OpenVINO IR compiled for CPU with the f32 precision hint (never bf16)."""
     from pipeline_lib.convert import compile_openvino

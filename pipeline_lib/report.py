@@ -72,10 +72,6 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-# ------------------------------------------------------------------------------------------------
-# Environment
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -126,10 +122,6 @@ class Environment:
                    libraries=library_versions(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
-# ------------------------------------------------------------------------------------------------
-# Inputs
-
-
 def read_json(path: Path | str) -> Any:
     return json.loads(Path(path).read_text())
 
@@ -165,10 +157,6 @@ def _sort_key(row: Mapping[str, Any]) -> tuple:
 def _records(df) -> list[dict[str, Any]]:
     rows = df.to_dict("records")
     return sorted(rows, key=_sort_key)
-
-
-# ------------------------------------------------------------------------------------------------
-# Markdown
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -288,10 +276,6 @@ def build_markdown(
     return "\n".join(out)
 
 
-# ------------------------------------------------------------------------------------------------
-# Plots
-
-
 def _label(row: Mapping[str, Any]) -> str:
     name = BACKEND_NAMES.get(row["backend"], row["backend"])
     return f"{name}\n{row['precision']}"
@@ -384,10 +368,6 @@ def plot_breakdown(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Entry point
 
 
 def build_report(

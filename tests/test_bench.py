@@ -108,10 +108,6 @@ def test_bench_command_upstream(tiny_checkpoint, tmp_path):
     assert "max_new_tokens=12" in row["note"]
 
 
-# ------------------------------------------------------------------------------------------------
-# Sweep
-
-
 def test_thread_counts_dedupes_and_keeps_order():
     assert thread_counts([1, "2", 2]) == [1, 2]
     assert thread_counts([2, 1]) == [2, 1]
@@ -234,10 +230,6 @@ def test_ratios_and_headline():
     assert m["best_xrt"] == {"onnx": 4.0, "torch": 2.0, "upstream": 0.5}
     assert headline(rows, 1)["int8_speedup"] == {"onnx": 1.5}
     json.dumps(m, allow_nan=False)  # DVC metrics: no NaN
-
-
-# ------------------------------------------------------------------------------------------------
-# Stage layout
 
 
 def test_only_benchmark_reads_threads_and_report_follows_it():

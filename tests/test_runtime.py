@@ -63,10 +63,6 @@ def _peak_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# ------------------------------------------------------------------------------------------------
-# synthesize
-
-
 def test_synthesize_output(tts):
     r = tts.synthesize(TWO_SENTENCES, max_new_tokens=24)
     audio = r["audio"]
@@ -170,10 +166,6 @@ def test_small_prompt_budget_splits_sentences(tiny_export):
     assert len(small.synthesize(FOUR_SENTENCES, max_new_tokens=3)["audio"]) == len(prompts) * 2 * 2048
 
 
-# ------------------------------------------------------------------------------------------------
-# streaming
-
-
 class _CountingLM(LMBackend):
     def __init__(self, inner: LMBackend) -> None:
         self.inner, self.calls = inner, 0
@@ -239,10 +231,6 @@ def test_stream_rejects_bad_input_before_iterating(tts):
         tts.infer_stream("hello there", chunk_size=0)
 
 
-# ------------------------------------------------------------------------------------------------
-# input validation
-
-
 @pytest.mark.parametrize("text", ["", "   \n\t ", "!!! ??? ...", "\U0001F600 \U0001F680"])
 def test_empty_or_unspeakable_text(tts, text):
     with pytest.raises(InputError):
@@ -266,10 +254,6 @@ def test_non_string_text(tts):
         tts.synthesize(b"bytes are not text")
     with pytest.raises(InputError):
         tts.infer_batch("a single string")
-
-
-# ------------------------------------------------------------------------------------------------
-# model files
 
 
 def test_unknown_backend(tiny_export):
@@ -420,10 +404,6 @@ def test_runtime_does_not_import_torch_or_transformers(tiny_export):
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
 def _speak(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "speak", *args], input=stdin,
@@ -479,10 +459,6 @@ def test_cli_errors(tiny_export, tmp_path):
     assert out.returncode == 2 and "soprano-onnx export" in out.stderr.decode()
     out = _speak("hello there", "-o", str(tmp_path / "x.wav"), "--model", str(tiny_export), "--max-new-tokens", "0")
     assert out.returncode == 2 and "1..512" in out.stderr.decode()
-
-
-# ------------------------------------------------------------------------------------------------
-# The LM loop on a fake LM that ends rows at chosen positions
 
 
 FAKE_SPEC = LMSpec(

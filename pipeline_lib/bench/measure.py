@@ -144,10 +144,6 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-# ------------------------------------------------------------------------------------------------
-# Engines
-
-
 def resolve_model_file(path: Path, stem: str, backend: str) -> Path:
     """A model file as given, or the one in a folder: for openvino an IR (.xml) first, then ONNX;
     `stem` (the export's file name) first, then the folder's only model file of that kind."""
@@ -484,10 +480,6 @@ ENGINES: dict[str, Callable[[BenchConfig], Any]] = {
     "torch": TorchEngine,
     "upstream": UpstreamEngine,
 }
-
-
-# ------------------------------------------------------------------------------------------------
-# One configuration
 
 
 def measure(cfg: BenchConfig) -> dict[str, Any]:

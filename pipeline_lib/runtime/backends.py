@@ -76,10 +76,6 @@ class DecoderBackend(_Backend):
     def run(self, hidden: np.ndarray) -> np.ndarray: ...
 
 
-# ------------------------------------------------------------------------------------------------
-# ONNX Runtime
-
-
 def _import_ort() -> Any:
     try:
         import onnxruntime as ort
@@ -156,10 +152,6 @@ class OrtLM(_OrtBase, LMBackend):
 class OrtDecoder(_OrtBase, DecoderBackend):
     def run(self, hidden: np.ndarray) -> np.ndarray:
         return self.session.run(self.output_names[:1], {self.input_names[0]: hidden})[0]
-
-
-# ------------------------------------------------------------------------------------------------
-# OpenVINO
 
 
 def _import_openvino() -> Any:

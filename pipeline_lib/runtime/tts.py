@@ -248,9 +248,6 @@ class SopranoTTS:
             raise InputError(f"{name} must be an int >= 1, got {v!r}")
         return int(v)
 
-    # --------------------------------------------------------------------------------------------
-    # Text
-
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer.encode(prompt).ids)
 
@@ -264,9 +261,6 @@ class SopranoTTS:
             raise InputError(str(exc)) from exc
         ids = [e.ids for e in self.tokenizer.encode_batch([p.prompt for p in prompts])]
         return prompts, ids
-
-    # --------------------------------------------------------------------------------------------
-    # Core
 
     def _decode(self, hidden: np.ndarray) -> tuple[np.ndarray, float, float]:
         """[B, T, H] hidden states -> [B, (T-1) * samples_per_token] audio, decoder and ISTFT seconds."""
@@ -346,9 +340,6 @@ class SopranoTTS:
             "finish_reasons": reasons,
             "timings": timings,
         }
-
-    # --------------------------------------------------------------------------------------------
-    # Public API
 
     def synthesize(
         self,

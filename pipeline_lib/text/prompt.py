@@ -136,9 +136,6 @@ def prepare_prompts(texts: Sequence[str], min_length: int = DEFAULT_MIN_SENTENCE
     return prompts
 
 
-# ------------------------------------------------------------------------------------------------
-# Length safety
-
 # Coarse to fine: after sentence marks, after clause marks, at spaces. The mark stays with the
 # piece before the cut, and every cut is at whitespace, so joining pieces with spaces restores
 # the text's words.
