@@ -1,6 +1,7 @@
 """`dvc repro` on a fresh copy of the repository, offline, with the tiny checkpoint."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,12 @@ def _ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path}: '{old}' not found"
+    path.write_text(text.replace(old, new))
+
+
 @pytest.fixture(scope="module")
 def fresh_clone(tmp_path_factory):
     dest = tmp_path_factory.mktemp("clone") / "repo"
@@ -35,13 +42,17 @@ def fresh_clone(tmp_path_factory):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO_ROOT / name, dest / name)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    # The clone's own conf/ selects the tiny checkpoint and small benchmark settings, so that `dvc exp run`
+    # (which recomposes params.yaml from conf/) stays on them. The test checks wiring, not figures.
+    _edit(dest / "conf/config.yaml", "checkpoint: random-80m", "checkpoint: tiny")
+    _edit(dest / "conf/parity/default.yaml", "decode_steps: 64 ", "decode_steps: 16 ")
+    bench = dest / "conf/bench/default.yaml"
+    for key, value in (("num_tokens", 16), ("repeats", 1), ("warmup_tokens", 4), ("batch_size", 2), ("upstream_repeats", 1)):
+        bench.write_text(re.sub(rf"^{key}: \S+", f"{key}: {value}", bench.read_text(), flags=re.M))
+    (dest / "params.yaml").write_text(yaml.safe_dump(compose(conf_dir=dest / "conf"), sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"]):
         _run(cmd, dest, env)
-    # Small benchmark settings: the test checks the pipeline's wiring, not the figures.
-    params = compose(["checkpoint=tiny", "parity.decode_steps=16", "bench.num_tokens=16", "bench.repeats=1",
-                      "bench.warmup_tokens=4", "bench.batch_size=2"])
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest, env
 
 
@@ -59,6 +70,13 @@ def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
 
     second = _run(["dvc", "repro"], repo, env)
     assert _ran_stages(second) == [], second
+
+    # A thread-count experiment reruns only what reads `threads`.
+    exp = _run(["dvc", "exp", "run", "-S", "threads=1"], repo, env)
+    assert _ran_stages(exp) == ["benchmark", "report"], exp
+    assert yaml.safe_load((repo / "params.yaml").read_text())["bench"]["threads"] == [1, 1]
+    shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
+    assert "threads" in shown and "xrt" in shown, shown[:2000]
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["parity"]["decode_steps"] = 8
