@@ -600,3 +600,22 @@ def test_torch_istft_cross_check(tiny_export, tts):
     a = with_torch.synthesize(TWO_SENTENCES, max_new_tokens=12)["audio"]
     b = tts.synthesize(TWO_SENTENCES, max_new_tokens=12)["audio"]
     assert _peak_diff(a, b) <= 1e-5
+
+
+def test_openvino_backend_rejects_bin_of_another_model(tiny_export, tmp_path):
+    import shutil
+
+    from pipeline_lib.convert import convert_onnx_to_openvino
+    from pipeline_lib.errors import ModelFileError
+    from pipeline_lib.runtime.tts import SopranoTTS
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_export, model)
+    lm_xml = convert_onnx_to_openvino(model / "soprano_lm_step.onnx", model / "soprano_lm_step.xml", "fp32")
+    dec_xml = convert_onnx_to_openvino(model / "soprano_decoder_preistft.onnx", model / "soprano_decoder_preistft.xml", "fp32")
+    shutil.copy(dec_xml.with_suffix(".bin"), lm_xml.with_suffix(".bin"))
+    with pytest.raises(ModelFileError, match=r"soprano_lm_step\.bin.*another model"):
+        SopranoTTS.from_dir(model, backend="openvino_cpu", num_threads=1)
+    lm_xml.with_suffix(".bin").unlink()
+    with pytest.raises(ModelFileError, match=r"soprano_lm_step\.bin.*missing"):
+        SopranoTTS.from_dir(model, backend="openvino_cpu", num_threads=1)

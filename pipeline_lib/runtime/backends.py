@@ -177,6 +177,11 @@ class _OpenVinoBase:
         ov = _import_openvino()
         self.path = path
         core = ov.Core()
+        if path.suffix == ".xml":
+            from pipeline_lib.convert import load_openvino_model
+
+            # Checks the .bin beside the .xml (missing, or of another model) before OpenVINO reads it.
+            load_openvino_model(path, core)
         try:
             model = core.read_model(str(path))
             self.compiled = core.compile_model(
