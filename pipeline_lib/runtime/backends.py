@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pipeline_lib.convert import OV_F32_CONFIG, load_openvino_model
 from pipeline_lib.errors import MissingBackendError, ModelFileError
 
 __all__ = [
@@ -177,16 +178,17 @@ class _OpenVinoBase:
         ov = _import_openvino()
         self.path = path
         core = ov.Core()
-        if path.suffix == ".xml":
-            from pipeline_lib.convert import load_openvino_model
-
-            # Checks the .bin beside the .xml (missing, or of another model) before OpenVINO reads it.
-            load_openvino_model(path, core)
         try:
-            model = core.read_model(str(path))
+            if path.suffix == ".xml":
+                # Reads the IR once, after checking its .bin (missing, or of another model).
+                model = load_openvino_model(path, core)
+            else:
+                model = core.read_model(str(path))
             self.compiled = core.compile_model(
-                model, "CPU", {"INFERENCE_NUM_THREADS": int(num_threads), "INFERENCE_PRECISION_HINT": "f32"}
+                model, "CPU", {**OV_F32_CONFIG, "INFERENCE_NUM_THREADS": int(num_threads)}
             )
+        except ModelFileError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise ModelFileError(
                 f"{path}: cannot be loaded by OpenVINO (corrupted or not an ONNX / IR model): "
