@@ -22,6 +22,7 @@ from pipeline_lib.runtime.backends import LMBackend
 from pipeline_lib.runtime.generate import (
     HALLUCINATION_MAX_RUNLENGTH,
     HallucinationGuard,
+    KVCache,
     LMSpec,
     generate,
 )
@@ -544,6 +545,52 @@ def test_loop_sampling_batched_equals_one_by_one():
         alone = generate(FakeLM(), FAKE_SPEC, [prompt], max_new_tokens=10, params=params,
                          generators=row_generators(4, [r]))
         np.testing.assert_array_equal(alone.tokens[0], batched.tokens[r])
+
+
+@pytest.mark.parametrize("bucket", [1, 2, 5, 64])
+def test_loop_kv_bucket_sizes_agree(bucket):
+    """The fake LM checks every feed (real tokens at positions 0..n-1, in mask order) whatever the
+    cache's padding; the results must not depend on the bucket size."""
+    params = SamplingParams(repetition_penalty=1.3)
+    ref = generate(FakeLM(), FAKE_SPEC, FAKE_PROMPTS, max_new_tokens=20, params=params, kv_bucket=1)
+    got = generate(FakeLM(), FAKE_SPEC, FAKE_PROMPTS, max_new_tokens=20, params=params, kv_bucket=bucket)
+    for a, b in zip(ref.tokens, got.tokens):
+        np.testing.assert_array_equal(a, b)
+    assert ref.finish_reasons == got.finish_reasons
+
+
+def test_kv_cache_grows_by_bucket_and_trims_rows():
+    names = ["past_key_0", "past_value_0"]
+    mask = np.array([[0, 0, 1], [1, 1, 1]], np.int64)
+    present = [np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 1, 3, 2) + 100 * k for k in range(2)]
+    cache = KVCache(names, present, mask, bucket=4)
+    assert cache.width == 4 and cache.used == 3
+    feed = cache.feed()
+    assert feed["past_key_0"].shape == (2, 1, 4, 2) and feed["attention_mask"].tolist() == [[0, 0, 1, 0, 1], [1, 1, 1, 0, 1]]
+    arrays = cache.arrays
+    step = [np.full((2, 1, 5, 2), 7.0 + k, np.float32) for k in range(2)]
+    cache.append(step)  # column 3 filled: the cache is full, so it grows by one bucket
+    assert cache.width == 8 and cache.used == 4 and cache.arrays[0] is not arrays[0]
+    np.testing.assert_array_equal(cache.arrays[0][:, :, :3], present[0])
+    np.testing.assert_array_equal(cache.arrays[1][:, :, 3], np.full((2, 1, 2), 8.0))
+    assert not cache.arrays[0][:, :, 4:].any() and cache.mask[:, 4:8].sum() == 0 and (cache.mask[:, 8] == 1).all()
+    cache.select(np.array([0]))  # row 0 alone: its two leading padding columns go
+    assert cache.used == 2 and cache.mask[0, :2].tolist() == [1, 1]
+    np.testing.assert_array_equal(cache.arrays[0][0, :, 0], present[0][0, :, 2])
+    with pytest.raises(ValueError, match="kv_bucket"):
+        KVCache(names, present, mask, bucket=0)
+
+
+@pytest.mark.parametrize("bucket", [1, 3])
+def test_kv_bucket_does_not_change_the_real_model(tts, bucket):
+    """Masked padding columns in the cache leave the exported LM's results unchanged (float rounding aside)."""
+    _, ids = tts.prepare([FOUR_SENTENCES])
+    params = SamplingParams(repetition_penalty=1.2)
+    ref = generate(tts.lm, tts.spec, ids, max_new_tokens=24, params=params)
+    got = generate(tts.lm, tts.spec, ids, max_new_tokens=24, params=params, kv_bucket=bucket)
+    for r in range(len(ids)):
+        np.testing.assert_array_equal(ref.tokens[r], got.tokens[r])
+        np.testing.assert_allclose(ref.hidden[r], got.hidden[r], atol=1e-4)
 
 
 def test_hallucination_guard_matches_upstream_rule():
