@@ -1,6 +1,8 @@
 """The exported ONNX models against the upstream oracles directly: upstream's SopranoDecoder on the same
 decoder.pth, and transformers' Qwen3ForCausalLM on the same weights (issue: export parity)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,7 @@ def random_80m(tmp_path_factory):
     ckpt = fetch_checkpoint(cfg, root / "ckpt")
     export_decoder(ckpt, root / "onnx")
     export_lm(ckpt, root / "onnx")
+    shutil.copy2(ckpt / "tokenizer.json", root / "onnx" / "tokenizer.json")  # as `soprano-onnx export` does
     return ckpt, root / "onnx"
 
 
@@ -94,3 +97,29 @@ def test_random_80m_decoder_matches_upstream(random_80m):
 @pytest.mark.slow
 def test_random_80m_lm_matches_transformers(random_80m):
     _lm_vs_transformers(*random_80m, steps=64)
+
+
+@pytest.mark.slow
+def test_random_80m_openvino_fp32_audio_equals_onnx_runtime(random_80m, tmp_path):
+    """End to end through SopranoTTS, greedy: OpenVINO fp32 IR vs the ONNX Runtime fp32 export, held to
+    the export's audio thresholds (conf/parity/default.yaml)."""
+    pytest.importorskip("openvino")
+    import yaml
+
+    from conftest import REPO_ROOT
+    from pipeline_lib import SopranoTTS
+    from pipeline_lib.convert import convert_target
+
+    _, export = random_80m
+    convert_target("openvino", "fp32", export, export, tmp_path / "ov")
+    th = yaml.safe_load((REPO_ROOT / "conf/parity/default.yaml").read_text())
+    text = "The quick brown fox jumps over the lazy dog. Then it runs back across the quiet green field!"
+    ref = SopranoTTS.from_dir(export, num_threads=2).synthesize(text, max_new_tokens=64)
+    got = SopranoTTS.from_dir(tmp_path / "ov", backend="openvino_cpu", num_threads=2).synthesize(text, max_new_tokens=64)
+    a, b = got["audio"], ref["audio"]
+    assert got["sample_rate"] == ref["sample_rate"] == 32000
+    assert a.shape == b.shape and len(b) == 2 * 63 * 2048  # two sentences, 64 tokens each (no [STOP]: random weights)
+    assert np.abs(b).max() > 0
+    snr, rel = audio_metrics(b, a)
+    print(f"OpenVINO fp32 vs ONNX Runtime fp32, SopranoTTS on random-80m: SNR {snr:.1f} dB, max abs / peak {rel:.2e}")
+    assert snr >= th["audio_snr_db_min"] and rel <= th["audio_rel_max_abs"], (snr, rel)
