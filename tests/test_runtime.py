@@ -479,7 +479,8 @@ class FakeLM(LMBackend):
 
     def __init__(self) -> None:
         self.path, self.input_names, self.output_names = Path("fake"), list(FAKE_SPEC.input_names), list(FAKE_SPEC.output_names)
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: list[int] = []  # decode steps
+        self.prefill_sizes: list[int] = []
 
     def run(self, feed):
         ids, mask, pos = feed["input_ids"], feed["attention_mask"], feed["position_ids"]
@@ -488,7 +489,7 @@ class FakeLM(LMBackend):
         assert mask.shape == (b, past_k.shape[2] + s) and past_k.shape == past_v.shape
         assert mask[:, 0].any()  # no column that no row attends to is left at the front
         assert past_k.flags.c_contiguous
-        self.batch_sizes.append(b)
+        (self.batch_sizes if past_k.shape[2] else self.prefill_sizes).append(b)
         new = np.zeros((b, 1, s, 4), np.float32)
         new[:, 0, :, 0], new[:, 0, :, 1] = ids, pos
         key = np.concatenate([past_k, new], axis=2)
@@ -512,6 +513,7 @@ def test_loop_stops_rows_independently_and_drops_them():
     lm = FakeLM()
     out = generate(lm, FAKE_SPEC, FAKE_PROMPTS, max_new_tokens=12, params=SamplingParams(repetition_penalty=1.0))
     assert lm.batch_sizes == sorted(lm.batch_sizes, reverse=True) and lm.batch_sizes[-1] < len(FAKE_PROMPTS)
+    assert lm.prefill_sizes == [1] * len(FAKE_PROMPTS)  # one prompt per prefill call, no padding
     for r, prompt in enumerate(FAKE_PROMPTS):
         first, n_prompt = prompt[0], len(prompt)
         produced = first - (n_prompt - 1)  # tokens before [STOP], from the prompt's last position on
