@@ -668,3 +668,24 @@ def test_openvino_backend_rejects_bin_of_another_model(tiny_export, tmp_path):
     lm_xml.with_suffix(".bin").unlink()
     with pytest.raises(ModelFileError, match=r"soprano_lm_step\.bin.*missing"):
         SopranoTTS.from_dir(model, backend="openvino_cpu", num_threads=1)
+
+
+def test_ort_lm_io_binding_matches_plain_run(tiny_export):
+    """OrtLM writes outputs into reused buffers (IO binding); they must equal a plain session.run."""
+    from pipeline_lib.runtime.backends import OrtLM
+
+    spec = LMSpec.from_json(tiny_export / LM_JSON)
+    lm = OrtLM(tiny_export / LM_ONNX, 1)
+    rng = np.random.default_rng(0)
+    for b, s, p in [(2, 5, 0), (3, 1, 7)]:
+        feed = {"input_ids": rng.integers(4, 200, (b, s)), "attention_mask": np.ones((b, p + s), np.int64),
+                "position_ids": np.tile(np.arange(p, p + s), (b, 1))}
+        kv = (b, spec.num_kv_heads, p, spec.head_dim)
+        feed.update((n, rng.standard_normal(kv, dtype=np.float32)) for n in spec.past_names)
+        ref = dict(zip(lm.output_names, lm.session.run(lm.output_names, feed)))
+        out = lm.run(feed)
+        assert set(out) == set(ref)
+        for name, want in ref.items():
+            np.testing.assert_allclose(out[name], want, rtol=0, atol=1e-5, err_msg=name)
+        kept = out["present_key_0"]
+        assert lm.run(feed)["present_key_0"] is kept  # same shapes: the same buffer, no new allocation
