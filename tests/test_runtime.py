@@ -676,6 +676,7 @@ def test_ort_lm_io_binding_matches_plain_run(tiny_export):
 
     spec = LMSpec.from_json(tiny_export / LM_JSON)
     lm = OrtLM(tiny_export / LM_ONNX, 1)
+    lm.BIND_MIN_BYTES = 0  # bind every output, however small
     rng = np.random.default_rng(0)
     for b, s, p in [(2, 5, 0), (3, 1, 7)]:
         feed = {"input_ids": rng.integers(4, 200, (b, s)), "attention_mask": np.ones((b, p + s), np.int64),
@@ -689,3 +690,5 @@ def test_ort_lm_io_binding_matches_plain_run(tiny_export):
             np.testing.assert_allclose(out[name], want, rtol=0, atol=1e-5, err_msg=name)
         kept = out["present_key_0"]
         assert lm.run(feed)["present_key_0"] is kept  # same shapes: the same buffer, no new allocation
+    lm.BIND_MIN_BYTES = 1 << 40  # nothing is big enough: plain runs, new arrays each time
+    assert lm.run(feed)["present_key_0"] is not lm.run(feed)["present_key_0"]
