@@ -282,7 +282,7 @@ class OpenVinoLM(_OpenVinoBase, LMBackend):
                 array = np.ascontiguousarray(array)
                 self.request.set_tensor(name, self._ov.Tensor(array, shared_memory=True))
                 self._bound[name] = array
-        self.request.infer()
+        self.request.infer(share_outputs=True)  # no copy of the outputs (the KV cache is big)
         return {name: self.request.get_tensor(port).data for name, port in zip(self.output_names, self.compiled.outputs)}
 
 
