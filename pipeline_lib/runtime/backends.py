@@ -174,8 +174,22 @@ class OrtLM(_OrtBase, LMBackend):
         outs = self.session.get_outputs()
         self._out_dims = {o.name: o.shape for o in outs} if all(o.type == _ORT_FLOAT for o in outs) else None
         self._buffers: dict[str, np.ndarray] = {}
+        self._shape_cache: dict[tuple[Any, ...], dict[str, tuple[int, ...]] | None] = {}
 
     def _output_shapes(self, feed: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
+        """Output shapes, or None where IO binding does not apply (unresolvable, or all outputs small).
+        Cached per input shapes: these repeat for a whole KV bucket."""
+        key = (self.BIND_MIN_BYTES, *((name, np.shape(a)) for name, a in feed.items()))
+        if key not in self._shape_cache:
+            if len(self._shape_cache) > 256:
+                self._shape_cache.clear()
+            shapes = self._resolve_shapes(feed)
+            if shapes is not None and 4 * max(math.prod(v) for v in shapes.values()) < self.BIND_MIN_BYTES:
+                shapes = None
+            self._shape_cache[key] = shapes
+        return self._shape_cache[key]
+
+    def _resolve_shapes(self, feed: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
         if self._out_dims is None:
             return None
         sizes: dict[str, int] = {}
@@ -190,7 +204,7 @@ class OrtLM(_OrtBase, LMBackend):
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = self._output_shapes(feed)
-        if shapes is None or 4 * max(math.prod(v) for v in shapes.values()) < self.BIND_MIN_BYTES:
+        if shapes is None:
             return dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
         binding = self.session.io_binding()
         inputs = {name: np.ascontiguousarray(a) for name, a in feed.items()}  # kept alive until the run ends

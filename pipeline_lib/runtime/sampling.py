@@ -70,8 +70,10 @@ def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: floa
     """HF repetition penalty on [B, V] scores for the ids where `seen` [B, V] is True (new array)."""
     if penalty == 1.0:
         return scores
-    penalised = np.where(scores < 0, scores * np.float32(penalty), scores / np.float32(penalty))
-    return np.where(seen, penalised, scores).astype(scores.dtype, copy=False)
+    out = np.array(scores, copy=True)
+    picked = out[seen]  # only the seen ids change: a few hundred of the vocabulary
+    out[seen] = np.where(picked < 0, picked * np.float32(penalty), picked / np.float32(penalty))
+    return out
 
 
 def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:
