@@ -692,3 +692,25 @@ def test_ort_lm_io_binding_matches_plain_run(tiny_export):
         assert lm.run(feed)["present_key_0"] is kept  # same shapes: the same buffer, no new allocation
     lm.BIND_MIN_BYTES = 1 << 40  # nothing is big enough: plain runs, new arrays each time
     assert lm.run(feed)["present_key_0"] is not lm.run(feed)["present_key_0"]
+
+
+def test_openvino_lm_shared_inputs_follow_in_place_changes(tiny_export):
+    """OpenVinoLM binds fed arrays by memory: the same array object, changed in place and fed again,
+    must give the new result; other integer types are converted (not rejected)."""
+    pytest.importorskip("openvino")
+    from pipeline_lib.runtime.backends import OpenVinoLM, OrtLM
+
+    spec = LMSpec.from_json(tiny_export / LM_JSON)
+    ov_lm, ort_lm = OpenVinoLM(tiny_export / LM_ONNX, 1), OrtLM(tiny_export / LM_ONNX, 1)
+    rng = np.random.default_rng(3)
+    kv = (2, spec.num_kv_heads, 6, spec.head_dim)
+    feed = {"input_ids": np.array([[11], [12]], np.int64), "attention_mask": np.ones((2, 7), np.int64),
+            "position_ids": np.array([[6], [6]], np.int64)}
+    feed.update((n, rng.standard_normal(kv, dtype=np.float32)) for n in spec.past_names)
+    for _ in range(2):
+        want = ort_lm.run(feed)["logits"].copy()
+        np.testing.assert_allclose(ov_lm.run(feed)["logits"], want, rtol=0, atol=1e-3)
+        feed["past_key_0"] *= 0.5  # in place: the same object, new contents
+        feed["attention_mask"][1, 2] = 0
+    feed32 = dict(feed, input_ids=feed["input_ids"].astype(np.int32))
+    np.testing.assert_allclose(ov_lm.run(feed32)["logits"], ort_lm.run(feed)["logits"], rtol=0, atol=1e-3)

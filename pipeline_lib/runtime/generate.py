@@ -308,7 +308,7 @@ def generate_steps(
     if not params.greedy and (gens is None or len(gens) != len(prompt_ids)):
         raise ValueError("sampling needs one numpy Generator per prompt")
     batch = len(prompt_ids)
-    ids, mask = _left_pad(prompt_ids, spec.stop_id)
+    _, mask = _left_pad(prompt_ids, spec.stop_id)  # the batch's left-padded layout (prefill runs row by row)
     seen = np.zeros((batch, spec.vocab_size), dtype=bool)
     for r, p in enumerate(prompt_ids):
         seen[r, np.asarray(p, dtype=np.int64)] = True
