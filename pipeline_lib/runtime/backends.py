@@ -269,12 +269,6 @@ class _OpenVinoBase:
         self.input_names = [_port_name(p) for p in self.compiled.inputs]
         self.output_names = [_port_name(p) for p in self.compiled.outputs]
 
-    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Views of the request's output buffers (reused by the next call): share_inputs /
-        share_outputs, no copy of the inputs into the request, none of the outputs out of it."""
-        result = self.request.infer(dict(feed), share_inputs=True, share_outputs=True)
-        return {name: result[port] for name, port in zip(self.output_names, self.compiled.outputs)}
-
 
 class OpenVinoLM(_OpenVinoBase, LMBackend):
     """The request's input tensors wrap the fed arrays (shared memory) and are re-set only when the
@@ -303,7 +297,8 @@ class OpenVinoLM(_OpenVinoBase, LMBackend):
 
 class OpenVinoDecoder(_OpenVinoBase, DecoderBackend):
     def run(self, hidden: np.ndarray) -> np.ndarray:
-        return np.array(self._infer({self.input_names[0]: hidden})[self.output_names[0]])
+        # share_inputs: no copy of the input; the output is copied out once (the request reuses it).
+        return self.request.infer({self.input_names[0]: hidden}, share_inputs=True)[self.compiled.outputs[0]]
 
 
 def load_backends(

@@ -247,17 +247,13 @@ class KVCache:
         self._alloc([a[idx, :, first:self.used] for a in self.arrays], mask[:, first:], used)
 
 
-def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    lengths = [len(p) for p in prompt_ids]
-    if min(lengths) < 1:
+def _left_pad_mask(prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """[B, longest prompt] attention mask of the prompts left-padded to one width (1 = real token)."""
+    lengths = np.array([len(p) for p in prompt_ids])
+    if lengths.min() < 1:
         raise InputError("every prompt needs at least one token")
-    width = max(lengths)
-    ids = np.full((len(prompt_ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompt_ids), width), dtype=np.int64)
-    for r, p in enumerate(prompt_ids):
-        ids[r, width - len(p):] = p
-        mask[r, width - len(p):] = 1
-    return ids, mask
+    width = int(lengths.max())
+    return (np.arange(width)[None, :] >= (width - lengths)[:, None]).astype(np.int64)
 
 
 def _prefill(
@@ -308,14 +304,14 @@ def generate_steps(
     if not params.greedy and (gens is None or len(gens) != len(prompt_ids)):
         raise ValueError("sampling needs one numpy Generator per prompt")
     batch = len(prompt_ids)
-    _, mask = _left_pad(prompt_ids, spec.stop_id)  # the batch's left-padded layout (prefill runs row by row)
+    mask = _left_pad_mask(prompt_ids)  # the batch's left-padded layout (prefill runs row by row)
     seen = np.zeros((batch, spec.vocab_size), dtype=bool)
     for r, p in enumerate(prompt_ids):
         seen[r, np.asarray(p, dtype=np.int64)] = True
     next_pos = mask.sum(axis=1)  # position of the next token of each row
     rows = np.arange(batch)
     guard = HallucinationGuard(batch, spec.hidden_size) if hallucination_guard else None
-    past_names, present_names = spec.past_names, spec.present_names
+    present_names = spec.present_names
 
     t0 = time.perf_counter()
     out, cache = _prefill(lm, spec, prompt_ids, mask, kv_bucket)
