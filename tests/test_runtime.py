@@ -569,10 +569,10 @@ def test_kv_cache_grows_by_bucket_and_trims_rows():
     assert cache.width == 4 and cache.used == 3
     feed = cache.feed()
     assert feed["past_key_0"].shape == (2, 1, 4, 2) and feed["attention_mask"].tolist() == [[0, 0, 1, 0, 1], [1, 1, 1, 0, 1]]
-    arrays = cache.arrays
+    old = cache.arrays[0]
     step = [np.full((2, 1, 5, 2), 7.0 + k, np.float32) for k in range(2)]
     cache.append(step)  # column 3 filled: the cache is full, so it grows by one bucket
-    assert cache.width == 8 and cache.used == 4 and cache.arrays[0] is not arrays[0]
+    assert cache.width == 8 and cache.used == 4 and cache.arrays[0] is not old
     np.testing.assert_array_equal(cache.arrays[0][:, :, :3], present[0])
     np.testing.assert_array_equal(cache.arrays[1][:, :, 3], np.full((2, 1, 2), 8.0))
     assert not cache.arrays[0][:, :, 4:].any() and cache.mask[:, 4:8].sum() == 0 and (cache.mask[:, 8] == 1).all()
