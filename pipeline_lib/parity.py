@@ -142,8 +142,8 @@ def check_lm(
     report.check_max("lm_prefill_logits_max_abs", float(np.abs(out["logits"] - ref[0].numpy())[keep].max()), th.lm_logits_max_abs)
     report.check_max("lm_prefill_hidden_max_abs", float(np.abs(out["hidden_states"] - ref[1].numpy())[keep].max()), th.lm_hidden_max_abs)
 
-    # Greedy decode on the exported model with its KV cache.
-    present = [out[f"present_{k}_{i}"] for i in range(cfg.num_layers) for k in ("key", "value")]
+    # Greedy decode on the exported model with its KV cache (past joined with each call's new_*).
+    present = _extend_kv([e.numpy() for e in empty], out, cfg.num_layers)
     logits = out["logits"][:, -1]
     seq_ids, seq_mask = ids.numpy(), mask.numpy()
     step_logits, step_hidden = [], []
@@ -153,7 +153,7 @@ def check_lm(
         seq_mask = np.concatenate([seq_mask, np.ones((b, 1), np.int64)], 1)
         step_pos = seq_mask.sum(-1, keepdims=True) - 1
         o = run_lm(_lm_feed(names, (nxt, seq_mask, step_pos, *present)))
-        present = [o[f"present_{k}_{i}"] for i in range(cfg.num_layers) for k in ("key", "value")]
+        present = _extend_kv(present, o, cfg.num_layers)
         logits = o["logits"][:, -1]
         step_logits.append(logits)
         step_hidden.append(o["hidden_states"][:, -1])
@@ -246,6 +246,13 @@ def lm_prompt(lm_config: Mapping[str, Any], prompt_tokens: int, seed: int) -> np
     return np.array([[sp["stop"], sp["text"], *body, sp["start"]]], dtype=np.int64)
 
 
+def _extend_kv(past: list[np.ndarray], out: Mapping[str, np.ndarray], layers: int) -> list[np.ndarray]:
+    """The next past_* inputs: each layer's past joined with the step's new_* outputs (copied, since a
+    runner may reuse its output buffers)."""
+    new = [out[f"new_{k}_{i}"] for i in range(layers) for k in ("key", "value")]
+    return [np.concatenate((p, np.asarray(n)), axis=2) for p, n in zip(past, new, strict=True)]
+
+
 class _LMStepper:
     """Greedy KV-cache stepping over a Runner of the exported LM step model (batch 1)."""
 
@@ -256,9 +263,9 @@ class _LMStepper:
     def prefill(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         self.length = ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(self.length)[None]}
-        empty = np.zeros(self.kv_shape, np.float32)
+        self.cache = [np.zeros(self.kv_shape, np.float32)] * (2 * self.layers)
         for i in range(self.layers):
-            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = empty, empty
+            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = self.cache[2 * i], self.cache[2 * i + 1]
         return self._run(feed)
 
     def step(self, token: int) -> dict[str, np.ndarray]:
@@ -271,7 +278,7 @@ class _LMStepper:
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.run(feed)
-        self.cache = [out[f"present_{k}_{i}"] for i in range(self.layers) for k in ("key", "value")]
+        self.cache = _extend_kv(self.cache, out, self.layers)
         return out
 
 

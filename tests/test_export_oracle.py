@@ -55,7 +55,9 @@ def _lm_vs_transformers(ckpt, export_dir, steps):
         total = ids.shape[1] + t + 1
         step = {"input_ids": nxt, "attention_mask": np.ones((1, total), np.int64),
                 "position_ids": np.array([[total - 1]], np.int64)}
-        step.update({f"past_{k}_{i}": out[f"present_{k}_{i}"] for i in range(n_layers) for k in ("key", "value")})
+        for i in range(n_layers):
+            for k in ("key", "value"):
+                step[f"past_{k}_{i}"] = feed[f"past_{k}_{i}"] = np.concatenate([feed[f"past_{k}_{i}"], out[f"new_{k}_{i}"]], 2)
         out = dict(zip(names, sess.run(names, step)))
     with torch.no_grad():
         gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, min_new_tokens=steps,

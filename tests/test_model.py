@@ -5,7 +5,7 @@ import torch
 
 from pipeline_lib.errors import CheckpointError
 from pipeline_lib.model.decoder import decode_audio, load_decoder
-from pipeline_lib.model.lm import load_lm
+from pipeline_lib.model.lm import extend_cache, load_lm
 
 
 def _left_padded(batch, seq, vocab, seed=0):
@@ -40,7 +40,8 @@ def test_lm_kv_cache_steps_match_full_forward(tiny_checkpoint):
         past, steps = out[2:], []
         for t in range(12, 20):
             out = lm(ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1], *past)
-            past = out[2:]
+            assert out[2].shape == (2, lm.cfg.num_kv_heads, 1, lm.cfg.head_dim)  # this step's key only
+            past = extend_cache(past, out[2:])
             steps.append(out[0])
     assert past[0].shape == (2, lm.cfg.num_kv_heads, 20, lm.cfg.head_dim)
     assert (torch.cat(steps, 1) - full[0][:, 12:]).abs().max().item() <= 1e-3

@@ -465,7 +465,7 @@ def test_cli_errors(tiny_export, tmp_path):
 FAKE_SPEC = LMSpec(
     path=Path("fake.json"),
     input_names=("input_ids", "attention_mask", "position_ids", "past_key_0", "past_value_0"),
-    output_names=("logits", "hidden_states", "present_key_0", "present_value_0"),
+    output_names=("logits", "hidden_states", "new_key_0", "new_value_0"),
     special_tokens={"unk": 0, "text": 1, "start": 2, "stop": 3},
     num_layers=1, num_kv_heads=1, head_dim=4, hidden_size=3, vocab_size=32, max_position_embeddings=64,
 )
@@ -503,7 +503,7 @@ class FakeLM(LMBackend):
                 nxt = 3 if pos[r, j] >= first else 4 + (7 * ids[r, j] + pos[r, j]) % 28
                 logits[r, j, nxt] = 10.0
                 hidden[r, j] = (ids[r, j], pos[r, j], first)
-        return {"logits": logits, "hidden_states": hidden, "present_key_0": key, "present_value_0": key.copy()}
+        return {"logits": logits, "hidden_states": hidden, "new_key_0": new, "new_value_0": new.copy()}
 
 
 FAKE_PROMPTS = [[9, 1, 5, 6, 2], [6, 1, 2], [20, 1, 7, 7, 7, 7, 2], [12, 1, 2], [4, 1, 8, 2]]
@@ -688,10 +688,10 @@ def test_ort_lm_io_binding_matches_plain_run(tiny_export):
         assert set(out) == set(ref)
         for name, want in ref.items():
             np.testing.assert_allclose(out[name], want, rtol=0, atol=1e-5, err_msg=name)
-        kept = out["present_key_0"]
-        assert lm.run(feed)["present_key_0"] is kept  # same shapes: the same buffer, no new allocation
+        kept = out["new_key_0"]
+        assert lm.run(feed)["new_key_0"] is kept  # same shapes: the same buffer, no new allocation
     lm.BIND_MIN_BYTES = 1 << 40  # nothing is big enough: plain runs, new arrays each time
-    assert lm.run(feed)["present_key_0"] is not lm.run(feed)["present_key_0"]
+    assert lm.run(feed)["new_key_0"] is not lm.run(feed)["new_key_0"]
 
 
 def test_openvino_lm_shared_inputs_follow_in_place_changes(tiny_export):

@@ -310,6 +310,8 @@ class TorchEngine:
         """Greedy decoding with repetition penalty: (hidden [1, C, n], prefill_s, per-token s, stopped)."""
         import torch
 
+        from pipeline_lib.model.lm import extend_cache
+
         lm = self.lm
         max_new = min(max_new_tokens, lm.cfg.max_position_embeddings - len(ids))
         seen = torch.zeros(lm.cfg.vocab_size, dtype=torch.bool)
@@ -318,7 +320,7 @@ class TorchEngine:
         mask = torch.ones(1, len(ids), dtype=torch.int64)
         pos = torch.arange(len(ids))[None]
         start = time.perf_counter()
-        logits, hidden, *past = lm(inp, mask, pos, *lm.empty_cache(1))
+        logits, hidden, *past = lm(inp, mask, pos, *lm.empty_cache(1))  # new keys / values: the cache
         prefill = time.perf_counter() - start
         hiddens, per_token, stopped = [], [], False
         for k in range(max_new):
@@ -336,7 +338,8 @@ class TorchEngine:
                 break
             n = mask.shape[1]
             mask = torch.ones(1, n + 1, dtype=torch.int64)
-            logits, hidden, *past = lm(torch.tensor([[tok]]), mask, torch.tensor([[n]]), *past)
+            logits, hidden, *new = lm(torch.tensor([[tok]]), mask, torch.tensor([[n]]), *past)
+            past = extend_cache(past, new)
             per_token.append(time.perf_counter() - start)
         return torch.stack(hiddens, dim=2), prefill, per_token, stopped  # [1, C, n]
 

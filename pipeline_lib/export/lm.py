@@ -61,15 +61,17 @@ def lm_config_dict(model: SopranoLMStep, tokens: dict[str, int]) -> dict:
     for i in range(c.num_layers):
         for kind in ("key", "value"):
             outputs.append(
-                {"name": f"present_{kind}_{i}", "shape": [*KV_LAYOUT[:2], "past_sequence + sequence", KV_LAYOUT[3]],
-                 "dtype": "float32"}
+                {"name": f"new_{kind}_{i}", "shape": [*KV_LAYOUT[:2], "sequence", KV_LAYOUT[3]], "dtype": "float32"}
             )
     return {
         "file": LM_ONNX,
         "inputs": inputs,
         "outputs": outputs,
         "kv_layout": KV_LAYOUT,
-        "kv_note": "keys are stored after k-norm and rotary embedding; attention_mask uses left padding",
+        "kv_note": (
+            "new_* are this call's tokens only: the next past_* is past_* and new_* joined on the sequence axis; "
+            "keys are stored after k-norm and rotary embedding; attention_mask uses left padding"
+        ),
         "hidden_states": "final-norm last-layer hidden state",
         "special_tokens": {k: tokens[k] for k in ("unk", "text", "start", "stop")},
         "audio_token_first_id": tokens["audio_first"],
@@ -116,7 +118,7 @@ def export_lm(ckpt_dir: Path | str, out_dir: Path | str, opset: int = DEFAULT_OP
     for i in range(model.cfg.num_layers):
         for kind in ("key", "value"):
             dyn[f"past_{kind}_{i}"] = {0: "batch", 2: "past_sequence"}
-            dyn[f"present_{kind}_{i}"] = {0: "batch", 2: "total_sequence"}
+            dyn[f"new_{kind}_{i}"] = {0: "batch", 2: "sequence"}
     onnx_path = export_to_onnx(
         model,
         example_inputs(model, batch=2, past=3, seq=4),

@@ -5,7 +5,14 @@ One forward serves prefill (S tokens, empty cache) and decode (1 token, cache of
     inputs : input_ids [B, S], attention_mask [B, P+S], position_ids [B, S],
              past_key_i / past_value_i [B, num_kv_heads, P, head_dim] for every layer i
     outputs: logits [B, S, vocab], hidden_states [B, S, hidden] (after the final norm),
-             present_key_i / present_value_i [B, num_kv_heads, P+S, head_dim]
+             new_key_i / new_value_i [B, num_kv_heads, S, head_dim]: this call's tokens only
+
+The caller keeps the cache: the next call's past is the concatenation of past and new along the
+sequence axis (`extend_cache`). Returning only the new tokens' keys and values, and attending to
+past and new keys as two products under one softmax, keeps the graph from copying the whole cache
+into a concatenated output every step (measured on the 80M LM with ONNX Runtime, fp32, 2 threads,
+300 past tokens: 9.1-9.6 instead of 9.8-10.8 ms per step with one row, 14.1-15.2 instead of
+15.3-16.2 ms with 8 rows; and no second copy of the cache in memory, 45 MiB with 8 rows).
 
 Keys in the cache are stored after k-norm and rotary embedding.
 """
@@ -15,7 +22,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,18 +130,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        key = torch.cat((past_key, k), dim=2)
-        value = torch.cat((past_value, v), dim=2)
         groups = c.num_heads // c.num_kv_heads
         # [B, kv, groups*S, D]: the query heads sharing one KV head are stacked along the query axis,
         # so no copy of the cache is made for grouped-query attention.
-        qg = q.reshape(b, c.num_kv_heads, groups * s, c.head_dim)
-        scores = torch.matmul(qg, key.transpose(2, 3)) * (c.head_dim**-0.5)
-        scores = scores.view(b, c.num_kv_heads, groups, s, -1) + bias[:, None, None]
-        probs = torch.softmax(scores, dim=-1).view(b, c.num_kv_heads, groups * s, -1)
-        out = torch.matmul(probs, value).view(b, c.num_heads, s, c.head_dim)
-        out = out.transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim)
-        return self.o_proj(out), key, value
+        qg = q.reshape(b, c.num_kv_heads, groups * s, c.head_dim) * (c.head_dim**-0.5)
+        # Past and new keys in two products, one softmax over both: the cache is never concatenated.
+        p = past_key.shape[2]
+        scores = torch.cat((torch.matmul(qg, past_key.transpose(2, 3)), torch.matmul(qg, k.transpose(2, 3))), dim=-1)
+        scores = scores.view(b, c.num_kv_heads, groups, s, p + s) + bias[:, None, None]
+        probs = torch.softmax(scores, dim=-1).view(b, c.num_kv_heads, groups * s, p + s)
+        out = torch.matmul(probs[..., :p], past_value) + torch.matmul(probs[..., p:], v)
+        out = out.view(b, c.num_heads, s, c.head_dim).transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim)
+        return self.o_proj(out), k, v
 
 
 class MLP(nn.Module):
@@ -189,7 +198,7 @@ class SopranoLMStep(nn.Module):
     def output_names(self) -> list[str]:
         names = ["logits", "hidden_states"]
         for i in range(self.cfg.num_layers):
-            names += [f"present_key_{i}", f"present_value_{i}"]
+            names += [f"new_key_{i}", f"new_value_{i}"]
         return names
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
@@ -214,12 +223,21 @@ class SopranoLMStep(nn.Module):
         allowed = (key_idx[None, :] <= query_idx[:, None])[None] & (attention_mask[:, None, :] > 0)
         bias = (~allowed).to(torch.float32) * MASK_VALUE  # [B, S, P+S]
         x = self.model.embed_tokens(input_ids)
-        presents: list[torch.Tensor] = []
+        new: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
             x, key, value = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
-            presents += [key, value]
+            new += [key, value]
         hidden = self.model.norm(x)
-        return (self.lm_head(hidden), hidden, *presents)
+        return (self.lm_head(hidden), hidden, *new)
+
+
+def extend_cache(past: Sequence[Any], new: Sequence[Any]) -> list[Any]:
+    """The next call's past: each layer's past and new keys / values joined on the sequence axis
+    (torch tensors or NumPy arrays)."""
+    out = []
+    for p, n in zip(past, new, strict=True):
+        out.append(torch.cat((p, n), dim=2) if isinstance(p, torch.Tensor) else np.concatenate((p, n), axis=2))
+    return out
 
 
 def load_lm(ckpt_dir: Path | str) -> SopranoLMStep:

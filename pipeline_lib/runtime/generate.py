@@ -10,8 +10,8 @@
   cost nothing afterwards.
 * The KV cache (`KVCache`) lives in preallocated arrays whose width grows in buckets of
   `kv_bucket` columns; the unused columns are masked out (attention_mask 0), which leaves every
-  attention result unchanged (masked scores get exactly zero weight). Per step, only the new
-  token's key and value (the last column of each `present_*` output) are written into the cache.
+  attention result unchanged (masked scores get exactly zero weight). Per step, the new token's
+  key and value (the model's `new_*` outputs) are written into the cache's next column.
   So the step model's input shapes change once per bucket instead of every step, and nothing is
   reallocated per step: with OpenVINO, a shape change re-plans the whole graph (measured on the
   80M LM: about 1.2-2.4 ms of a 5-7 ms int8 step).
@@ -82,8 +82,9 @@ class LMSpec:
         return [f"past_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
 
     @property
-    def present_names(self) -> list[str]:
-        return [f"present_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+    def new_kv_names(self) -> list[str]:
+        """The step model's outputs holding this call's keys / values (the cache grows by them)."""
+        return [f"new_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
 
     @classmethod
     def from_json(cls, path: Path | str) -> LMSpec:
@@ -117,7 +118,7 @@ class LMSpec:
     def check_interface(self) -> None:
         """The names the loop feeds and reads must all be there (for num_layers layers)."""
         needed = ["input_ids", "attention_mask", "position_ids", *self.past_names]
-        produced = ["logits", "hidden_states", *self.present_names]
+        produced = ["logits", "hidden_states", *self.new_kv_names]
         missing = [n for n in needed if n not in self.input_names] + [n for n in produced if n not in self.output_names]
         if missing:
             raise ModelFileError(
@@ -199,12 +200,12 @@ class KVCache:
     mask 0 in their padding columns); columns [used, width) are zero and masked out. `feed()` gives
     the step model's past_* inputs and attention_mask (width + 1 columns: the new token last)."""
 
-    def __init__(self, past_names: Sequence[str], presents: Sequence[np.ndarray], mask: np.ndarray, bucket: int = KV_BUCKET) -> None:
+    def __init__(self, past_names: Sequence[str], kv: Sequence[np.ndarray], mask: np.ndarray, bucket: int = KV_BUCKET) -> None:
         if bucket < 1:
             raise ValueError(f"kv_bucket must be >= 1, got {bucket}")
         self.past_names, self.bucket = list(past_names), int(bucket)
         self.used = mask.shape[1]
-        self._alloc(list(presents), mask, self.used)
+        self._alloc(list(kv), mask, self.used)
 
     def _alloc(
         self,
@@ -239,10 +240,10 @@ class KVCache:
         feed["attention_mask"] = self.mask
         return feed
 
-    def append(self, presents: Sequence[np.ndarray]) -> None:
-        """Store the new token's key/value: the last column of each present_* output (width + 1 wide)."""
+    def append(self, new: Sequence[np.ndarray]) -> None:
+        """Store the new token's key / value (each new_* output, [B, kv_heads, 1, head_dim])."""
         col = self.used
-        for a, p in zip(self.arrays, presents):
+        for a, p in zip(self.arrays, new):
             a[:, :, col] = p[:, :, -1]
         self.mask[:, col] = 1
         self.used += 1
@@ -280,7 +281,7 @@ def _prefill(
     batch, width = mask.shape
     logits = np.empty((batch, 1, spec.vocab_size), dtype=np.float32)
     hidden = np.empty((batch, 1, spec.hidden_size), dtype=np.float32)
-    presents = [np.zeros((batch, spec.num_kv_heads, width, spec.head_dim), dtype=np.float32) for _ in spec.present_names]
+    kv = [np.zeros((batch, spec.num_kv_heads, width, spec.head_dim), dtype=np.float32) for _ in spec.new_kv_names]
     empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
     for r, prompt in enumerate(prompt_ids):
         ids = np.asarray(prompt, dtype=np.int64)[None]
@@ -289,9 +290,9 @@ def _prefill(
         feed.update((name, empty) for name in spec.past_names)
         out = lm.run(feed)
         logits[r], hidden[r] = out["logits"][0, -1], out["hidden_states"][0, -1]
-        for dst, name in zip(presents, spec.present_names):
+        for dst, name in zip(kv, spec.new_kv_names):
             dst[r, :, width - n:] = out[name][0]
-    return {"logits": logits, "hidden_states": hidden}, KVCache(spec.past_names, presents, mask, kv_bucket)
+    return {"logits": logits, "hidden_states": hidden}, KVCache(spec.past_names, kv, mask, kv_bucket)
 
 
 def generate_steps(
@@ -322,7 +323,7 @@ def generate_steps(
     next_pos = mask.sum(axis=1)  # position of the next token of each row
     rows = np.arange(batch)
     guard = HallucinationGuard(batch, spec.hidden_size) if hallucination_guard else None
-    present_names = spec.present_names
+    new_kv_names = spec.new_kv_names
 
     t0 = time.perf_counter()
     out, cache = _prefill(lm, spec, prompt_ids, mask, kv_bucket)
@@ -353,7 +354,7 @@ def generate_steps(
             return
         t_step = time.perf_counter()
         if step > 0:
-            cache.append([out[name] for name in present_names])
+            cache.append([out[name] for name in new_kv_names])
         if done.any():
             idx = np.flatnonzero(~done)
             rows, tokens, next_pos, seen = rows[idx], tokens[idx], next_pos[idx], seen[idx]
