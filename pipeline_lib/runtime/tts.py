@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline_lib.audio.istft import IstftConfig, istft
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
-from pipeline_lib.runtime.backends import HOW_TO_PRODUCE, load_backends, normalize_backend, require_file
+from pipeline_lib.runtime.backends import HOW_TO_PRODUCE, load_backends, normalize_backend, release_free_heap, require_file
 from pipeline_lib.runtime.generate import (
     GenerationTimings,
     LMSpec,
@@ -226,6 +226,7 @@ class SopranoTTS:
         n = min(self.stream_context + 2, self.spec.max_position_embeddings)
         for _ in self._stream(ids, None, 1, n, SamplingParams(0.0, 0.95, 0, 1.2), False):
             pass
+        self._release_heap()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, **kwargs: Any) -> SopranoTTS:
@@ -286,7 +287,14 @@ class SopranoTTS:
                 keep = (n - 1) * self.samples_per_token
                 for row, i in enumerate(group):
                     audio[i] = out[row, out.shape[1] - keep:]
+                del out
+                self._release_heap()
         return audio, t_dec, t_istft
+
+    def _release_heap(self) -> None:
+        """low_memory: hand freed heap pages back to the OS between passes (see release_free_heap)."""
+        if self.low_memory:
+            release_free_heap()
 
     def _run(
         self,
@@ -315,6 +323,8 @@ class SopranoTTS:
             hidden += out.hidden
             reasons += out.finish_reasons
             lm_t.add(out.timings)
+            del out
+            self._release_heap()
         t_lm = time.perf_counter() - t_lm
         sentence_audio, t_dec, t_istft = self._decode_sentences(hidden)
         per_text: list[list[np.ndarray]] = [[] for _ in texts]
