@@ -30,6 +30,16 @@ def test_lm_step_dynamic_sizes(tiny_checkpoint, tiny_export, batch, past, seq):
         assert np.abs(g - r.numpy()).max() <= 1e-4
 
 
+def test_lm_reshapes_have_constant_shapes(tiny_export):
+    """Every Reshape in the step graph takes a constant shape (0 / -1 rules), so no per-layer shape
+    arithmetic runs per step; test_lm_step_dynamic_sizes shows the results stay right at all sizes."""
+    model = onnx.load(str(tiny_export / LM_ONNX), load_external_data=False)
+    constants = {i.name for i in model.graph.initializer}
+    reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+    assert reshapes and all(n.input[1] in constants for n in reshapes)
+    assert sum(n.op_type == "Shape" for n in model.graph.node) <= 4  # the mask / position set-up only
+
+
 def test_lm_config_names_every_input_and_output(tiny_export):
     cfg = json.loads((tiny_export / LM_CONFIG).read_text())
     model = onnx.load(str(tiny_export / LM_ONNX), load_external_data=False)

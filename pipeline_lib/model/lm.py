@@ -98,8 +98,8 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    # `half` is a Python int (head_dim // 2), so the exported slices have constant bounds.
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
@@ -120,26 +120,28 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         bias: torch.Tensor,
+        past_len: torch.Tensor | int,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """bias: [B, 1, groups*S, P+S], the mask bias in the grouped query layout (see below);
+        past_len: P, computed once per call and shared by the layers."""
         b, s, _ = x.shape
         c = self.cfg
+        half = c.head_dim // 2
         q = self.q_norm(self.q_proj(x).view(b, s, c.num_heads, c.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, s, c.num_kv_heads, c.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + _rotate_half(q, half) * sin
+        k = k * cos + _rotate_half(k, half) * sin
         groups = c.num_heads // c.num_kv_heads
-        # [B, kv, groups*S, D]: the query heads sharing one KV head are stacked along the query axis,
-        # so no copy of the cache is made for grouped-query attention.
+        # [B, kv, groups*S, D]: the query heads sharing one KV head are stacked along the query axis
+        # (row g*S + i is head g's query i), so no copy of the cache is made for grouped-query attention.
         qg = q.reshape(b, c.num_kv_heads, groups * s, c.head_dim) * (c.head_dim**-0.5)
         # Past and new keys in two products, one softmax over both: the cache is never concatenated.
-        p = past_key.shape[2]
         scores = torch.cat((torch.matmul(qg, past_key.transpose(2, 3)), torch.matmul(qg, k.transpose(2, 3))), dim=-1)
-        scores = scores.view(b, c.num_kv_heads, groups, s, p + s) + bias[:, None, None]
-        probs = torch.softmax(scores, dim=-1).view(b, c.num_kv_heads, groups * s, p + s)
-        out = torch.matmul(probs[..., :p], past_value) + torch.matmul(probs[..., p:], v)
+        probs = torch.softmax(scores + bias, dim=-1)
+        out = torch.matmul(probs[..., :past_len], past_value) + torch.matmul(probs[..., past_len:], v)
         out = out.view(b, c.num_heads, s, c.head_dim).transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim)
         return self.o_proj(out), k, v
 
@@ -163,8 +165,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, bias, past_key, past_value):
-        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_key, past_value)
+    def forward(self, x, cos, sin, bias, past_len, past_key, past_value):
+        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_len, past_key, past_value)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, key, value
@@ -218,14 +220,17 @@ class SopranoLMStep(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
         cos, sin = emb.cos(), emb.sin()
         # Query i sits at cache index kv_len - s + i; it sees keys at or before it that the mask keeps.
+        past_len = kv_len - s
         key_idx = torch.cumsum(torch.ones_like(attention_mask[0]), 0) - 1
-        query_idx = key_idx[kv_len - s :]
+        query_idx = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1 + past_len
         allowed = (key_idx[None, :] <= query_idx[:, None])[None] & (attention_mask[:, None, :] > 0)
         bias = (~allowed).to(torch.float32) * MASK_VALUE  # [B, S, P+S]
+        # In the grouped query layout of Attention: [B, 1, groups*S, P+S], built once for all layers.
+        bias = bias.repeat(1, self.cfg.num_heads // self.cfg.num_kv_heads, 1)[:, None]
         x = self.model.embed_tokens(input_ids)
         new: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
-            x, key, value = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            x, key, value = layer(x, cos, sin, bias, past_len, past[2 * i], past[2 * i + 1])
             new += [key, value]
         hidden = self.model.norm(x)
         return (self.lm_head(hidden), hidden, *new)
