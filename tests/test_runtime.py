@@ -733,3 +733,62 @@ def test_release_free_heap_returns_freed_pages():
     assert release_free_heap() is True
     assert before - rss_mib() > 50, (before, rss_mib())
     assert keep[0] == 0
+
+
+class _FixedWidthLM(FakeLM):
+    """A FakeLM that asks for a fixed one-row cache width (as OpenVINO's static decode model does)."""
+
+    WIDTH = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[tuple[int, int]] = []  # (rows, past width) of each decode step
+
+    def static_kv_width(self, batch):
+        return self.WIDTH if batch == 1 else None
+
+    def run(self, feed):
+        if feed["past_key_0"].shape[2]:
+            self.widths.append((feed["input_ids"].shape[0], feed["past_key_0"].shape[2]))
+        return super().run(feed)
+
+
+def test_loop_keeps_one_row_cache_at_the_backends_static_width():
+    params = SamplingParams(repetition_penalty=1.3)
+    ref = generate(FakeLM(), FAKE_SPEC, FAKE_PROMPTS, max_new_tokens=20, params=params, kv_bucket=4)
+    lm = _FixedWidthLM()
+    got = generate(lm, FAKE_SPEC, FAKE_PROMPTS, max_new_tokens=20, params=params, kv_bucket=4)
+    assert got.finish_reasons == ref.finish_reasons
+    for a, b in [*zip(got.hidden, ref.hidden), *zip(got.tokens, ref.tokens)]:
+        np.testing.assert_array_equal(a, b)
+    one_row = [w for rows, w in lm.widths if rows == 1]
+    assert one_row and all(w % lm.WIDTH == 0 for w in one_row)  # 16, then 32 once full: grows by the width
+    assert {w for rows, w in lm.widths if rows > 1} <= set(range(4, 200, 4))  # kv_bucket elsewhere
+    single = _FixedWidthLM()
+    generate(single, FAKE_SPEC, [FAKE_PROMPTS[2]], max_new_tokens=20, params=params, kv_bucket=4)
+    assert [w for _, w in single.widths][:9] == [16] * 9 and max(w for _, w in single.widths) == 32
+
+
+def test_openvino_static_decode_model_equals_dynamic(tiny_export):
+    """One-row decode steps at the static width run on OpenVINO's fixed-shape compilation, with the
+    same results as the dynamic model; other shapes stay on the dynamic model."""
+    pytest.importorskip("openvino")
+    from pipeline_lib.runtime.backends import OpenVinoLM
+
+    spec = LMSpec.from_json(tiny_export / LM_JSON)
+    static, dynamic = OpenVinoLM(tiny_export / LM_ONNX, 1, static_decode_width=8), OpenVinoLM(tiny_export / LM_ONNX, 1, None)
+    assert static.static_kv_width(1) == 8 and static.static_kv_width(2) is None and dynamic.static_kv_width(1) is None
+    rng = np.random.default_rng(5)
+    mask = np.ones((1, 9), np.int64)
+    mask[0, 5:8] = 0  # unused cache columns, masked
+    feed = {"input_ids": np.array([[17]], np.int64), "attention_mask": mask, "position_ids": np.array([[5]], np.int64)}
+    feed.update((n, rng.standard_normal((1, spec.num_kv_heads, 8, spec.head_dim), dtype=np.float32)) for n in spec.past_names)
+    got = {k: v.copy() for k, v in static.run(feed).items()}
+    assert static._static is not None
+    want = dynamic.run(feed)
+    for name in ("logits", "hidden_states", "new_key_0", "new_value_1"):
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4, err_msg=name)
+    other = dict(feed, attention_mask=np.ones((1, 7), np.int64), **{n: feed[n][:, :, :6] for n in spec.past_names})
+    np.testing.assert_allclose(static.run(other)["logits"], dynamic.run(other)["logits"], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="static_decode_width"):
+        OpenVinoLM(tiny_export / LM_ONNX, 1, static_decode_width=0)

@@ -15,6 +15,9 @@
   So the step model's input shapes change once per bucket instead of every step, and nothing is
   reallocated per step: with OpenVINO, a shape change re-plans the whole graph (measured on the
   80M LM: about 1.2-2.4 ms of a 5-7 ms int8 step).
+  A backend may ask for a fixed width instead (`LMBackend.static_kv_width`): OpenVINO runs one-row
+  decode steps on a fixed-shape compilation, so a one-row cache stays at that width, masked, until
+  it is full.
 * Hidden-state convention (DESIGN.md): for each generated token other than [STOP], the final-norm
   hidden state of the forward step that produced it; the first comes from the prompt's last
   position. So a row with n non-[STOP] tokens yields n hidden vectors.
@@ -250,13 +253,26 @@ class KVCache:
         if self.used == self.width:
             self._alloc(self.arrays, self.mask, self.used)
 
-    def select(self, idx: np.ndarray) -> None:
-        """Keep rows `idx`, and drop the leading columns none of them attends to."""
+    def select(self, idx: np.ndarray, bucket: int | None = None) -> None:
+        """Keep rows `idx`, and drop the leading columns none of them attends to; `bucket`, if given,
+        becomes the width step from here on."""
+        if bucket is not None:
+            if bucket < 1:
+                raise ValueError(f"kv_bucket must be >= 1, got {bucket}")
+            self.bucket = int(bucket)
         mask = self.mask[idx, : self.used]
         first = int(np.argmax(mask.any(axis=0)))
         used = self.used - first
         end = self.used
         self._alloc(self.arrays, mask[:, first:], used, take=lambda a: a[idx, :, first:end])
+
+
+def _cache_bucket(lm: LMBackend, rows: int, kv_bucket: int) -> int:
+    """The cache's width step for `rows` rows: the backend's fixed decode width where it has one
+    (OpenVINO's static one-row model: the cache stays at that width, masked, until it is full, then
+    grows by that width and runs on the dynamic model), otherwise `kv_bucket`."""
+    width = lm.static_kv_width(rows) if hasattr(lm, "static_kv_width") else None
+    return int(width) if width else kv_bucket
 
 
 def _left_pad_mask(prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -326,7 +342,7 @@ def generate_steps(
     new_kv_names = spec.new_kv_names
 
     t0 = time.perf_counter()
-    out, cache = _prefill(lm, spec, prompt_ids, mask, kv_bucket)
+    out, cache = _prefill(lm, spec, prompt_ids, mask, _cache_bucket(lm, batch, kv_bucket))
     timings.prefill_s += time.perf_counter() - t0
     t_step = time.perf_counter()
     for step in range(max_new_tokens):
@@ -358,7 +374,7 @@ def generate_steps(
         if done.any():
             idx = np.flatnonzero(~done)
             rows, tokens, next_pos, seen = rows[idx], tokens[idx], next_pos[idx], seen[idx]
-            cache.select(idx)
+            cache.select(idx, _cache_bucket(lm, len(idx), kv_bucket))
             if gens is not None:
                 gens = [gens[i] for i in idx]
             if guard is not None:

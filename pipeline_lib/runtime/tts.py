@@ -27,7 +27,14 @@ import numpy as np
 
 from pipeline_lib.audio.istft import IstftConfig, istft
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
-from pipeline_lib.runtime.backends import HOW_TO_PRODUCE, load_backends, normalize_backend, release_free_heap, require_file
+from pipeline_lib.runtime.backends import (
+    HOW_TO_PRODUCE,
+    OpenVinoLM,
+    load_backends,
+    normalize_backend,
+    release_free_heap,
+    require_file,
+)
 from pipeline_lib.runtime.generate import (
     GenerationTimings,
     LMSpec,
@@ -135,6 +142,9 @@ class SopranoTTS:
     decoder call. False: ORT's defaults and `decoder_batch_size` = batch_size. `decoder_batch_size`:
     at most this many sentences of equal length per decoder call (no padding, same audio).
     `warm_up` (default True): run a few tokens through both models at construction (see warm_up).
+    `static_decode_width` (openvino_cpu only; default 640, None: off): one-row decode steps run on a
+    second compilation of the LM with fixed input shapes at this cache width, which is faster than
+    OpenVINO's dynamic shapes but holds a second copy of the weights (see backends.OpenVinoLM).
     """
 
     def __init__(
@@ -153,6 +163,7 @@ class SopranoTTS:
         low_memory: bool = True,
         decoder_batch_size: int | None = None,
         warm_up: bool = True,
+        static_decode_width: int | None = OpenVinoLM.STATIC_DECODE_WIDTH,
     ) -> None:
         self.backend = normalize_backend(backend)
         self.lm_path, self.decoder_path = Path(lm_path), Path(decoder_path)
@@ -182,7 +193,9 @@ class SopranoTTS:
 
         self.num_threads = num_threads
         self.low_memory = bool(low_memory)
-        self.lm, self.decoder = load_backends(self.backend, self.lm_path, self.decoder_path, num_threads, self.low_memory)
+        self.lm, self.decoder = load_backends(
+            self.backend, self.lm_path, self.decoder_path, num_threads, self.low_memory, static_decode_width
+        )
         _check_names("input", self.lm_path, lm_cfg, self.spec.input_names, self.lm.input_names)
         _check_names("output", self.lm_path, lm_cfg, self.spec.output_names, self.lm.output_names)
         self.spec.check_interface()
