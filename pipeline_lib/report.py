@@ -238,7 +238,9 @@ def build_markdown(
         "(max_new_tokens; random weights never emit [STOP]); upstream's generate is held to the same count. "
         "RTF = wall / audio duration (below 1 is faster than real time); x real time = audio / wall. "
         "Each configuration ran in its own process; figures are from the median of the repeats (by wall time) after "
-        "a warm-up, per-token percentiles over all repeats.",
+        "a warm-up, per-token percentiles over all repeats. Where a row's note says 'best of N passes', the sweep "
+        "ran N times (alternating order) and the row is its fastest pass, with the lowest first-chunk latency and "
+        "the highest batch x real time of any pass, and the highest peak RSS.",
         "",
     ]
     loads = [float(r["load_avg"]) for r in rows if not math.isnan(float(r.get("load_avg", math.nan)))]

@@ -39,6 +39,7 @@ if __name__ == "__main__":
         batch_size=int(bench.batch_size),
         stream=bool(bench.stream),
         timeout_s=float(bench.timeout_s),
+        passes=int(bench.get("passes", 1)),
     )
     with stage_outputs("benchmark", csv_path, metrics_path):
         jobs = plan(Path("."), ckpt, threads, convert_targets(params), backends=list(bench.backends),

@@ -242,3 +242,38 @@ def test_only_benchmark_reads_threads_and_report_follows_it():
     outs = [next(iter(o)) for o in stages["benchmark"]["outs"]]
     assert outs == ["reports/bench.csv"]
     assert [next(iter(m)) for m in stages["benchmark"]["metrics"]] == ["metrics/bench.json"]
+
+
+def test_merge_passes_keeps_the_best_pass_per_figure_and_the_worst_memory():
+    from pipeline_lib.bench.sweep import merge_passes
+
+    a = {"config": "onnx-int8-t2", "xrt": 10.0, "wall_s": 1.6, "first_chunk_ms": 50.0, "batch8_xrt": 40.0,
+         "batch_audio_s": 100.0, "batch_wall_s": 2.5, "peak_rss_mb": 300.0, "note": "fixed 256 tokens"}
+    b = dict(a, xrt=12.0, wall_s=1.33, first_chunk_ms=55.0, batch8_xrt=38.0, batch_wall_s=2.63, peak_rss_mb=290.0)
+    out = merge_passes([a, b])
+    assert out["xrt"] == 12.0 and out["wall_s"] == 1.33  # the fastest pass, its stage times with it
+    assert out["first_chunk_ms"] == 50.0 and out["batch8_xrt"] == 40.0 and out["batch_wall_s"] == 2.5
+    assert out["peak_rss_mb"] == 300.0
+    assert out["note"] == "fixed 256 tokens; best of 2 passes"
+    assert merge_passes([a]) == a
+    nan_chunk = dict(b, first_chunk_ms=math.nan)
+    assert merge_passes([nan_chunk, a])["first_chunk_ms"] == 50.0
+
+
+def test_sweep_runs_passes_in_alternating_order(monkeypatch):
+    from pipeline_lib.bench import sweep
+
+    order: list[str] = []
+
+    def fake_run(job, settings, workdir):
+        order.append(job.label)
+        return {"config": job.label, "backend": job.backend, "precision": job.precision, "threads": job.threads,
+                "xrt": float(len(order)), "note": ""}
+
+    monkeypatch.setattr(sweep, "run_job", fake_run)
+    jobs = [sweep.Job("onnx", "fp32", 2, Path("a")), sweep.Job("onnx", "int8", 2, Path("b"))]
+    rows = sweep.run_sweep(jobs, sweep.Settings(passes=3))
+    assert order == ["onnx-fp32-t2", "onnx-int8-t2", "onnx-int8-t2", "onnx-fp32-t2", "onnx-fp32-t2", "onnx-int8-t2"]
+    assert [r["xrt"] for r in rows] == [5.0, 6.0] and rows[0]["note"] == "best of 3 passes"
+    with pytest.raises(Exception, match="passes"):
+        sweep.run_sweep(jobs, sweep.Settings(passes=0))

@@ -47,7 +47,8 @@ def fresh_clone(tmp_path_factory):
     _edit(dest / "conf/config.yaml", "checkpoint: random-80m", "checkpoint: tiny")
     _edit(dest / "conf/parity/default.yaml", "decode_steps: 64 ", "decode_steps: 16 ")
     bench = dest / "conf/bench/default.yaml"
-    for key, value in (("num_tokens", 16), ("repeats", 1), ("warmup_tokens", 4), ("batch_size", 2), ("upstream_repeats", 1)):
+    for key, value in (("num_tokens", 16), ("repeats", 1), ("warmup_tokens", 4), ("batch_size", 2), ("upstream_repeats", 1),
+                       ("passes", 1)):
         bench.write_text(re.sub(rf"^{key}: \S+", f"{key}: {value}", bench.read_text(), flags=re.M))
     (dest / "params.yaml").write_text(yaml.safe_dump(compose(conf_dir=dest / "conf"), sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
