@@ -444,3 +444,62 @@ def test_import_does_not_pull_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+# pipeline_lib.text.numbers against inflect, the package upstream reads numbers with (a test oracle only).
+
+
+@pytest.fixture(scope="module")
+def inflect_engine():
+    inflect = pytest.importorskip("inflect")
+    return inflect.engine()
+
+
+def _big_numbers(seed: int, per_length: int) -> list[int]:
+    rng = random.Random(seed)
+    out = [10**k for k in range(36)] + [10**k + 1 for k in range(36)] + [10**k - 1 for k in range(1, 37)]
+    out += [rng.randrange(10 ** (k - 1), 10**k) for k in range(2, 37) for _ in range(per_length)]
+    return out
+
+
+def test_cardinal_matches_inflect(inflect_engine):
+    from pipeline_lib.text.numbers import cardinal
+
+    for n in [*range(0, 120_001), *_big_numbers(7, 200)]:
+        assert cardinal(n) == inflect_engine.number_to_words(n, andword=""), n
+
+
+def test_ordinal_matches_inflect(inflect_engine):
+    from pipeline_lib.text.numbers import ordinal, ordinal_word
+
+    for n in [*range(0, 20_001), *_big_numbers(8, 60)]:
+        assert ordinal(n) == inflect_engine.number_to_words(f"{n}th", andword=""), n
+    for word in ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "twenty-one"]:
+        assert ordinal_word(word) == inflect_engine.ordinal(word), word
+
+
+def test_digit_pairs_match_inflect(inflect_engine):
+    from pipeline_lib.text.numbers import digit_pairs
+
+    for n in range(1000, 10_000):
+        assert digit_pairs(n) == inflect_engine.number_to_words(n, andword="", zero="oh", group=2).replace(", ", " "), n
+    with pytest.raises(ValueError, match="four-digit"):
+        digit_pairs(999)
+
+
+def test_numbers_past_the_scale_words_raise():
+    from pipeline_lib.text.numbers import MAX_DIGITS, NumberTooLongError, cardinal
+
+    assert cardinal(10**MAX_DIGITS - 1).startswith("nine hundred ninety-nine decillion")
+    with pytest.raises(NumberTooLongError):
+        cardinal(10**MAX_DIGITS)
+    with pytest.raises(ValueError):
+        cardinal(-1)
+
+
+def test_runtime_text_front_end_does_not_import_inflect():
+    code = ("import sys; from pipeline_lib.text import normalize_text; "
+            "assert normalize_text('On 12/25/2023 at 3:45 PM, 21st place won $1,234.50.'); "
+            "print('inflect' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

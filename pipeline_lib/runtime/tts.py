@@ -224,11 +224,8 @@ class SopranoTTS:
         self.samples_per_token = self.istft_config.samples_per_token
         self.stream_context = stream_context_tokens(self.decoder_dims, self.istft_config)
         self.last_timings: dict[str, float] = {}
-        # The text normaliser's first call imports inflect (about a second): pay that here, not in
-        # the first synthesis's timings.
-        _, warm_ids = self.prepare(["Hello world 1."])
         if warm_up:
-            self.warm_up(warm_ids[:1])
+            self.warm_up()
 
     def warm_up(self, ids: list[list[int]] | None = None) -> None:
         """One short streamed sentence (prefill, stream_context + 2 tokens, two small decoder windows):

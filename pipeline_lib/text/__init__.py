@@ -1,6 +1,6 @@
 """The text front end: normalisation, sentence splitting and prompt building (upstream-identical).
 
-Runtime-safe: imports only the standard library, unidecode and (lazily) inflect; never torch.
+Runtime-safe: imports only the standard library and unidecode; never torch.
 """
 
 from __future__ import annotations

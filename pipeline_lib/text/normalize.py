@@ -11,41 +11,25 @@ The stages run in upstream's order:
 A few upstream behaviours are plainly bugs; they are reproduced on purpose (the goal is identical
 prompts, so the model sees what it saw in training) and marked "UPSTREAM QUIRK" below.
 
-Only the standard library, unidecode and inflect are used (inflect is imported lazily, on the first
-text that holds a digit, because its import costs about a second).
+Only the standard library and unidecode are used. Numbers are read by `pipeline_lib.text.numbers`,
+which gives the words upstream gets from the inflect package (tests check it against inflect).
 """
 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Any, Callable
 
 from unidecode import unidecode
 
+from pipeline_lib.text.numbers import NumberTooLongError, cardinal, digit_pairs, ordinal, ordinal_word
+
 __all__ = ["normalize_text"]
 
 
-@lru_cache(maxsize=1)
-def _inflect_engine() -> Any:
-    import inflect  # lazy: ~1 s import (typeguard); pulls in no torch
-
-    return inflect.engine()
-
-
-def _spell(value: int | str, **options: Any) -> str:
-    return _inflect_engine().number_to_words(value, **options)
-
-
-def _too_long_to_spell(error: Exception) -> bool:
-    import inflect
-
-    return isinstance(error, inflect.NumOutOfRangeError)
-
-
 def _spell_digits(digits: str) -> str:
-    # Beyond inflect's range (36 digits and more) upstream raises; we read the digits one by one.
-    return " ".join(_spell(int(d)) for d in digits)
+    # Beyond inflect's range (more than 36 digits) upstream raises; we read the digits one by one.
+    return " ".join(cardinal(int(d)) for d in digits)
 
 
 def _open_em_dashes(text: str) -> str:
@@ -156,13 +140,12 @@ def _say_slashed(m: re.Match[str]) -> str:
 
 
 def _say_ordinal(m: re.Match[str]) -> str:
+    digits = m.group()[:-2]  # the suffix is not checked ("2st" is "second"), as with inflect
     try:
-        return _spell(m.group(), andword="")
-    except Exception as error:
-        if not _too_long_to_spell(error):
-            raise
-        *head, last = _spell_digits(m.group()[:-2]).split(" ")
-        return " ".join(head + [_inflect_engine().ordinal(last)])
+        return ordinal(int(digits))
+    except NumberTooLongError:
+        *head, last = _spell_digits(digits).split(" ")
+        return " ".join(head + [ordinal_word(last)])
 
 
 def _say_year_like(value: int) -> str:
@@ -170,10 +153,10 @@ def _say_year_like(value: int) -> str:
     if value == 2000:
         return "two thousand"
     if 2000 < value < 2010:
-        return "two thousand " + _spell(value % 100)
+        return "two thousand " + cardinal(value % 100)
     if value % 100 == 0:
-        return _spell(value // 100) + " hundred"
-    return _spell(value, andword="", zero="oh", group=2).replace(", ", " ")
+        return cardinal(value // 100) + " hundred"
+    return digit_pairs(value)
 
 
 def _say_integer(m: re.Match[str]) -> str:
@@ -181,10 +164,8 @@ def _say_integer(m: re.Match[str]) -> str:
     if 1000 < value < 3000:
         return _say_year_like(value)
     try:
-        return _spell(value, andword="")
-    except Exception as error:
-        if not _too_long_to_spell(error):
-            raise
+        return cardinal(value)
+    except NumberTooLongError:
         return _spell_digits(m.group())
 
 
@@ -221,7 +202,7 @@ _NUMBER_RULES: tuple[tuple[re.Pattern[str], Any], ...] = (
 
 def _spell_numbers(text: str) -> str:
     if not any(ch in "0123456789" for ch in text):
-        return text  # nothing to do; also avoids importing inflect for digit-free text
+        return text  # nothing to do
     for pattern, replacement in _NUMBER_RULES:
         text = pattern.sub(replacement, text)
     return text
