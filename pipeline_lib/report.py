@@ -255,6 +255,7 @@ def build_markdown(
             "x real time per backend, and int8 over fp32 x real time per backend.", "",
             headline_tables(bench_metrics), ""]
 
+    out += upstream_lines(rows)
     out += ["## Real-time factor by backend, precision and threads", "",
             "Speedups are x real time over the PyTorch reference at the same thread count, and over fp32 of the "
             "same backend and threads.", "",
@@ -276,6 +277,61 @@ def build_markdown(
     out += ["## Plots", ""]
     out += [f"![x real time by backend and threads]({images[0]})", "", f"![per-stage time breakdown]({images[1]})", ""]
     return "\n".join(out)
+
+
+# (what, CSV column, higher is better, target ratio to upstream): the performance targets of the
+# project's issue on batched synthesis, first-audio latency and memory.
+UPSTREAM_TARGETS = (
+    ("one sentence, x real time", "xrt", True, {"fp32": 2.5, "int8": 5.0}),
+    ("eight sentences (infer_batch), x real time", "batch8_xrt", True, {"": 4.0}),
+    ("streaming first chunk, ms", "first_chunk_ms", False, {"": 0.25}),
+    ("peak RSS, MiB", "peak_rss_mb", False, {"onnx:fp32": 0.5}),
+)  # target keys: "backend:precision", then "precision", then "" (any configuration)
+
+
+def upstream_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each runtime configuration against upstream at upstream's thread count, as ratios (ours over
+    upstream's), with the target where there is one. Empty without an upstream row."""
+
+    def num(r: Mapping[str, Any], key: str) -> float:
+        v = r.get(key)
+        try:
+            return float("nan") if v is None else float(v)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    ups = [r for r in rows if r["backend"] == "upstream" and not math.isnan(num(r, "xrt"))]
+    if not ups:
+        return []
+    up = ups[0]
+    threads = int(up["threads"])
+    ours = [r for r in rows if r["backend"] in ("onnx", "openvino") and int(r["threads"]) == threads]
+    table = []
+    for what, key, higher, targets in UPSTREAM_TARGETS:
+        base = num(up, key)
+        if math.isnan(base) or base == 0:
+            continue
+        for r in ours:
+            value = num(r, key)
+            if math.isnan(value):
+                continue
+            ratio = value / base
+            target = next((targets[k] for k in (f"{r['backend']}:{r['precision']}", r["precision"], "")
+                           if k in targets), None)
+            if target is None:
+                verdict = "-"
+            else:
+                verdict = "met" if (ratio >= target if higher else ratio <= target) else "not met"
+            goal = "-" if target is None else (f">= {fmt(target)}" if higher else f"<= {fmt(target)}")
+            table.append([what, f"{BACKEND_NAMES.get(r['backend'], r['backend'])} {r['precision']}", fmt(value),
+                          fmt(base), fmt(ratio), goal, verdict])
+    if not table:
+        return []
+    return [f"## Against upstream (threads = {threads}, same run)", "",
+            "Ours over upstream's figure in this run (x real time: higher is better; first chunk and RSS: lower "
+            "is better), and the project's target for that ratio where one is set. Timings on a shared machine "
+            "are noisy: one run is one sample.", "",
+            md_table(["figure", "configuration", "ours", "upstream", "ratio", "target", "verdict"], table), ""]
 
 
 def _label(row: Mapping[str, Any]) -> str:

@@ -187,3 +187,27 @@ def test_parity_files_and_folders_merge_without_hiding_figures(tmp_path):
     merged = read_parity([tmp_path / "parity.json", tmp_path / "convert", tmp_path / "flat.json"])
     assert merged == {"onnx_fp32": {"snr": 120.5}, "onnx_fp32 (convert/onnx-fp32.json)": {"snr": 121.25},
                       "openvino_int8": {"cos": 0.995}, "flat": {"snr": 99.5}}
+
+
+def test_upstream_table_gives_ratios_and_verdicts():
+    from pipeline_lib.report import upstream_lines
+
+    up = {"backend": "upstream", "precision": "fp32", "threads": 2, "xrt": 2.0, "batch8_xrt": 10.0,
+          "first_chunk_ms": 200.0, "peak_rss_mb": 1000.0}
+    fp32 = {"backend": "onnx", "precision": "fp32", "threads": 2, "xrt": 6.0, "batch8_xrt": 30.0,
+            "first_chunk_ms": 100.0, "peak_rss_mb": 480.0}
+    int8 = {"backend": "onnx", "precision": "int8", "threads": 2, "xrt": 9.0, "batch8_xrt": 41.0,
+            "first_chunk_ms": 40.0, "peak_rss_mb": 300.0}
+    ov = dict(fp32, backend="openvino", peak_rss_mb=1900.0)
+    other_threads = dict(int8, threads=1, xrt=1.0)
+    text = "\n".join(upstream_lines([up, fp32, int8, ov, other_threads]))
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ") and "figure" not in line}
+    assert rows[("one sentence, x real time", "ONNX Runtime fp32")][4:] == ["3", ">= 2.5", "met"]
+    assert rows[("one sentence, x real time", "ONNX Runtime int8")][4:] == ["4.5", ">= 5", "not met"]
+    assert rows[("eight sentences (infer_batch), x real time", "ONNX Runtime int8")][4:] == ["4.1", ">= 4", "met"]
+    assert rows[("streaming first chunk, ms", "ONNX Runtime fp32")][4:] == ["0.5", "<= 0.25", "not met"]
+    assert rows[("peak RSS, MiB", "ONNX Runtime fp32")][4:] == ["0.48", "<= 0.5", "met"]
+    assert rows[("peak RSS, MiB", "OpenVINO fp32")][5:] == ["-", "-"]  # the RSS target is ONNX Runtime fp32's
+    assert "| 1 |" not in text  # only upstream's thread count
+    assert upstream_lines([fp32, int8]) == []
