@@ -1,6 +1,7 @@
 """The exported ONNX graphs: dynamic sizes, configs, no ISTFT inside, agreement with the torch reference."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -82,3 +83,23 @@ def test_istft_config_json(tiny_export):
 def test_export_folder_is_self_contained(tiny_export):
     for name in (DECODER_ONNX, DECODER_CONFIG, LM_ONNX, LM_CONFIG, "tokenizer.json", "tokenizer_config.json"):
         assert (tiny_export / name).is_file(), name
+
+
+def test_failed_shape_inference_leaves_no_files_behind(tmp_path, monkeypatch):
+    """ONNX Runtime's symbolic shape inference dumps the model (weights and all) into the working
+    directory when it fails; constant_reshape_shapes runs it elsewhere."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from pipeline_lib.export.onnx_io import constant_reshape_shapes
+
+    def failing(model, **kwargs):
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"x")
+        Path("weights.data").write_bytes(b"x" * 1024)
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(failing))
+    monkeypatch.chdir(tmp_path)
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    with pytest.raises(Exception, match="Incomplete"):
+        constant_reshape_shapes(model)
+    assert list(tmp_path.iterdir()) == [] and Path.cwd() == tmp_path

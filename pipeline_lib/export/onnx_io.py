@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -91,7 +93,16 @@ def constant_reshape_shapes(model: "onnx.ModelProto", may_be_zero: Sequence[str]
     from onnx import numpy_helper
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    # On failure ONNX Runtime saves the half-inferred model, weights included, as external data into
+    # the working directory ("sym_shape_infer_temp.onnx" and a weight-sized .data file): run it in a
+    # temporary directory so that nothing is left behind.
+    with tempfile.TemporaryDirectory(prefix="soprano-shape-infer-") as scratch:
+        cwd = os.getcwd()
+        os.chdir(scratch)
+        try:
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        finally:
+            os.chdir(cwd)
     dims: dict[str, list[int | str | None]] = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         t = vi.type.tensor_type
