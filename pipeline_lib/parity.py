@@ -143,7 +143,7 @@ def check_lm(
     report.check_max("lm_prefill_hidden_max_abs", float(np.abs(out["hidden_states"] - ref[1].numpy())[keep].max()), th.lm_hidden_max_abs)
 
     # Greedy decode on the exported model with its KV cache (past joined with each call's new_*).
-    present = _extend_kv([e.numpy() for e in empty], out, cfg.num_layers)
+    past = _extend_kv([e.numpy() for e in empty], out, cfg.num_layers)
     logits = out["logits"][:, -1]
     seq_ids, seq_mask = ids.numpy(), mask.numpy()
     step_logits, step_hidden = [], []
@@ -152,8 +152,8 @@ def check_lm(
         seq_ids = np.concatenate([seq_ids, nxt], 1)
         seq_mask = np.concatenate([seq_mask, np.ones((b, 1), np.int64)], 1)
         step_pos = seq_mask.sum(-1, keepdims=True) - 1
-        o = run_lm(_lm_feed(names, (nxt, seq_mask, step_pos, *present)))
-        present = _extend_kv(present, o, cfg.num_layers)
+        o = run_lm(_lm_feed(names, (nxt, seq_mask, step_pos, *past)))
+        past = _extend_kv(past, o, cfg.num_layers)
         logits = o["logits"][:, -1]
         step_logits.append(logits)
         step_hidden.append(o["hidden_states"][:, -1])

@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -236,13 +235,9 @@ class SopranoLMStep(nn.Module):
         return (self.lm_head(hidden), hidden, *new)
 
 
-def extend_cache(past: Sequence[Any], new: Sequence[Any]) -> list[Any]:
-    """The next call's past: each layer's past and new keys / values joined on the sequence axis
-    (torch tensors or NumPy arrays)."""
-    out = []
-    for p, n in zip(past, new, strict=True):
-        out.append(torch.cat((p, n), dim=2) if isinstance(p, torch.Tensor) else np.concatenate((p, n), axis=2))
-    return out
+def extend_cache(past: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The next call's past: each layer's past and new keys / values joined on the sequence axis."""
+    return [torch.cat((p, n), dim=2) for p, n in zip(past, new, strict=True)]
 
 
 def load_lm(ckpt_dir: Path | str) -> SopranoLMStep:

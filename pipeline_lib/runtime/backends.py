@@ -363,11 +363,11 @@ class OpenVinoLM(_OpenVinoBase, LMBackend):
     STATIC_DECODE_WIDTH = 640  # a prompt of up to 128 tokens and 512 new tokens fit
 
     def __init__(self, path: Path, num_threads: int, static_decode_width: int | None = STATIC_DECODE_WIDTH) -> None:
-        super().__init__(path, num_threads)
         if static_decode_width is not None and (
             isinstance(static_decode_width, bool) or not isinstance(static_decode_width, int) or static_decode_width < 1
         ):
             raise ValueError(f"static_decode_width must be an int >= 1 or None, got {static_decode_width!r}")
+        super().__init__(path, num_threads)  # compiles the model: only once the arguments are known good
         self.static_decode_width = static_decode_width
         self._dynamic = _BoundRequest(self._ov, self.compiled, self.request)
         self._static: _BoundRequest | None = None

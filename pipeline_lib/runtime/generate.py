@@ -197,6 +197,12 @@ class HallucinationGuard:
         self.prev, self.has_prev, self.run = self.prev[idx], self.has_prev[idx], self.run[idx]
 
 
+def _checked_bucket(bucket: int) -> int:
+    if bucket < 1:
+        raise ValueError(f"kv_bucket must be >= 1, got {bucket}")
+    return int(bucket)
+
+
 class KVCache:
     """The past keys and values of every layer, in arrays [B, kv_heads, width, head_dim] whose width
     is a multiple of `bucket`. Columns [0, used) hold the tokens so far (left-padded rows have
@@ -204,9 +210,7 @@ class KVCache:
     the step model's past_* inputs and attention_mask (width + 1 columns: the new token last)."""
 
     def __init__(self, past_names: Sequence[str], kv: Sequence[np.ndarray], mask: np.ndarray, bucket: int = KV_BUCKET) -> None:
-        if bucket < 1:
-            raise ValueError(f"kv_bucket must be >= 1, got {bucket}")
-        self.past_names, self.bucket = list(past_names), int(bucket)
+        self.past_names, self.bucket = list(past_names), _checked_bucket(bucket)
         self.used = mask.shape[1]
         self._alloc(list(kv), mask, self.used)
 
@@ -257,9 +261,7 @@ class KVCache:
         """Keep rows `idx`, and drop the leading columns none of them attends to; `bucket`, if given,
         becomes the width step from here on."""
         if bucket is not None:
-            if bucket < 1:
-                raise ValueError(f"kv_bucket must be >= 1, got {bucket}")
-            self.bucket = int(bucket)
+            self.bucket = _checked_bucket(bucket)
         mask = self.mask[idx, : self.used]
         first = int(np.argmax(mask.any(axis=0)))
         used = self.used - first
