@@ -777,6 +777,8 @@ def test_openvino_static_decode_model_equals_dynamic(tiny_export):
 
     spec = LMSpec.from_json(tiny_export / LM_JSON)
     static, dynamic = OpenVinoLM(tiny_export / LM_ONNX, 1, static_decode_width=8), OpenVinoLM(tiny_export / LM_ONNX, 1, None)
+    reads = []
+    static._core.read_model = lambda *a, **k: reads.append(a)  # the static model must reuse the model read at load
     assert static.static_kv_width(1) == 8 and static.static_kv_width(2) is None and dynamic.static_kv_width(1) is None
     rng = np.random.default_rng(5)
     mask = np.ones((1, 9), np.int64)
@@ -784,7 +786,8 @@ def test_openvino_static_decode_model_equals_dynamic(tiny_export):
     feed = {"input_ids": np.array([[17]], np.int64), "attention_mask": mask, "position_ids": np.array([[5]], np.int64)}
     feed.update((n, rng.standard_normal((1, spec.num_kv_heads, 8, spec.head_dim), dtype=np.float32)) for n in spec.past_names)
     got = {k: v.copy() for k, v in static.run(feed).items()}
-    assert static._static is not None
+    assert static._static is not None and reads == []
+    assert static.model.get_parameters()[0].get_partial_shape().is_dynamic  # reshaped a clone, not the model itself
     want = dynamic.run(feed)
     for name in ("logits", "hidden_states", "new_key_0", "new_value_1"):
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4, err_msg=name)
