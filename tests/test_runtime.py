@@ -671,27 +671,52 @@ def test_openvino_backend_rejects_bin_of_another_model(tiny_export, tmp_path):
 
 
 def test_ort_lm_io_binding_matches_plain_run(tiny_export):
-    """OrtLM writes outputs into reused buffers (IO binding); they must equal a plain session.run."""
+    """OrtLM writes outputs into reused buffers and binds inputs by address, re-binding only arrays it
+    has not seen: results must equal a plain session.run, also after in-place changes, new arrays,
+    converted (int32) inputs and new shapes; a replaced input array is not kept alive."""
+    import gc
+    import weakref
+
     from pipeline_lib.runtime.backends import OrtLM
 
     spec = LMSpec.from_json(tiny_export / LM_JSON)
     lm = OrtLM(tiny_export / LM_ONNX, 1)
-    lm.BIND_MIN_BYTES = 0  # bind every output, however small
     rng = np.random.default_rng(0)
-    for b, s, p in [(2, 5, 0), (3, 1, 7)]:
-        feed = {"input_ids": rng.integers(4, 200, (b, s)), "attention_mask": np.ones((b, p + s), np.int64),
-                "position_ids": np.tile(np.arange(p, p + s), (b, 1))}
-        kv = (b, spec.num_kv_heads, p, spec.head_dim)
-        feed.update((n, rng.standard_normal(kv, dtype=np.float32)) for n in spec.past_names)
-        ref = dict(zip(lm.output_names, lm.session.run(lm.output_names, feed)))
+
+    def check(feed):
+        ref = dict(zip(lm.output_names, lm.session.run(lm.output_names, {k: np.asarray(v, dtype=np.float32 if
+                   k.startswith("past") else np.int64) for k, v in feed.items()})))
         out = lm.run(feed)
         assert set(out) == set(ref)
         for name, want in ref.items():
             np.testing.assert_allclose(out[name], want, rtol=0, atol=1e-5, err_msg=name)
-        kept = out["new_key_0"]
+        return out
+
+    for b, s, p in [(2, 5, 0), (3, 1, 7), (1, 1, 9)]:
+        feed = {"input_ids": rng.integers(4, 200, (b, s)), "attention_mask": np.ones((b, p + s), np.int64),
+                "position_ids": np.tile(np.arange(p, p + s), (b, 1))}
+        kv = (b, spec.num_kv_heads, p, spec.head_dim)
+        feed.update((n, rng.standard_normal(kv, dtype=np.float32)) for n in spec.past_names)
+        kept = check(feed)["new_key_0"]
         assert lm.run(feed)["new_key_0"] is kept  # same shapes: the same buffer, no new allocation
-    lm.BIND_MIN_BYTES = 1 << 40  # nothing is big enough: plain runs, new arrays each time
-    assert lm.run(feed)["new_key_0"] is not lm.run(feed)["new_key_0"]
+        if p:
+            feed["past_key_0"] *= 0.5  # in place: the same object, new contents
+            feed["attention_mask"][-1, 0] = 0
+            check(feed)
+        feed["input_ids"] = feed["input_ids"] + 1  # a new array object
+        check(feed)
+        check(dict(feed, input_ids=feed["input_ids"].astype(np.int32)))  # converted, bound as a copy
+        feed["input_ids"][:] = 5  # then the original again, changed in place
+        check(feed)
+    last = spec.past_names[-1]
+    old = weakref.ref(feed[last])
+    feed[last] = feed[last].copy()
+    check(feed)
+    gc.collect()
+    assert old() is None  # the binding does not keep a replaced array alive
+    partial = {k: v for k, v in feed.items() if k != last}
+    with pytest.raises(Exception, match=last):  # a missing input is an error, never a stale binding
+        lm.run(partial)
 
 
 def test_openvino_lm_shared_inputs_follow_in_place_changes(tiny_export):
