@@ -670,6 +670,19 @@ def test_openvino_backend_rejects_bin_of_another_model(tiny_export, tmp_path):
         SopranoTTS.from_dir(model, backend="openvino_cpu", num_threads=1)
 
 
+def test_ort_decoder_threads_do_not_spin_lm_threads_do(tiny_export):
+    """The decoder's worker threads must not busy-wait after a run (they would take a core from the
+    LM that runs next); the LM's keep ONNX Runtime's default (spinning)."""
+    from pipeline_lib.runtime.backends import OrtDecoder, OrtLM
+
+    key = "session.intra_op.allow_spinning"
+    dec = OrtDecoder(tiny_export / "soprano_decoder_preistft.onnx", 2)
+    assert dec.session.get_session_options().get_session_config_entry(key) == "0"
+    lm = OrtLM(tiny_export / LM_ONNX, 2)
+    with pytest.raises(Exception):  # not set: ONNX Runtime's default (spin)
+        lm.session.get_session_options().get_session_config_entry(key)
+
+
 def test_ort_lm_io_binding_matches_plain_run(tiny_export):
     """OrtLM writes outputs into reused buffers and binds inputs by address, re-binding only arrays it
     has not seen: results must equal a plain session.run, also after in-place changes, new arrays,
