@@ -35,6 +35,16 @@ PRECISIONS = ("fp32", "int8")
 OV_INT8_MODES = ("int8_asym", "int8_sym")
 # OpenVINO runs bf16 (or fp16) on CPUs that have it unless told otherwise: every compile asks for f32.
 OV_F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+# For layers with int8 weights, OpenVINO's CPU plugin quantises the activations at run time, in
+# groups of this many input channels (its default: 32). Measured on the 80M LM (int8, one row at 300
+# cached tokens, fixed shapes, 2 threads, 8 alternating rounds in one process): median 3.50 ms per
+# step at 256 against 3.81 ms at 32, 3.64 at 128, 3.62 at 512 (which does not divide the MLP's 2304)
+# and 4.00 with it off (0); in the generation loop 3.96 against 4.11 ms (one row) and 6.24 against
+# 7.28 ms (8 rows). Accuracy against fp32 (parity_convert, random-80m), 256 against 32: hidden
+# cosine min 0.987 / 0.990, teacher-forced token agreement 0.77 / 0.84, decoder SNR 36.0 / 36.9 dB
+# (ONNX Runtime int8: 0.980, 0.73, 35.1 dB). fp32 weights are not affected.
+OV_DYNAMIC_QUANT_GROUP = 256
+OV_CPU_CONFIG = {**OV_F32_CONFIG, "DYNAMIC_QUANTIZATION_GROUP_SIZE": OV_DYNAMIC_QUANT_GROUP}
 
 LM_DIR, DECODER_DIR = "lm", "decoder"
 
@@ -168,11 +178,12 @@ def load_openvino_model(xml_path: Path | str, core: Any = None) -> Any:
 
 
 def compile_openvino(model: Any, num_threads: int = 1, core: Any = None, config: Mapping[str, Any] | None = None) -> Any:
-    """Compile for CPU: f32 inference precision (never bf16), ``num_threads`` threads, one latency stream."""
+    """Compile for CPU as the runtime does (OV_CPU_CONFIG: f32 inference precision, never bf16; the
+    dynamic quantisation group of int8-weight layers), ``num_threads`` threads, one latency stream."""
     ov = import_openvino()
     if isinstance(model, (str, Path)):
         model = load_openvino_model(model, core)
-    cfg = {**OV_F32_CONFIG, "INFERENCE_NUM_THREADS": int(num_threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    cfg = {**OV_CPU_CONFIG, "INFERENCE_NUM_THREADS": int(num_threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
     cfg.update(config or {})
     return (core or ov.Core()).compile_model(model, "CPU", cfg)
 
