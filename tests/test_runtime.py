@@ -670,6 +670,18 @@ def test_openvino_backend_rejects_bin_of_another_model(tiny_export, tmp_path):
         SopranoTTS.from_dir(model, backend="openvino_cpu", num_threads=1)
 
 
+def test_openvino_compiles_with_f32_precision_and_our_dynamic_quant_group(tiny_export):
+    """OpenVINO compiles in f32 (never bf16) with the dynamic quantisation group we measured fastest."""
+    pytest.importorskip("openvino")
+    from pipeline_lib.convert import OV_DYNAMIC_QUANT_GROUP
+    from pipeline_lib.runtime.backends import OpenVinoDecoder, OpenVinoLM
+
+    for backend in (OpenVinoLM(tiny_export / LM_ONNX, 1), OpenVinoDecoder(tiny_export / "soprano_decoder_preistft.onnx", 1)):
+        assert int(backend.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == OV_DYNAMIC_QUANT_GROUP == 256
+        assert str(backend.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+        assert int(backend.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+
+
 def test_ort_decoder_threads_do_not_spin_lm_threads_do(tiny_export):
     """The decoder's worker threads must not busy-wait after a run (they would take a core from the
     LM that runs next); the LM's keep ONNX Runtime's default (spinning)."""
