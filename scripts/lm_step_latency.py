@@ -1,16 +1,20 @@
 """LM decode-step latency of the runtime's generation loop, ONNX Runtime against OpenVINO, fp32 and
-int8, in one process (same machine state for all four), on the pipeline's artifacts.
+int8, in one process, interleaved: all four are loaded first, then each round runs every one of
+them once (in alternating order), so that all see the same machine state.
 
-    python scripts/lm_step_latency.py [--threads 2] [--batch 1] [--steps 200] [--rounds 2]
+    python scripts/lm_step_latency.py [--threads 2] [--batch 1] [--steps 200] [--rounds 6]
 
-Prints, per backend and precision, the mean decode step (the loop's own timing: sampling, cache
-handling and the forward) over `steps` greedy steps after a `prompt`-token prompt per row, best of
-`rounds`. Needs `dvc repro` (artifacts/{onnx,openvino}/{fp32,int8}/lm).
+Prints, per backend and precision, the mean decode step of each round (the loop's own timing:
+sampling, cache handling and the forward; `steps` greedy steps after a `prompt`-token prompt per
+row), their median and minimum, int8 over fp32 per backend, and OpenVINO against ONNX Runtime per
+precision (medians; "faster in k of n" counts the rounds). Needs `dvc repro`
+(artifacts/{onnx,openvino}/{fp32,int8}/lm).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 from pipeline_lib.runtime.backends import load_backends
@@ -19,6 +23,7 @@ from pipeline_lib.runtime.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1] / "artifacts"
 TARGETS = [("onnx_cpu", "onnx", ".onnx"), ("openvino_cpu", "openvino", ".xml")]
+PRECISIONS = ("fp32", "int8")
 
 
 def main() -> None:
@@ -27,23 +32,37 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="rows decoded together")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--prompt", type=int, default=30, help="prompt tokens of the first row (row i has prompt + i)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
     params = SamplingParams(0.0, 1.0, 0, 1.2)
     prompts = [[5 + (i + j) % 50 for j in range(args.prompt + i)] for i in range(args.batch)]
+    runs = {}
     for backend, folder, ext in TARGETS:
-        for precision in ("fp32", "int8"):
+        for precision in PRECISIONS:
             root = ROOT / folder / precision
             spec = LMSpec.from_json(root / "lm" / "soprano_lm_step_config.json")
             lm, _ = load_backends(backend, root / "lm" / f"soprano_lm_step{ext}",
                                   root / "decoder" / f"soprano_decoder_preistft{ext}", args.threads)
             generate(lm, spec, prompts, max_new_tokens=20, params=params)  # warm-up
-            best = min(
-                generate(lm, spec, prompts, max_new_tokens=args.steps, params=params).timings.per_step_s
-                for _ in range(args.rounds)
-            )
-            print(f"{backend:13s} {precision}  threads {args.threads}  batch {args.batch}: "
-                  f"{1e3 * best:.2f} ms per decode step", flush=True)
+            runs[(folder, precision)] = (lm, spec)
+    ms: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            lm, spec = runs[key]
+            out = generate(lm, spec, prompts, max_new_tokens=args.steps, params=params)
+            ms[key].append(1e3 * out.timings.per_step_s)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{b} {p} {v[-1]:.2f}" for (b, p), v in ms.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    print(f"\nthreads {args.threads}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds (ms per decode step)")
+    for (b, p), v in ms.items():
+        print(f"  {b:9s} {p}: median {med[(b, p)]:.2f}, min {min(v):.2f}  [{' '.join(f'{x:.2f}' for x in v)}]")
+    for b in ("onnx", "openvino"):
+        print(f"  {b} int8 over fp32: {med[(b, 'fp32')] / med[(b, 'int8')]:.2f}x")
+    for p in PRECISIONS:
+        ov, ort = ms[("openvino", p)], ms[("onnx", p)]
+        wins = sum(a < b for a, b in zip(ov, ort))
+        print(f"  {p}: OpenVINO / ONNX Runtime {med[('openvino', p)] / med[('onnx', p)]:.3f} (median), "
+              f"OpenVINO faster in {wins} of {len(ov)} rounds")
 
 
 if __name__ == "__main__":
