@@ -382,7 +382,12 @@ class OpenVinoLM(_OpenVinoBase, LMBackend):
     one-row cache at that width (see `static_kv_width`), masked, for as long as it fits. Measured,
     one row at 300 cached tokens: int8 3.6-3.7 ms per step at a fixed width of 576 against 5.0-5.3 ms
     dynamic (ONNX Runtime int8: 3.9-4.1 ms); fp32 8.3-9.6 against 9.4-10.5 ms. Attending to the
-    masked columns costs little (576 vs 320 columns: the same within noise). The cost: the second
+    masked columns costs some time in the attention products, which read the whole width: at 250
+    used columns, a width of 384 against 640 gave int8 5.06 against 5.26 ms (1 thread) and 4.01
+    against 4.35 ms (2 threads), fp32 the same within noise (medians of 8 alternating rounds); the
+    OpenVINO profile (int8, 1 thread, 300 used) puts the attention products at 0.62 against 0.98 ms.
+    640 is kept so that long sentences (prompt and audio tokens up to 640) stay on the fast model;
+    past the width, steps fall back to the dynamic model, 1.3-1.7 ms slower. The cost: the second
     compilation holds its own copy of the weights in the plugin's layouts (RSS after compiling, 80M LM:
     +333 MiB fp32, +189 MiB int8; it compiles a clone of the model already read, so the .bin stays
     mapped once: reading the IR again cost +631 MiB fp32) and takes ~0.6 s, paid on the first one-row
