@@ -1,6 +1,7 @@
 """LM decode-step latency of the runtime's generation loop, ONNX Runtime against OpenVINO, fp32 and
 int8, in one process, interleaved: all four are loaded first, then each round runs every one of
-them once (in alternating order), so that all see the same machine state.
+them once (in alternating order, 0.1 s apart so that no model's idle threads still spin), so that
+all see the same machine state.
 
     python scripts/lm_step_latency.py [--threads 2] [--batch 1] [--steps 200] [--rounds 6]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 from pipeline_lib.runtime.backends import load_backends
@@ -49,6 +51,7 @@ def main() -> None:
     for r in range(args.rounds):
         for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             lm, spec = runs[key]
+            time.sleep(0.1)  # let the previous model's worker threads stop spinning (ONNX Runtime's do)
             out = generate(lm, spec, prompts, max_new_tokens=args.steps, params=params)
             ms[key].append(1e3 * out.timings.per_step_s)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{b} {p} {v[-1]:.2f}" for (b, p), v in ms.items()), flush=True)
