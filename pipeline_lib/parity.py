@@ -195,11 +195,14 @@ def format_report(report: ParityReport) -> str:
 
 def openvino_runner(xml_path: Path, num_threads: int = 1) -> Runner:
     """A Runner over an OpenVINO IR compiled for CPU with the f32 precision hint (never bf16)."""
-    from pipeline_lib.convert import compile_openvino
+    from pipeline_lib.convert import compile_openvino, load_openvino_model
 
-    compiled = compile_openvino(xml_path, num_threads)
+    model = load_openvino_model(xml_path)
+    compiled = compile_openvino(model, num_threads)
     request = compiled.create_infer_request()
     outputs = list(compiled.outputs)
+    if model.get_sinks():
+        return _stateful_runner(request, outputs)
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # share_inputs: no copy of the (KV cache) inputs into the request; they are not touched meanwhile.
@@ -207,6 +210,25 @@ def openvino_runner(xml_path: Path, num_threads: int = 1) -> Runner:
         # Copies: the request reuses its output buffers on the next call (the KV cache goes back in).
         arrays = [np.array(result[o], copy=True) for o in outputs]
         return {name: a for o, a in zip(outputs, arrays) for name in o.get_names()}
+
+    return run
+
+
+def _stateful_runner(request: Any, outputs: list[Any]) -> Runner:
+    """A Runner over the stateful LM (pipeline_lib.openvino_stateful) that takes the step model's feeds:
+    the past_* inputs are ignored (the model holds the cache; the checks here always feed the whole
+    cache so far, i.e. what the state holds), a call without past columns starts afresh
+    (reset_state), every row continues (beam_idx = 0..B-1). Outputs have no new_*: `_extend_kv` then
+    leaves the (ignored) past as it is."""
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, mask = feed["input_ids"], feed["attention_mask"]
+        if mask.shape[1] == ids.shape[1]:
+            request.reset_state()
+        f = {"input_ids": ids, "attention_mask": mask, "position_ids": feed["position_ids"],
+             "beam_idx": np.arange(ids.shape[0], dtype=np.int32)}
+        result = request.infer(f)
+        return {name: np.array(result[o], copy=True) for o in outputs for name in o.get_names()}
 
     return run
 
@@ -248,7 +270,9 @@ def lm_prompt(lm_config: Mapping[str, Any], prompt_tokens: int, seed: int) -> np
 
 def _extend_kv(past: list[np.ndarray], out: Mapping[str, np.ndarray], layers: int) -> list[np.ndarray]:
     """The next past_* inputs: each layer's past joined with the step's new_* outputs (copied, since a
-    runner may reuse its output buffers)."""
+    runner may reuse its output buffers). A stateful runner returns no new_*: it keeps the cache itself."""
+    if "new_key_0" not in out:
+        return past
     new = [out[f"new_{k}_{i}"] for i in range(layers) for k in ("key", "value")]
     return [np.concatenate((p, np.asarray(n)), axis=2) for p, n in zip(past, new, strict=True)]
 

@@ -8,7 +8,8 @@ all see the same machine state.
 Prints, per backend and precision, the mean decode step of each round (the loop's own timing:
 sampling, cache handling and the forward; `steps` greedy steps after a `prompt`-token prompt per
 row), their median and minimum, int8 over fp32 per backend, and OpenVINO against ONNX Runtime per
-precision (medians; "faster in k of n" counts the rounds). Needs `dvc repro`
+precision (medians; "faster in k of n" counts the rounds). OpenVINO runs
+the stateful LM (the runtime's choice); --plain adds its plain IR of the ONNX step model. Needs `dvc repro`
 (artifacts/{onnx,openvino}/{fp32,int8}/lm).
 """
 
@@ -24,7 +25,10 @@ from pipeline_lib.runtime.generate import LMSpec, generate
 from pipeline_lib.runtime.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1] / "artifacts"
-TARGETS = [("onnx_cpu", "onnx", ".onnx"), ("openvino_cpu", "openvino", ".xml")]
+# (label, runtime backend, artifacts folder, LM file); OpenVINO: the stateful LM, the runtime's choice.
+TARGETS = [("onnx", "onnx_cpu", "onnx", "soprano_lm_step.onnx"),
+           ("openvino", "openvino_cpu", "openvino", "soprano_lm_stateful.xml")]
+PLAIN = ("openvino-plain", "openvino_cpu", "openvino", "soprano_lm_step.xml")  # --plain: the IR of the ONNX step model
 PRECISIONS = ("fp32", "int8")
 
 
@@ -35,18 +39,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--prompt", type=int, default=30, help="prompt tokens of the first row (row i has prompt + i)")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--plain", action="store_true", help="also OpenVINO's plain IR (explicit cache, static decode width)")
     args = ap.parse_args()
     params = SamplingParams(0.0, 1.0, 0, 1.2)
     prompts = [[5 + (i + j) % 50 for j in range(args.prompt + i)] for i in range(args.batch)]
     runs = {}
-    for backend, folder, ext in TARGETS:
+    for label, backend, folder, lm_file in TARGETS + ([PLAIN] if args.plain else []):
         for precision in PRECISIONS:
-            root = ROOT / folder / precision
-            spec = LMSpec.from_json(root / "lm" / "soprano_lm_step_config.json")
-            lm, _ = load_backends(backend, root / "lm" / f"soprano_lm_step{ext}",
-                                  root / "decoder" / f"soprano_decoder_preistft{ext}", args.threads)
+            lm_path = ROOT / folder / precision / "lm" / lm_file
+            spec = LMSpec.from_json(lm_path.with_name(lm_path.stem + "_config.json"))
+            ext = lm_path.suffix
+            lm, _ = load_backends(backend, lm_path, ROOT / folder / precision / "decoder" / f"soprano_decoder_preistft{ext}",
+                                  args.threads)
             generate(lm, spec, prompts, max_new_tokens=20, params=params)  # warm-up
-            runs[(folder, precision)] = (lm, spec)
+            runs[(label, precision)] = (lm, spec)
     ms: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
     for r in range(args.rounds):
         for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
@@ -59,7 +65,7 @@ def main() -> None:
     print(f"\nthreads {args.threads}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds (ms per decode step)")
     for (b, p), v in ms.items():
         print(f"  {b:9s} {p}: median {med[(b, p)]:.2f}, min {min(v):.2f}  [{' '.join(f'{x:.2f}' for x in v)}]")
-    for b in ("onnx", "openvino"):
+    for b in sorted({b for b, _ in runs}):
         print(f"  {b} int8 over fp32: {med[(b, 'fp32')] / med[(b, 'int8')]:.2f}x")
     for p in PRECISIONS:
         ov, ort = ms[("openvino", p)], ms[("onnx", p)]

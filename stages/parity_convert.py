@@ -3,6 +3,7 @@
 fp32 targets: the same checks and limits as the export's parity stage (against the torch reference).
 int8 targets: against the fp32 export run by ONNX Runtime: LM hidden-state cosine, greedy token agreement,
 decoder audio SNR (limits and reasons: conf/parity/default.yaml, convert_int8). A missed limit fails the stage.
+OpenVINO: the stateful LM beside the plain IR gets the same LM checks (metrics prefixed stateful_).
 """
 
 import json
@@ -25,6 +26,7 @@ from pipeline_lib.parity import (
     format_report,
     runner_for,
 )
+from pipeline_lib.runtime.tts import STATEFUL_FILE
 from pipeline_lib.stage import load_params, stage_outputs
 
 if __name__ == "__main__":
@@ -37,6 +39,8 @@ if __name__ == "__main__":
         dec_dir, lm_dir = target / DECODER_DIR, target / LM_DIR
         lm_config = json.loads((lm_dir / LM_CONFIG).read_text())
         istft_config = IstftConfig.from_json(dec_dir / DECODER_CONFIG)
+        # OpenVINO: the stateful LM (the runtime's choice) is checked too, its metrics prefixed stateful_.
+        stateful = lm_dir / f"{STATEFUL_FILE}.xml"
         run_dec, run_lm = runner_for(model_file(dec_dir, DECODER_DIR)), runner_for(model_file(lm_dir, LM_DIR))
         if precision == "fp32":
             from pipeline_lib.model.decoder import load_decoder
@@ -47,10 +51,16 @@ if __name__ == "__main__":
             decoder = load_decoder(ckpt / "decoder.pth", expected_input_channels=lm.cfg.hidden_size)
             check_decoder(decoder, run_dec, istft_config, th, report)
             check_lm(lm, run_lm, lm_config["special_tokens"]["stop"], th, report)
+            if stateful.is_file():
+                report.merge(check_lm(lm, runner_for(stateful), lm_config["special_tokens"]["stop"], th), "stateful_")
         else:
             th = QuantParityThresholds.from_mapping(params[f"convert_{precision}"])
             ref_dec, ref_lm = runner_for(model_file(exp_dec, DECODER_DIR)), runner_for(model_file(exp_lm, LM_DIR))
             check_quantized(ref_lm, run_lm, ref_dec, run_dec, lm_config, istft_config, th, report)
+            if stateful.is_file():
+                sub = check_quantized(ref_lm, runner_for(stateful), ref_dec, run_dec, lm_config, istft_config, th)
+                report.merge(ParityReport({k: v for k, v in sub.metrics.items() if k.startswith("lm_")},
+                                          [f for f in sub.failures if f.startswith("lm_")]), "stateful_")
         print(f"{name}:\n{format_report(report)}")
         if not report.passed:
             raise ParityError("; ".join(report.failures))

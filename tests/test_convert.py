@@ -69,15 +69,17 @@ def lm_config(tiny_export: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def targets(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every backend x precision of the tiny export, built as the convert stage builds them (params from conf/)."""
+def targets(tiny_checkpoint: Path, tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every backend x precision of the tiny export, built as the convert stage builds them (params from conf/,
+    the checkpoint for OpenVINO's stateful LM)."""
     settings = ConvertSettings.from_params(_conf("convert"))
     root = tmp_path_factory.mktemp("converted")
     out = {}
     for backend in ("onnx", "openvino"):
         for precision in ("fp32", "int8"):
             out[f"{backend}-{precision}"] = root / backend / precision
-            convert_target(backend, precision, tiny_export, tiny_export, out[f"{backend}-{precision}"], settings)
+            convert_target(backend, precision, tiny_export, tiny_export, out[f"{backend}-{precision}"], settings,
+                           tiny_checkpoint)
     return out
 
 
@@ -124,10 +126,67 @@ def test_openvino_fp32_passes_the_export_parity_checks(tiny_checkpoint, targets)
     assert report.metrics["lm_greedy_token_agreement"] == 1.0
 
 
+# --- the stateful OpenVINO LM --------------------------------------------------------------------------------
+
+
+def _stateful(folder: Path) -> Path:
+    return folder / "lm" / "soprano_lm_stateful.xml"
+
+
+def test_stateful_lm_keeps_the_cache_in_state_and_fuses_attention(targets, lm_config):
+    """Both OpenVINO precisions carry the stateful LM: its cache is 2 x layers state variables (no past_* /
+    new_* ports), and the CPU plugin fuses each layer's cache and attention into one node (the point of it)."""
+    import collections
+
+    import openvino as ov
+
+    layers = lm_config["num_layers"]
+    for precision in ("fp32", "int8"):
+        xml = _stateful(targets[f"openvino-{precision}"])
+        model = load_openvino_model(xml)
+        assert sorted(p.get_any_name() for p in model.inputs) == ["attention_mask", "beam_idx", "input_ids", "position_ids"]
+        assert sorted(p.get_any_name() for p in model.outputs) == ["hidden_states", "logits"]
+        assert len(model.get_sinks()) == 2 * layers
+        assert ("f16" not in _const_types(xml)) if precision == "fp32" else ({"i8", "u8"} & _const_types(xml))
+        cfg = json.loads((xml.parent / "soprano_lm_stateful_config.json").read_text())
+        assert cfg["file"] == xml.name and cfg["kv_cache"] == "openvino_state" and len(cfg["state"]) == 2 * layers
+        assert cfg["conversion"]["precision"] == precision
+        runtime = compile_openvino(model, 1).get_runtime_model()
+        kinds = collections.Counter(op.get_rt_info()["layerType"].astype(str) for op in runtime.get_ops())
+        assert kinds["ScaledDotProductAttention"] == layers and kinds["MemoryInput"] == 2 * layers, kinds
+        assert isinstance(model, ov.Model)
+
+
+def test_stateful_lm_passes_the_parity_checks(tiny_checkpoint, targets, tiny_export, lm_config):
+    """fp32: the export's checks against torch (batch 2 with a left-padded row, 16 greedy steps against full
+    forwards); int8: the int8 limits against the fp32 export."""
+    from pipeline_lib.model.lm import load_lm
+
+    th = ParityThresholds.from_mapping(_conf("parity")["convert_fp32"] | {"decode_steps": 16})
+    report = check_lm(load_lm(tiny_checkpoint), runner_for(_stateful(targets["openvino-fp32"])), 3, th)
+    assert report.passed, report.failures
+    assert report.metrics["lm_greedy_token_agreement"] == 1.0
+    assert report.metrics["lm_decode_hidden_max_abs"] < 1e-4
+    qth = QuantParityThresholds.from_mapping(_conf("parity")["convert_int8"])
+    dec = runner_for(model_file(tiny_export, "decoder"))
+    q = check_quantized(ort_runner(tiny_export / LM_ONNX), runner_for(_stateful(targets["openvino-int8"])), dec, dec,
+                        lm_config, IstftConfig.from_json(tiny_export / DECODER_CONFIG), qth)
+    assert q.passed, q.failures
+
+
+def test_stateful_conversion_needs_a_checkpoint(tiny_export, tmp_path):
+    with pytest.raises(ModelFileError, match="not a checkpoint folder.*dvc repro fetch"):
+        convert_target("openvino", "fp32", tiny_export, tiny_export, tmp_path / "ov", None, tmp_path)
+    assert not (tmp_path / "ov").exists()
+
+
 def test_compile_uses_f32_precision(targets):
     compiled = compile_openvino(targets["openvino-fp32"] / "decoder" / "soprano_decoder_preistft.xml", num_threads=1)
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower() in ("f32", "<type: 'float32'>", "float32")
     assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    # The stateful LM's cache in f32, not the plugin's default u8 (which moved hidden states by ~0.07).
+    compiled = compile_openvino(_stateful(targets["openvino-fp32"]), num_threads=1)
+    assert str(compiled.get_property("KV_CACHE_PRECISION")).lower() in ("f32", "<type: 'float32'>", "float32")
 
 
 # --- the stage's folders ----------------------------------------------------------------------------------

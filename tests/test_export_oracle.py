@@ -112,16 +112,24 @@ def test_random_80m_openvino_fp32_audio_equals_onnx_runtime(random_80m, tmp_path
     from pipeline_lib import SopranoTTS
     from pipeline_lib.convert import convert_target
 
-    _, export = random_80m
-    convert_target("openvino", "fp32", export, export, tmp_path / "ov")
+    ckpt, export = random_80m
+    ov_dir = tmp_path / "ov"
+    convert_target("openvino", "fp32", export, export, ov_dir, None, ckpt)
     th = yaml.safe_load((REPO_ROOT / "conf/parity/default.yaml").read_text())
     text = "The quick brown fox jumps over the lazy dog. Then it runs back across the quiet green field!"
     ref = SopranoTTS.from_dir(export, num_threads=2).synthesize(text, max_new_tokens=64)
-    got = SopranoTTS.from_dir(tmp_path / "ov", backend="openvino_cpu", num_threads=2).synthesize(text, max_new_tokens=64)
-    a, b = got["audio"], ref["audio"]
-    assert got["sample_rate"] == ref["sample_rate"] == 32000
-    assert a.shape == b.shape and len(b) == 2 * 63 * 2048  # two sentences, 64 tokens each (no [STOP]: random weights)
-    assert np.abs(b).max() > 0
-    snr, rel = audio_metrics(b, a)
-    print(f"OpenVINO fp32 vs ONNX Runtime fp32, SopranoTTS on random-80m: SNR {snr:.1f} dB, max abs / peak {rel:.2e}")
-    assert snr >= th["audio_snr_db_min"] and rel <= th["audio_rel_max_abs"], (snr, rel)
+    stateful = SopranoTTS.from_dir(ov_dir, backend="openvino_cpu", num_threads=2)  # the runtime's choice
+    assert stateful.lm_path.name == "soprano_lm_stateful.xml" and stateful.lm.stateful
+    plain = SopranoTTS(ov_dir / "lm" / "soprano_lm_step.xml", ov_dir / "decoder" / "soprano_decoder_preistft.xml",
+                       backend="openvino_cpu", num_threads=2)
+    b = ref["audio"]
+    assert len(b) == 2 * 63 * 2048 and np.abs(b).max() > 0  # two sentences, 64 tokens each (no [STOP]: random weights)
+    for name, tts in (("stateful", stateful), ("plain", plain)):
+        got = tts.synthesize(text, max_new_tokens=64)
+        a = got["audio"]
+        assert got["sample_rate"] == ref["sample_rate"] == 32000
+        assert a.shape == b.shape
+        snr, rel = audio_metrics(b, a)
+        print(f"OpenVINO fp32 ({name} LM) vs ONNX Runtime fp32, SopranoTTS on random-80m: SNR {snr:.1f} dB, "
+              f"max abs / peak {rel:.2e}")
+        assert snr >= th["audio_snr_db_min"] and rel <= th["audio_rel_max_abs"], (name, snr, rel)

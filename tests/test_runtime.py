@@ -845,3 +845,98 @@ def test_openvino_static_decode_model_equals_dynamic(tiny_export):
     np.testing.assert_allclose(static.run(other)["logits"], dynamic.run(other)["logits"], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="static_decode_width"):
         OpenVinoLM(tiny_export / LM_ONNX, 1, static_decode_width=0)
+
+
+# --- the stateful OpenVINO LM (KV cache in OpenVINO state) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_stateful(tiny_checkpoint, tiny_export, tmp_path_factory):
+    """A copy of the tiny export with OpenVINO IRs: the decoder, and the stateful LM with its config."""
+    pytest.importorskip("openvino")
+    from pipeline_lib.convert import convert_onnx_to_openvino
+    from pipeline_lib.openvino_stateful import STATEFUL_CONFIG, convert_lm_to_openvino_stateful, stateful_config
+
+    d = tmp_path_factory.mktemp("stateful") / "m"
+    shutil.copytree(tiny_export, d)
+    convert_onnx_to_openvino(d / "soprano_decoder_preistft.onnx", d / "soprano_decoder_preistft.xml")
+    xml = convert_lm_to_openvino_stateful(tiny_checkpoint, d / "soprano_lm_stateful.xml")
+    step_cfg = json.loads((d / "soprano_lm_step_config.json").read_text())
+    (d / STATEFUL_CONFIG).write_text(json.dumps(stateful_config(step_cfg, {"file": xml.name})))
+    return d
+
+
+class _ForceStop:
+    """Wraps an LM backend: on its n-th decode call (prefill calls are not counted: ONNX Runtime's loop
+    prefills row by row), the row at batch index r gets [STOP] as its greedy choice (random weights
+    never emit it), so that rows finish at different steps."""
+
+    def __init__(self, lm, stop_id: int, at: dict[int, int]) -> None:
+        self.lm, self.stop_id, self.at, self.calls = lm, stop_id, at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def run(self, feed):
+        out = dict(self.lm.run(feed))
+        self.calls += feed["attention_mask"].shape[1] > feed["input_ids"].shape[1]
+        if self.calls in self.at:
+            out["logits"] = np.array(out["logits"])
+            out["logits"][self.at[self.calls], -1, self.stop_id] = 1e6
+        return out
+
+
+def test_stateful_generation_equals_onnx_runtime_as_rows_finish(tiny_export, tiny_stateful):
+    """Three prompts of different lengths (left-padded prefill in one call), rows finishing at steps 3
+    and 6 (beam_idx then drops them from OpenVINO's state): the same tokens, hidden states and finish
+    reasons as ONNX Runtime with the explicit cache."""
+    from pipeline_lib.runtime.backends import load_backends
+
+    sf_spec = LMSpec.from_json(tiny_stateful / "soprano_lm_stateful_config.json")
+    ort_spec = LMSpec.from_json(tiny_export / LM_JSON)
+    assert sf_spec.stateful and not ort_spec.stateful
+    sf, _ = load_backends("openvino_cpu", tiny_stateful / "soprano_lm_stateful.xml",
+                          tiny_stateful / "soprano_decoder_preistft.xml", 1)
+    ort, _ = load_backends("onnx_cpu", tiny_export / LM_ONNX, tiny_export / "soprano_decoder_preistft.onnx", 1)
+    assert sf.stateful and sf.static_kv_width(1) is None
+    prompts = [[3, 1, *range(7000, 7012), 2], [3, 1, 7050, 2], [3, 1, *range(7100, 7106), 2]]
+    params = SamplingParams(0.0, 1.0, 0, 1.2)
+    at = {3: 1, 6: 0}  # decode call k gives step k's token: row 1 stops at step 3, then row 0 at step 6
+    outs = [generate(_ForceStop(lm, 3, at), spec, prompts, max_new_tokens=12, params=params)
+            for lm, spec in ((sf, sf_spec), (ort, ort_spec))]
+    got, ref = outs
+    assert got.finish_reasons == ref.finish_reasons == ["stop", "stop", "length"]
+    assert [len(t) for t in ref.tokens] == [7, 4, 12]
+    for r in range(3):
+        np.testing.assert_array_equal(got.tokens[r], ref.tokens[r])
+        assert got.hidden[r].shape == ref.hidden[r].shape
+        assert np.abs(got.hidden[r] - ref.hidden[r]).max() < 1e-3, r
+    # A second generation starts from an empty state (reset), not from the first one's cache.
+    again = generate(sf, sf_spec, prompts[2:], max_new_tokens=12, params=params)
+    np.testing.assert_array_equal(again.tokens[0], ref.tokens[2])
+
+
+def test_stateful_model_with_a_plain_config_is_an_error(tiny_export, tiny_stateful):
+    from pipeline_lib.runtime.backends import load_backends
+
+    sf, _ = load_backends("openvino_cpu", tiny_stateful / "soprano_lm_stateful.xml",
+                          tiny_stateful / "soprano_decoder_preistft.xml", 1)
+    with pytest.raises(ModelFileError, match="do not belong together"):
+        generate(sf, LMSpec.from_json(tiny_export / LM_JSON), [[3, 1, 7000, 2]], max_new_tokens=2,
+                 params=SamplingParams(0.0, 1.0, 0, 1.2))
+
+
+def test_from_dir_prefers_the_stateful_lm_for_openvino(tiny_stateful, tts):
+    """from_dir picks the stateful LM for OpenVINO; its audio equals ONNX Runtime's (two sentences, greedy)."""
+    from pipeline_lib import SopranoTTS
+    from pipeline_lib.parity import audio_metrics
+
+    ov = SopranoTTS.from_dir(tiny_stateful, backend="openvino_cpu", num_threads=1)
+    assert ov.lm_path.name == "soprano_lm_stateful.xml" and ov.lm.stateful and ov.spec.stateful
+    got, ref = (t.synthesize(TWO_SENTENCES, max_new_tokens=20) for t in (ov, tts))
+    assert got["sample_rate"] == 32000 and got["sentences"] == 2
+    assert len(got["audio"]) == len(ref["audio"]) == 2 * 19 * 2048  # 20 tokens each, no [STOP]: random weights
+    assert np.isfinite(got["audio"]).all() and np.abs(got["audio"]).max() > 0
+    snr, rel = audio_metrics(ref["audio"], got["audio"])
+    assert snr >= 60.0 and rel <= 1e-3, (snr, rel)  # the export's audio parity limits
+    assert SopranoTTS.from_dir(tiny_stateful, num_threads=1).lm_path.name == "soprano_lm_step.onnx"

@@ -144,16 +144,19 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def resolve_model_file(path: Path, stem: str, backend: str) -> Path:
+def resolve_model_file(path: Path, stem: str | tuple[str, ...], backend: str) -> Path:
     """A model file as given, or the one in a folder: for openvino an IR (.xml) first, then ONNX;
-    `stem` (the export's file name) first, then the folder's only model file of that kind."""
+    the `stem` names (the export's file names, in order of preference) first, then the folder's only
+    model file of that kind."""
     path = Path(path)
     if not path.is_dir():
         return path
+    stems = (stem,) if isinstance(stem, str) else tuple(stem)
     exts = (".xml", ".onnx") if backend == "openvino" else (".onnx",)
     for ext in exts:
-        if (path / f"{stem}{ext}").is_file():
-            return path / f"{stem}{ext}"
+        for name in stems:
+            if (path / f"{name}{ext}").is_file():
+                return path / f"{name}{ext}"
         found = sorted(path.glob(f"*{ext}"))
         if len(found) == 1:
             return found[0]
@@ -164,7 +167,7 @@ def resolve_model_file(path: Path, stem: str, backend: str) -> Path:
 
 class _TimedLM:
     """Wraps the runtime's LM backend to time every forward: start/end per call, prefill flagged
-    (an empty KV cache). Everything else is delegated."""
+    (nothing cached: attention_mask no wider than input_ids). Everything else is delegated."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -174,8 +177,7 @@ class _TimedLM:
         return getattr(self._inner, name)
 
     def run(self, feed: Any) -> Any:
-        past = feed.get("past_key_0")
-        prefill = past is None or past.shape[2] == 0
+        prefill = feed["attention_mask"].shape[1] == feed["input_ids"].shape[1]  # nothing cached before it
         start = time.perf_counter()
         out = self._inner.run(feed)
         self.calls.append((start, time.perf_counter(), prefill))
@@ -199,12 +201,12 @@ class RuntimeEngine:
 
     def __init__(self, cfg: BenchConfig) -> None:
         try:
-            from pipeline_lib.runtime.tts import DECODER_FILE, LM_FILE, SopranoTTS
+            from pipeline_lib.runtime.tts import DECODER_FILE, LM_FILE, STATEFUL_FILE, SopranoTTS
         except ImportError as exc:
             raise MissingBackendError(
                 f"--backend {cfg.backend}: the runtime (pipeline_lib.runtime.tts.SopranoTTS) cannot be imported: {exc}"
             ) from exc
-        lm = resolve_model_file(Path(cfg.lm), LM_FILE, cfg.backend)
+        lm = resolve_model_file(Path(cfg.lm), (STATEFUL_FILE, LM_FILE), cfg.backend)  # OpenVINO: stateful first
         decoder = resolve_model_file(Path(cfg.decoder), DECODER_FILE, cfg.backend)
         self.tts = SopranoTTS(lm, decoder, backend=self.RUNTIME_BACKENDS[cfg.backend], num_threads=cfg.threads)
         self.sample_rate = int(getattr(self.tts, "sample_rate", 32000))

@@ -113,6 +113,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [B, heads, S, D], keys and values [B, kv_heads, S, D]: q/k after their norm and the
+        rotary embedding."""
+        b, s, _ = x.shape
+        c = self.cfg
+        half = c.head_dim // 2
+        q = self.q_norm(self.q_proj(x).view(b, s, c.num_heads, c.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, s, c.num_kv_heads, c.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        return q * cos + _rotate_half(q, half) * sin, k * cos + _rotate_half(k, half) * sin, v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -127,12 +138,7 @@ class Attention(nn.Module):
         past_len: P, computed once per call and shared by the layers."""
         b, s, _ = x.shape
         c = self.cfg
-        half = c.head_dim // 2
-        q = self.q_norm(self.q_proj(x).view(b, s, c.num_heads, c.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, c.num_kv_heads, c.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q, half) * sin
-        k = k * cos + _rotate_half(k, half) * sin
+        q, k, v = self.project(x, cos, sin)
         groups = c.num_heads // c.num_kv_heads
         # [B, kv, groups*S, D]: the query heads sharing one KV head are stacked along the query axis
         # (row g*S + i is head g's query i), so no copy of the cache is made for grouped-query attention.
@@ -190,6 +196,12 @@ class SopranoLMStep(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotary embedding, [B, 1, S, head_dim]."""
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
     def input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask", "position_ids"]
         for i in range(self.cfg.num_layers):
@@ -213,17 +225,9 @@ class SopranoLMStep(nn.Module):
         position_ids: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        s = input_ids.shape[1]
-        kv_len = attention_mask.shape[1]
-        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
-        cos, sin = emb.cos(), emb.sin()
-        # Query i sits at cache index kv_len - s + i; it sees keys at or before it that the mask keeps.
-        past_len = kv_len - s
-        key_idx = torch.cumsum(torch.ones_like(attention_mask[0]), 0) - 1
-        query_idx = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1 + past_len
-        allowed = (key_idx[None, :] <= query_idx[:, None])[None] & (attention_mask[:, None, :] > 0)
-        bias = (~allowed).to(torch.float32) * MASK_VALUE  # [B, S, P+S]
+        past_len = attention_mask.shape[1] - input_ids.shape[1]
+        cos, sin = self.rotary(position_ids)
+        bias = mask_bias(input_ids, attention_mask)  # [B, S, P+S]
         # In the grouped query layout of Attention: [B, 1, groups*S, P+S], built once for all layers.
         bias = bias.repeat(1, self.cfg.num_heads // self.cfg.num_kv_heads, 1)[:, None]
         x = self.model.embed_tokens(input_ids)
@@ -233,6 +237,63 @@ class SopranoLMStep(nn.Module):
             new += [key, value]
         hidden = self.model.norm(x)
         return (self.lm_head(hidden), hidden, *new)
+
+
+def mask_bias(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S, P+S] additive attention bias: query i sits at cache index P + i and sees the keys at or
+    before it that attention_mask keeps (bias 0); the others get MASK_VALUE."""
+    past_len = attention_mask.shape[1] - input_ids.shape[1]
+    key_idx = torch.cumsum(torch.ones_like(attention_mask[0]), 0) - 1
+    query_idx = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1 + past_len
+    allowed = (key_idx[None, :] <= query_idx[:, None])[None] & (attention_mask[:, None, :] > 0)
+    return (~allowed).to(torch.float32) * MASK_VALUE
+
+
+class SopranoLMStateful(nn.Module):
+    """The step model in the form OpenVINO keeps its KV cache in (pipeline_lib.openvino_stateful): each
+    layer's past keys / values are reordered by `beam_idx` (the rows that go on), joined with this call's
+    along the sequence axis, attended to with `scaled_dot_product_attention` (OpenVINO's SDPA op), and
+    returned whole as present_*. Same weights and results as SopranoLMStep.
+
+        inputs : input_ids [B, S], attention_mask [B, P+S], position_ids [B, S], beam_idx [B] (int32),
+                 past_key_i / past_value_i [B', kv_heads, P, head_dim]
+        outputs: logits, hidden_states, present_key_i / present_value_i [B, kv_heads, P+S, head_dim]
+    """
+
+    def __init__(self, step: SopranoLMStep) -> None:
+        super().__init__()
+        self.step = step
+
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask", "position_ids", "beam_idx"]
+        return names + [n for n in self.step.input_names() if n.startswith("past_")]
+
+    def output_names(self) -> list[str]:
+        return ["logits", "hidden_states"] + [n.replace("new_", "present_") for n in self.step.output_names()[2:]]
+
+    def forward(self, input_ids, attention_mask, position_ids, beam_idx, *past):  # noqa: ANN001, ANN201
+        st, c = self.step, self.step.cfg
+        b, s = input_ids.shape
+        groups = c.num_heads // c.num_kv_heads
+        cos, sin = st.rotary(position_ids)
+        bias = mask_bias(input_ids, attention_mask)[:, None]  # [B, 1, S, P+S]
+        x = st.model.embed_tokens(input_ids)
+        present: list[torch.Tensor] = []
+        for i, layer in enumerate(st.model.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+            key = torch.cat((past[2 * i].index_select(0, beam_idx), k), dim=2)
+            value = torch.cat((past[2 * i + 1].index_select(0, beam_idx), v), dim=2)
+            n = key.shape[2]
+            # Grouped-query heads as OpenVINO's fused SDPA expects them: unsqueeze, broadcast, reshape.
+            kh = key[:, :, None].expand(b, c.num_kv_heads, groups, n, c.head_dim).reshape(b, c.num_heads, n, c.head_dim)
+            vh = value[:, :, None].expand(b, c.num_kv_heads, groups, n, c.head_dim).reshape(b, c.num_heads, n, c.head_dim)
+            out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=bias)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            present += [key, value]
+        hidden = st.model.norm(x)
+        return (st.lm_head(hidden), hidden, *present)
 
 
 def extend_cache(past: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -367,7 +367,10 @@ class _BoundRequest:
 
 
 class OpenVinoLM(_OpenVinoBase, LMBackend):
-    """The request's input tensors wrap the fed arrays (shared memory) and are re-set only when the
+    """The LM step model (plain IR, the KV cache fed as past_* inputs) or the stateful LM (the cache in
+    OpenVINO state; `stateful` is True, see pipeline_lib.openvino_stateful): the runtime's choice.
+
+    Plain model: the request's input tensors wrap the fed arrays (shared memory) and are re-set only when the
     feed brings another array object: the generation loop feeds the same KV-cache and mask arrays,
     updated in place, for a whole bucket of steps (see generate.KVCache), so most steps set only
     input_ids and position_ids. An array fed here must therefore not be modified in place except to
@@ -401,12 +404,19 @@ class OpenVinoLM(_OpenVinoBase, LMBackend):
         ):
             raise ValueError(f"static_decode_width must be an int >= 1 or None, got {static_decode_width!r}")
         super().__init__(path, num_threads)  # compiles the model: only once the arguments are known good
-        self.static_decode_width = static_decode_width
+        # A stateful model (pipeline_lib.openvino_stateful) keeps the KV cache itself: no fixed-width
+        # second compilation, the generation loop feeds beam_idx instead of past_* (generate.StateCache).
+        self.stateful = bool(self.model.get_sinks())
+        self.static_decode_width = None if self.stateful else static_decode_width
         self._dynamic = _BoundRequest(self._ov, self.compiled, self.request)
         self._static: _BoundRequest | None = None
 
     def static_kv_width(self, batch: int) -> int | None:
         return self.static_decode_width if batch == 1 else None
+
+    def reset_state(self) -> None:
+        """Empty a stateful model's KV cache: the next call is a prefill."""
+        self.request.reset_state()
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         w = self.static_decode_width

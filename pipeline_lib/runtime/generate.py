@@ -45,6 +45,7 @@ from pipeline_lib.runtime.sampling import SamplingParams, select_tokens
 __all__ = [
     "LMSpec",
     "KVCache",
+    "StateCache",
     "KV_BUCKET",
     "StepEvent",
     "GenerationTimings",
@@ -75,6 +76,7 @@ class LMSpec:
     hidden_size: int
     vocab_size: int
     max_position_embeddings: int
+    stateful: bool = False  # the KV cache is the backend's state (config "kv_cache": "openvino_state")
 
     @property
     def stop_id(self) -> int:
@@ -110,6 +112,7 @@ class LMSpec:
                 hidden_size=int(d["hidden_size"]),
                 vocab_size=int(d["vocab_size"]),
                 max_position_embeddings=int(d["max_position_embeddings"]),
+                stateful=d.get("kv_cache", "inputs") == "openvino_state",
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelFileError(
@@ -120,8 +123,9 @@ class LMSpec:
 
     def check_interface(self) -> None:
         """The names the loop feeds and reads must all be there (for num_layers layers)."""
-        needed = ["input_ids", "attention_mask", "position_ids", *self.past_names]
-        produced = ["logits", "hidden_states", *self.new_kv_names]
+        needed = ["input_ids", "attention_mask", "position_ids"]
+        needed += ["beam_idx"] if self.stateful else self.past_names
+        produced = ["logits", "hidden_states", *([] if self.stateful else self.new_kv_names)]
         missing = [n for n in needed if n not in self.input_names] + [n for n in produced if n not in self.output_names]
         if missing:
             raise ModelFileError(
@@ -269,6 +273,67 @@ class KVCache:
         self._alloc(self.arrays, mask[:, first:], used, take=lambda a: a[idx, :, first:end])
 
 
+class StateCache:
+    """The cache of a stateful backend (OpenVINO state, see pipeline_lib.openvino_stateful): the keys and
+    values live in the backend; here only what the step model is fed about them. Same interface as
+    KVCache. The state holds `used` columns per row (left padding included), so each call's
+    attention_mask has used + 1 columns, the new token last; beam_idx names the rows of the previous
+    call's state that go on (all of them, except on the step after rows finish). Columns cannot be
+    dropped from the state, so `select` keeps the leading ones that no remaining row needs, masked."""
+
+    def __init__(self, mask: np.ndarray, bucket: int = KV_BUCKET) -> None:
+        self.bucket = _checked_bucket(bucket)
+        self.used = mask.shape[1]
+        self._alloc(mask)
+        self.beam = np.arange(mask.shape[0], dtype=np.int32)
+
+    def _alloc(self, mask: np.ndarray) -> None:
+        """A mask buffer with room for the tokens so far and at least one more, in steps of `bucket`."""
+        width = -(-(self.used + 1) // self.bucket) * self.bucket
+        self.mask = np.zeros((mask.shape[0], width), dtype=np.int64)
+        self.mask[:, : self.used] = mask[:, : self.used]
+
+    @property
+    def width(self) -> int:
+        return self.used
+
+    def feed(self) -> dict[str, np.ndarray]:
+        self.mask[:, self.used] = 1  # the new token's column
+        feed = {"attention_mask": self.mask[:, : self.used + 1], "beam_idx": self.beam}
+        if len(self.beam) != self.mask.shape[0] or (self.beam != np.arange(len(self.beam))).any():
+            self.beam = np.arange(self.mask.shape[0], dtype=np.int32)  # from the next call on: every row
+        return feed
+
+    def append(self, new: Sequence[np.ndarray] = ()) -> None:
+        """The step's key / value went into the backend's state: one more column."""
+        self.used += 1
+        if self.used + 1 > self.mask.shape[1]:
+            self._alloc(self.mask)
+
+    def select(self, idx: np.ndarray, bucket: int | None = None) -> None:
+        """Keep rows `idx` (the next call's beam_idx makes the state follow)."""
+        if bucket is not None:
+            self.bucket = _checked_bucket(bucket)
+        self.mask = self.mask[idx]
+        self.beam = np.asarray(idx, dtype=np.int32)
+
+
+def _prefill_stateful(
+    lm: LMBackend, spec: LMSpec, prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, kv_bucket: int
+) -> tuple[dict[str, np.ndarray], StateCache]:
+    """A stateful backend: empty its state, then one call with the prompts left-padded (padding ids are
+    masked out; results equal a call per row). Returns the last position's logits / hidden states."""
+    lm.reset_state()
+    ids = np.zeros(mask.shape, dtype=np.int64)
+    for r, prompt in enumerate(prompt_ids):
+        ids[r, mask.shape[1] - len(prompt):] = prompt
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(mask.cumsum(axis=1) - 1, 0),
+            "beam_idx": np.arange(mask.shape[0], dtype=np.int32)}
+    out = lm.run(feed)
+    last = {name: np.array(out[name][:, -1:], dtype=np.float32) for name in ("logits", "hidden_states")}
+    return last, StateCache(mask, kv_bucket)
+
+
 def _cache_bucket(lm: LMBackend, rows: int, kv_bucket: int) -> int:
     """The cache's width step for `rows` rows: the backend's fixed decode width where it has one
     (OpenVINO's static one-row model: the cache stays at that width, masked, until it is full, then
@@ -343,8 +408,13 @@ def generate_steps(
     guard = HallucinationGuard(batch, spec.hidden_size) if hallucination_guard else None
     new_kv_names = spec.new_kv_names
 
+    stateful = bool(getattr(lm, "stateful", False))
+    if stateful != spec.stateful:
+        raise ModelFileError(f"{spec.path}: the config says the KV cache is {'the backend state' if spec.stateful else 'fed as inputs'}, "
+                             f"the model {'keeps it as state' if stateful else 'takes it as inputs'}; the model and config do not belong together.")
     t0 = time.perf_counter()
-    out, cache = _prefill(lm, spec, prompt_ids, mask, _cache_bucket(lm, batch, kv_bucket))
+    prefill = _prefill_stateful if stateful else _prefill
+    out, cache = prefill(lm, spec, prompt_ids, mask, _cache_bucket(lm, batch, kv_bucket))
     timings.prefill_s += time.perf_counter() - t0
     t_step = time.perf_counter()
     for step in range(max_new_tokens):
@@ -372,7 +442,7 @@ def generate_steps(
             return
         t_step = time.perf_counter()
         if step > 0:
-            cache.append([out[name] for name in new_kv_names])
+            cache.append([] if stateful else [out[name] for name in new_kv_names])
         if done.any():
             idx = np.flatnonzero(~done)
             rows, tokens, next_pos, seen = rows[idx], tokens[idx], next_pos[idx], seen[idx]

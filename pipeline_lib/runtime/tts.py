@@ -48,6 +48,7 @@ from pipeline_lib.text import SPECIAL_TOKENS, SentencePrompt, fit_to_positions, 
 __all__ = ["SopranoTTS", "stream_context_tokens", "write_wav", "LM_FILE", "DECODER_FILE"]
 
 LM_FILE = "soprano_lm_step"
+STATEFUL_FILE = "soprano_lm_stateful"  # pipeline_lib.openvino_stateful.STATEFUL_FILE: the LM with its KV cache in OpenVINO state
 DECODER_FILE = "soprano_decoder_preistft"
 LM_CONFIG_SUFFIX = "_config.json"
 DECODER_CONFIG_SUFFIX = "_istft_config.json"
@@ -242,16 +243,17 @@ class SopranoTTS:
     def from_dir(cls, model_dir: str | Path, **kwargs: Any) -> SopranoTTS:
         """An export folder: soprano_lm_step.onnx, soprano_decoder_preistft.onnx, their JSON configs
         and tokenizer.json; or a pipeline folder with lm/ and decoder/ subfolders (artifacts/export,
-        artifacts/<backend>/<precision>). With backend "openvino_cpu", .xml IR files are preferred."""
+        artifacts/<backend>/<precision>). With backend "openvino_cpu", .xml IR files are preferred, and
+        of the LM the stateful one (soprano_lm_stateful.xml, KV cache in OpenVINO state) where present."""
         d = Path(model_dir)
         if not d.is_dir():
             raise ModelFileError(f"{d}: model folder not found; {HOW_TO_PRODUCE}.")
         lm_dir, dec_dir = (d / "lm", d / "decoder") if (d / "lm").is_dir() and (d / "decoder").is_dir() else (d, d)
-        ext = ".onnx"
-        if normalize_backend(kwargs.get("backend", "onnx_cpu")) == "openvino_cpu" and (lm_dir / f"{LM_FILE}.xml").is_file() \
-                and (dec_dir / f"{DECODER_FILE}.xml").is_file():
-            ext = ".xml"
-        return cls(lm_dir / f"{LM_FILE}{ext}", dec_dir / f"{DECODER_FILE}{ext}", **kwargs)
+        if normalize_backend(kwargs.get("backend", "onnx_cpu")) == "openvino_cpu" and (dec_dir / f"{DECODER_FILE}.xml").is_file():
+            for lm_file in (STATEFUL_FILE, LM_FILE):
+                if (lm_dir / f"{lm_file}.xml").is_file():
+                    return cls(lm_dir / f"{lm_file}.xml", dec_dir / f"{DECODER_FILE}.xml", **kwargs)
+        return cls(lm_dir / f"{LM_FILE}.onnx", dec_dir / f"{DECODER_FILE}.onnx", **kwargs)
 
     @staticmethod
     def _positive_int(name: str, v: Any) -> int:

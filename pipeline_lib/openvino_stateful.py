@@ -1,0 +1,138 @@
+"""The LM as a stateful OpenVINO model: the KV cache lives in OpenVINO state, not in the caller's arrays.
+
+As OpenVINO's own LLM export does it (optimum-intel), the model is converted from PyTorch
+(`SopranoLMStateful`: past_* reordered by beam_idx, joined with the call's keys / values, SDPA,
+present_* out), then each past_* input / present_* output pair becomes one state variable
+(ReadValue / Assign). OpenVINO's CPU plugin fuses each layer's ReadValue -> Gather -> Concat -> SDPA ->
+Assign into one attention node that keeps the cache in its own growing buffer: a decode step moves
+four small inputs (input_ids, attention_mask, position_ids, beam_idx) and two outputs across the API
+instead of 34 cache arrays, and attends to the tokens there are, not to a fixed width.
+
+    inputs : input_ids [B, S] int64, attention_mask [B, P+S] int64 (left padding), position_ids [B, S]
+             int64, beam_idx [B] int32: the rows of the previous call's state this call continues
+             (arange(B) normally; a subset when rows leave the batch)
+    outputs: logits [B, S, vocab], hidden_states [B, S, hidden]
+    state  : past_key_i / past_value_i, [B, kv_heads, P, head_dim]; `InferRequest.reset_state()` empties it
+             (the next call is a prefill: attention_mask as wide as input_ids).
+
+Why the ONNX step model is not converted instead: its attention (two products under one softmax, no
+concatenated cache) has no SDPA op for the plugin to fuse, and ONNX has none that OpenVINO maps to it.
+The fp32 IR of the ONNX model is still written beside it (`convert_onnx_to_openvino`): parity compares
+it with ONNX, and the runtime can run it (explicit cache, see runtime.backends.OpenVinoLM).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline_lib.convert import OV_INT8_MODES, PRECISIONS, import_nncf, import_openvino, save_ir
+from pipeline_lib.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+STATEFUL_FILE = "soprano_lm_stateful"  # also pipeline_lib.runtime.tts.STATEFUL_FILE
+STATEFUL_CONFIG = f"{STATEFUL_FILE}_config.json"
+KV_CACHE_KIND = "openvino_state"  # the config's "kv_cache" value for this model
+
+
+def stateful_interface(num_layers: int) -> tuple[list[str], list[str], dict[str, str]]:
+    """Input and output names of the compiled model, and the state variables (past_* -> present_*)."""
+    inputs = ["input_ids", "attention_mask", "position_ids", "beam_idx"]
+    outputs = ["logits", "hidden_states"]
+    states = {f"past_{k}_{i}": f"present_{k}_{i}" for i in range(num_layers) for k in ("key", "value")}
+    return inputs, outputs, states
+
+
+def _zero_state_init(model: Any, num_kv_heads: int, head_dim: int) -> None:
+    """Give every ReadValue an initial value: an empty cache [B, kv_heads, 0, head_dim], B from input_ids.
+    Without one the CPU plugin cannot compile the model."""
+    import openvino.opset13 as ops
+
+    batch = ops.gather(ops.shape_of(model.input("input_ids"), output_type="i64"),
+                       ops.constant(np.array([0], dtype=np.int64)), ops.constant(np.int64(0)))
+    rest = ops.constant(np.array([num_kv_heads, 0, head_dim], dtype=np.int64))
+    for op in model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            shape = ops.concat([batch, rest], 0)
+            op.set_arguments([ops.broadcast(ops.constant(np.float32(0)), shape).output(0)])
+    model.validate_nodes_and_infer_types()
+
+
+def build_stateful_lm(ckpt_dir: Path | str) -> Any:
+    """The stateful ov.Model (fp32 weights) of the checkpoint's LM."""
+    import torch
+
+    from pipeline_lib.model.lm import SopranoLMStateful, load_lm
+
+    ov = import_openvino()
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    step = load_lm(ckpt_dir).eval()
+    module = SopranoLMStateful(step).eval()
+    c = step.cfg
+    # Small example inputs (batch 1, 2 new tokens, 3 past): every dimension is made dynamic below.
+    past = [torch.zeros(1, c.num_kv_heads, 3, c.head_dim) for _ in range(2 * c.num_layers)]
+    example = (torch.ones(1, 2, dtype=torch.int64), torch.ones(1, 5, dtype=torch.int64),
+               torch.tensor([[3, 4]]), torch.zeros(1, dtype=torch.int32), *past)
+    try:
+        with torch.no_grad():
+            model = ov.convert_model(module, example_input=example)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"{ckpt_dir}: OpenVINO could not convert the stateful LM: {exc}") from exc
+    in_names, out_names = module.input_names(), module.output_names()
+    if len(model.inputs) != len(in_names) or len(model.outputs) != len(out_names):
+        raise ExportError(f"stateful LM: OpenVINO made {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
+                          f"expected {len(in_names)} / {len(out_names)}")
+    for port, name in zip(model.inputs, in_names):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, out_names):
+        port.get_tensor().set_names({name})
+    dims = {"beam_idx": [-1]}
+    model.reshape({port: ov.PartialShape(dims.get(name, [-1, -1] if not name.startswith("past_")
+                                                  else [-1, c.num_kv_heads, -1, c.head_dim]))
+                   for port, name in zip(model.inputs, in_names)})
+    _, _, states = stateful_interface(c.num_layers)
+    apply_make_stateful_transformation(model, states)
+    _zero_state_init(model, c.num_kv_heads, c.head_dim)
+    return model
+
+
+def convert_lm_to_openvino_stateful(
+    ckpt_dir: Path | str,
+    out_path: Path | str,
+    weight_format: str = "fp32",
+    int8_mode: str = "int8_asym",
+) -> Path:
+    """Write the stateful LM IR (.xml + .bin) for a checkpoint folder; returns the .xml path.
+    fp32 weights are kept fp32; int8: NNCF weight compression (`int8_mode`), as for the plain IR."""
+    if weight_format not in PRECISIONS:
+        raise ValueError(f"weight_format {weight_format!r}: expected one of {PRECISIONS}")
+    if int8_mode not in OV_INT8_MODES:
+        raise ValueError(f"int8_mode {int8_mode!r}: expected one of {OV_INT8_MODES}")
+    nncf = import_nncf() if weight_format == "int8" else None
+    model = build_stateful_lm(ckpt_dir)
+    if nncf is not None:
+        model = nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, int8_mode.upper()))
+    return save_ir(model, Path(out_path))
+
+
+def stateful_config(step_config: dict, conversion: dict) -> dict:
+    """The stateful model's JSON config, from the LM step model's: its own inputs, outputs and state."""
+    layers = int(step_config["num_layers"])
+    by_name = {d["name"]: d for d in [*step_config["inputs"], *step_config["outputs"]]}
+    inputs, outputs, states = stateful_interface(layers)
+    cfg = {k: v for k, v in step_config.items() if k not in ("inputs", "outputs", "kv_note", "conversion")}
+    cfg["file"] = conversion["file"]
+    cfg["inputs"] = [by_name[n] for n in inputs if n in by_name] + [{"name": "beam_idx", "shape": ["batch"], "dtype": "int32"}]
+    cfg["outputs"] = [by_name[n] for n in outputs]
+    cfg["kv_cache"] = KV_CACHE_KIND
+    cfg["state"] = [{"name": past, "present": present, "shape": cfg["kv_layout"]} for past, present in states.items()]
+    cfg["kv_note"] = ("the KV cache is OpenVINO state (InferRequest.reset_state() empties it; the next call is a "
+                      "prefill); beam_idx picks the rows of the previous call's state that this call continues; "
+                      "attention_mask covers the cached tokens and this call's, left padding")
+    cfg["conversion"] = conversion
+    return cfg
