@@ -72,14 +72,28 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def cpu_model() -> str:
+# The vector extensions that change int8 / fp32 kernels (and int8 accuracy: without VNNI, ONNX Runtime's
+# u8 x s8 products saturate; see conf/convert/default.yaml), as /proc/cpuinfo names them.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and which of CPU_FEATURES it has, e.g. 'AMD EPYC (avx2)'."""
+    name, flags = "", set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for line in cpuinfo.read_text().splitlines():
+            key = line.split(":", 1)[0].strip().lower()
+            if key == "model name" and not name:
+                name = line.split(":", 1)[1].strip()
+            elif key == "flags" and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = name or platform.processor() or platform.machine() or "unknown"
+    if not flags:
+        return name
+    found = [f for f in CPU_FEATURES if f in flags]
+    return f"{name} ({', '.join(found) if found else 'none of ' + ', '.join(CPU_FEATURES)})"
 
 
 def core_counts() -> tuple[int | None, int | None]:

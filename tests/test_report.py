@@ -211,3 +211,17 @@ def test_upstream_table_gives_ratios_and_verdicts():
     assert rows[("peak RSS, MiB", "OpenVINO fp32")][5:] == ["-", "-"]  # the RSS target is ONNX Runtime fp32's
     assert "| 1 |" not in text  # only upstream's thread count
     assert upstream_lines([fp32, int8]) == []
+
+
+def test_cpu_model_names_the_vector_extensions(tmp_path):
+    from pipeline_lib.report import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert cpu_model(info) == "AMD EPYC (avx2)"
+    info.write_text("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_vnni amx_int8\n")
+    assert cpu_model(info) == "Xeon (avx2, avx512f, avx512_vnni, amx_int8)"
+    info.write_text("model name\t: Old\nflags\t\t: sse2\n")
+    assert cpu_model(info).startswith("Old (none of avx2")
+    assert cpu_model(tmp_path / "missing") not in ("", None)

@@ -16,8 +16,11 @@
   reallocated per step: with OpenVINO, a shape change re-plans the whole graph (measured on the
   80M LM: about 1.2-2.4 ms of a 5-7 ms int8 step).
   A backend may ask for a fixed width instead (`LMBackend.static_kv_width`): OpenVINO runs one-row
-  decode steps on a fixed-shape compilation, so a one-row cache stays at that width, masked, until
-  it is full.
+  decode steps of the plain IR on a fixed-shape compilation, so a one-row cache stays at that width,
+  masked, until it is full.
+* A stateful backend (`stateful` True: OpenVINO's stateful LM) keeps the keys and values itself:
+  the prompts are prefilled in one left-padded call, and `StateCache` feeds only the attention mask
+  and beam_idx (the rows that go on).
 * Hidden-state convention (DESIGN.md): for each generated token other than [STOP], the final-norm
   hidden state of the forward step that produced it; the first comes from the prompt's last
   position. So a row with n non-[STOP] tokens yields n hidden vectors.
