@@ -91,10 +91,12 @@ def build_stateful_lm(ckpt_dir: Path | str) -> Any:
         port.get_tensor().set_names({name})
     for port, name in zip(model.outputs, out_names):
         port.get_tensor().set_names({name})
-    dims = {"beam_idx": [-1]}
-    model.reshape({port: ov.PartialShape(dims.get(name, [-1, -1] if not name.startswith("past_")
-                                                  else [-1, c.num_kv_heads, -1, c.head_dim]))
-                   for port, name in zip(model.inputs, in_names)})
+    def dynamic(name: str) -> list[int]:  # -1: any length
+        if name == "beam_idx":
+            return [-1]
+        return [-1, c.num_kv_heads, -1, c.head_dim] if name.startswith("past_") else [-1, -1]
+
+    model.reshape({port: ov.PartialShape(dynamic(name)) for port, name in zip(model.inputs, in_names)})
     _, _, states = stateful_interface(c.num_layers)
     apply_make_stateful_transformation(model, states)
     _zero_state_init(model, c.num_kv_heads, c.head_dim)
