@@ -75,3 +75,31 @@ def test_decoder_of_other_shapes_is_a_clear_error(tiny_checkpoint, tmp_path):
 def test_decoder_input_channels_must_match_lm(tiny_checkpoint):
     with pytest.raises(CheckpointError, match="hidden size 640"):
         load_decoder(tiny_checkpoint / "decoder.pth", expected_input_channels=640)
+
+
+def test_stateful_form_equals_the_step_model(tiny_checkpoint):
+    """SopranoLMStateful (stacked projections, SDPA, present = past + new, rows picked by beam_idx) gives
+    the step model's logits and hidden states; after dropping a row through beam_idx as well."""
+    from pipeline_lib.model.lm import SopranoLMStateful
+
+    lm = load_lm(tiny_checkpoint).eval()
+    sf = SopranoLMStateful(lm).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 8000, (3, 6), generator=g)
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    mask[1, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = lm(ids, mask, pos, *lm.empty_cache(3))
+        got = sf(ids, mask, pos, torch.arange(3, dtype=torch.int32), *lm.empty_cache(3))
+        assert (got[0] - ref[0]).abs().max() < 1e-3 and (got[1] - ref[1]).abs().max() < 1e-4
+        for a, b in zip(got[2:], extend_cache(lm.empty_cache(3), ref[2:])):
+            assert a.shape == b.shape and (a - b).abs().max() < 1e-5
+        keep = torch.tensor([0, 2])  # row 1 leaves the batch
+        nxt = ref[0][keep, -1].argmax(-1)[:, None]
+        m2 = torch.cat([mask[keep], torch.ones(2, 1, dtype=torch.int64)], 1)
+        p2 = m2.sum(-1, keepdim=True) - 1
+        ref2 = lm(nxt, m2, p2, *[c[keep] for c in extend_cache(lm.empty_cache(3), ref[2:])])
+        got2 = sf(nxt, m2, p2, keep.to(torch.int32), *got[2:])
+    assert (got2[0] - ref2[0]).abs().max() < 1e-3 and (got2[1] - ref2[1]).abs().max() < 1e-4
+    assert got2[2].shape == (2, lm.cfg.num_kv_heads, 7, lm.cfg.head_dim)

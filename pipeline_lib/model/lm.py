@@ -116,12 +116,17 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [B, heads, S, D], keys and values [B, kv_heads, S, D]: q/k after their norm and the
         rotary embedding."""
-        b, s, _ = x.shape
+        return self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`project` from the projections' outputs [B, S, heads * D] / [B, S, kv_heads * D]."""
+        b, s, _ = q.shape
         c = self.cfg
         half = c.head_dim // 2
-        q = self.q_norm(self.q_proj(x).view(b, s, c.num_heads, c.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, c.num_kv_heads, c.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = self.q_norm(q.reshape(b, s, c.num_heads, c.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.reshape(b, s, c.num_kv_heads, c.head_dim)).transpose(1, 2)
+        v = v.reshape(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
         return q * cos + _rotate_half(q, half) * sin, k * cos + _rotate_half(k, half) * sin, v
 
     def forward(
@@ -159,7 +164,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.combine(self.gate_proj(x), self.up_proj(x))
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -263,6 +271,13 @@ class SopranoLMStateful(nn.Module):
     def __init__(self, step: SopranoLMStep) -> None:
         super().__init__()
         self.step = step
+        # Per layer, one product for q, k and v and one for gate and up (their weights stacked): the
+        # same numbers (per-output-channel int8 scales are unchanged too) in 4 matrix products per
+        # layer instead of 7. OpenVINO, 80M LM, stateful, one row, medians of 6 alternating rounds
+        # (AVX2 CPU): int8 9.57 vs 10.22 ms per step at 1 thread, 6.35 vs 6.67 ms at 2; fp32 18.43 vs
+        # 19.14 ms at 1 thread; faster in 6 of 6 rounds each.
+        self.qkv_proj = nn.ModuleList(_stacked(a.q_proj, a.k_proj, a.v_proj) for a in (l.self_attn for l in step.model.layers))
+        self.gate_up_proj = nn.ModuleList(_stacked(l.mlp.gate_proj, l.mlp.up_proj) for l in step.model.layers)
 
     def input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask", "position_ids", "beam_idx"]
@@ -275,13 +290,15 @@ class SopranoLMStateful(nn.Module):
         st, c = self.step, self.step.cfg
         b, s = input_ids.shape
         groups = c.num_heads // c.num_kv_heads
+        qkv_sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
         cos, sin = st.rotary(position_ids)
         bias = mask_bias(input_ids, attention_mask)[:, None]  # [B, 1, S, P+S]
         x = st.model.embed_tokens(input_ids)
         present: list[torch.Tensor] = []
         for i, layer in enumerate(st.model.layers):
             attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+            qkv = self.qkv_proj[i](layer.input_layernorm(x)).split(qkv_sizes, dim=-1)
+            q, k, v = attn.heads(*qkv, cos, sin)
             key = torch.cat((past[2 * i].index_select(0, beam_idx), k), dim=2)
             value = torch.cat((past[2 * i + 1].index_select(0, beam_idx), v), dim=2)
             n = key.shape[2]
@@ -290,10 +307,19 @@ class SopranoLMStateful(nn.Module):
             vh = value[:, :, None].expand(b, c.num_kv_heads, groups, n, c.head_dim).reshape(b, c.num_heads, n, c.head_dim)
             out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=bias)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gate, up = self.gate_up_proj[i](layer.post_attention_layernorm(x)).split(c.intermediate_size, dim=-1)
+            x = x + layer.mlp.combine(gate, up)
             present += [key, value]
         hidden = st.model.norm(x)
         return (st.lm_head(hidden), hidden, *present)
+
+
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free Linear whose output is the given ones' outputs, concatenated."""
+    weight = torch.cat([l.weight.detach() for l in linears])
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    return out
 
 
 def extend_cache(past: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
