@@ -34,7 +34,7 @@ from pipeline_lib.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-STATEFUL_FILE = "soprano_lm_stateful"  # also pipeline_lib.runtime.tts.STATEFUL_FILE
+STATEFUL_FILE = "soprano_lm_stateful"
 STATEFUL_CONFIG = f"{STATEFUL_FILE}_config.json"
 KV_CACHE_KIND = "openvino_state"  # the config's "kv_cache" value for this model
 

@@ -26,7 +26,7 @@ from pipeline_lib.parity import (
     format_report,
     runner_for,
 )
-from pipeline_lib.runtime.tts import STATEFUL_FILE
+from pipeline_lib.openvino_stateful import STATEFUL_FILE
 from pipeline_lib.stage import load_params, stage_outputs
 
 if __name__ == "__main__":

@@ -288,7 +288,8 @@ class StateCache:
         self.bucket = _checked_bucket(bucket)
         self.used = mask.shape[1]
         self._alloc(mask)
-        self.beam = np.arange(mask.shape[0], dtype=np.int32)
+        self._every = np.arange(mask.shape[0], dtype=np.int32)  # beam_idx when every row goes on
+        self.beam = self._every
 
     def _alloc(self, mask: np.ndarray) -> None:
         """A mask buffer with room for the tokens so far and at least one more, in steps of `bucket`."""
@@ -303,8 +304,7 @@ class StateCache:
     def feed(self) -> dict[str, np.ndarray]:
         self.mask[:, self.used] = 1  # the new token's column
         feed = {"attention_mask": self.mask[:, : self.used + 1], "beam_idx": self.beam}
-        if len(self.beam) != self.mask.shape[0] or (self.beam != np.arange(len(self.beam))).any():
-            self.beam = np.arange(self.mask.shape[0], dtype=np.int32)  # from the next call on: every row
+        self.beam = self._every  # from the next call on: every row (the same array: no re-binding)
         return feed
 
     def append(self, new: Sequence[np.ndarray] = ()) -> None:
@@ -319,6 +319,7 @@ class StateCache:
             self.bucket = _checked_bucket(bucket)
         self.mask = self.mask[idx]
         self.beam = np.asarray(idx, dtype=np.int32)
+        self._every = np.arange(len(idx), dtype=np.int32)
 
 
 def _prefill_stateful(

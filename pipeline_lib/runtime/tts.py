@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline_lib.audio.istft import IstftConfig, istft
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
+from pipeline_lib.openvino_stateful import STATEFUL_FILE  # the LM with its KV cache in OpenVINO state
 from pipeline_lib.runtime.backends import (
     HOW_TO_PRODUCE,
     OpenVinoLM,
@@ -48,7 +49,6 @@ from pipeline_lib.text import SPECIAL_TOKENS, SentencePrompt, fit_to_positions, 
 __all__ = ["SopranoTTS", "stream_context_tokens", "write_wav", "LM_FILE", "DECODER_FILE"]
 
 LM_FILE = "soprano_lm_step"
-STATEFUL_FILE = "soprano_lm_stateful"  # pipeline_lib.openvino_stateful.STATEFUL_FILE: the LM with its KV cache in OpenVINO state
 DECODER_FILE = "soprano_decoder_preistft"
 LM_CONFIG_SUFFIX = "_config.json"
 DECODER_CONFIG_SUFFIX = "_istft_config.json"
