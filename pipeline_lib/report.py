@@ -270,6 +270,7 @@ def build_markdown(
             headline_tables(bench_metrics), ""]
 
     out += upstream_lines(rows)
+    out += per_token_lines(rows)
     out += ["## Real-time factor by backend, precision and threads", "",
             "Speedups are x real time over the PyTorch reference at the same thread count, and over fp32 of the "
             "same backend and threads.", "",
@@ -346,6 +347,50 @@ def upstream_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             "is better), and the project's target for that ratio where one is set. Timings on a shared machine "
             "are noisy: one run is one sample.", "",
             md_table(["figure", "configuration", "ours", "upstream", "ratio", "target", "verdict"], table), ""]
+
+
+# Per-token targets of the project's OpenVINO issue: int8 over fp32 on the same backend, and
+# OpenVINO against ONNX Runtime at equal precision and threads (ratio of per-token medians).
+INT8_SPEEDUP_TARGET = 1.7
+OPENVINO_OVER_ONNX_TARGET = 1.0
+
+
+def per_token_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The per-token LM latency targets, per thread count: int8 over fp32 per backend (>= 1.7) and
+    OpenVINO over ONNX Runtime per precision (<= 1.0). Empty without two configurations to compare."""
+
+    def per_token(backend: str, precision: str, threads: int) -> float:
+        for r in rows:
+            if r["backend"] == backend and r["precision"] == precision and int(r["threads"]) == threads:
+                try:
+                    return float(r.get("per_token_median_ms"))
+                except (TypeError, ValueError):
+                    return math.nan
+        return math.nan
+
+    table = []
+    for threads in sorted({int(r["threads"]) for r in rows if r["backend"] in ("onnx", "openvino")}):
+        pairs = [(f"{BACKEND_NAMES[b]}: fp32 over int8", (b, "fp32"), (b, "int8"), INT8_SPEEDUP_TARGET, True)
+                 for b in ("onnx", "openvino")]
+        pairs += [(f"{p}: OpenVINO over ONNX Runtime", ("openvino", p), ("onnx", p), OPENVINO_OVER_ONNX_TARGET, False)
+                  for p in ("fp32", "int8")]
+        for what, num, den, target, higher in pairs:
+            a, b = per_token(*num, threads), per_token(*den, threads)
+            if math.isnan(a) or math.isnan(b) or b == 0:
+                continue
+            ratio = a / b
+            verdict = "met" if (ratio >= target if higher else ratio <= target) else "not met"
+            table.append([what, fmt(threads), fmt(a), fmt(b), fmt(ratio),
+                          (">= " if higher else "<= ") + fmt(target), verdict])
+    if not table:
+        return []
+    return ["## Per-token LM latency targets", "",
+            "Per token median (ms, one LM decode step) of two configurations at the same thread count, and their "
+            "ratio: fp32 over int8 on one backend (the int8 speedup), and OpenVINO over ONNX Runtime at one precision "
+            "(below 1: OpenVINO is faster). Each configuration ran in its own process; on a shared machine one run is "
+            "one sample (`python scripts/lm_step_latency.py --isolated` repeats the comparison in alternating "
+            "processes).", "",
+            md_table(["figure", "threads", "first (ms)", "second (ms)", "ratio", "target", "verdict"], table), ""]
 
 
 def _label(row: Mapping[str, Any]) -> str:

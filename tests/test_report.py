@@ -213,6 +213,26 @@ def test_upstream_table_gives_ratios_and_verdicts():
     assert upstream_lines([fp32, int8]) == []
 
 
+def test_per_token_targets_compare_backends_and_precisions():
+    from pipeline_lib.report import per_token_lines
+
+    def row(backend, precision, threads, ms):
+        return {"backend": backend, "precision": precision, "threads": threads, "per_token_median_ms": ms}
+
+    rows = [row("onnx", "fp32", 2, 12.0), row("onnx", "int8", 2, 6.0), row("openvino", "fp32", 2, 11.4),
+            row("openvino", "int8", 2, 7.5), row("onnx", "fp32", 1, 18.0), row("onnx", "int8", 1, float("nan")),
+            row("torch", "fp32", 2, 30.0)]
+    text = "\n".join(per_token_lines(rows))
+    got = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")][2:]
+           for line in text.splitlines() if line.startswith("| ") and "figure" not in line}
+    assert got[("ONNX Runtime: fp32 over int8", "2")] == ["12", "6", "2", ">= 1.7", "met"]
+    assert got[("OpenVINO: fp32 over int8", "2")] == ["11.4", "7.5", "1.52", ">= 1.7", "not met"]
+    assert got[("fp32: OpenVINO over ONNX Runtime", "2")] == ["11.4", "12", "0.95", "<= 1", "met"]
+    assert got[("int8: OpenVINO over ONNX Runtime", "2")] == ["7.5", "6", "1.25", "<= 1", "not met"]
+    assert not any(k[1] == "1" for k in got)  # thread count 1 has no pair with both figures
+    assert per_token_lines([row("onnx", "fp32", 2, 12.0)]) == []
+
+
 def test_cpu_model_names_the_vector_extensions(tmp_path):
     from pipeline_lib.report import cpu_model
 
