@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from pipeline_lib.cpuinfo import CPUINFO, read_cpuinfo
+
 RANDOM_WEIGHTS_LINE = "**Random weights: audio is noise, timings are valid.**"
 LIBRARIES = ("numpy", "onnxruntime", "openvino", "torch", "nncf", "transformers")
 XRT_PNG = "xrt_by_backend.png"
@@ -77,18 +79,9 @@ def fmt(value: Any) -> str:
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name and which of CPU_FEATURES it has, e.g. 'AMD EPYC (avx2)'."""
-    name, flags = "", set()
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key = line.split(":", 1)[0].strip().lower()
-            if key == "model name" and not name:
-                name = line.split(":", 1)[1].strip()
-            elif key == "flags" and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    name, flags = read_cpuinfo(cpuinfo)
     name = name or platform.processor() or platform.machine() or "unknown"
     if not flags:
         return name

@@ -682,6 +682,41 @@ def test_openvino_compiles_with_f32_precision_and_our_dynamic_quant_group(tiny_e
         assert int(backend.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
 
 
+def test_openvino_int8_note_only_for_int8_weights_without_vnni(tmp_path, monkeypatch, caplog):
+    """The performance note names the missing instructions and the faster backend; only for int8
+    weights on a CPU without VNNI / AMX, and once per process."""
+    ov = pytest.importorskip("openvino")
+    import openvino.opset13 as ops
+
+    from pipeline_lib.runtime import backends
+
+    def model(weight_dtype):
+        x = ops.parameter([1, 4], np.float32, name="x")
+        w = ops.constant(np.ones((3, 4), dtype=weight_dtype))
+        if weight_dtype != np.float32:
+            w = ops.multiply(ops.convert(w, "f32"), ops.constant(np.full((3, 1), 0.5, np.float32)))
+        return ov.Model([ops.matmul(x, w, False, True)], [x], "m")
+
+    int8, fp32 = model(np.int8), model(np.float32)
+    avx2 = {"sse2", "avx", "avx2", "fma"}
+    note = backends.openvino_int8_note(int8, avx2)
+    assert note and "avx512_vnni, avx_vnni, amx_int8" in note and "onnx_cpu" in note
+    assert backends.openvino_int8_note(model(np.uint8), avx2) == note
+    assert backends.openvino_int8_note(fp32, avx2) is None
+    assert backends.openvino_int8_note(int8, avx2 | {"avx512_vnni"}) is None
+    assert backends.openvino_int8_note(int8, avx2 | {"avx_vnni"}) is None
+    assert backends.openvino_int8_note(int8, set()) is None  # flags unknown (not Linux): no claim
+
+    path = tmp_path / "m.xml"
+    ov.save_model(int8, path, compress_to_fp16=False)
+    monkeypatch.setattr(backends, "read_cpuinfo", lambda: ("AVX2 CPU", avx2))
+    monkeypatch.setattr(backends, "_NOTED", set())
+    with caplog.at_level("WARNING", logger=backends.log.name):
+        backends.OpenVinoDecoder(path, 1)
+        backends.OpenVinoDecoder(path, 1)
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: {note}"]
+
+
 def test_ort_decoder_threads_do_not_spin_lm_threads_do(tiny_export):
     """The decoder's worker threads must not busy-wait after a run (they would take a core from the
     LM that runs next); the LM's keep ONNX Runtime's default (spinning)."""

@@ -11,6 +11,7 @@ Imports of onnxruntime / openvino happen here, lazily, so a missing package is a
 
 from __future__ import annotations
 
+import logging
 import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -19,7 +20,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from pipeline_lib.convert import OV_CPU_CONFIG, load_openvino_model
+from pipeline_lib.cpuinfo import INT8_DOT_FEATURES, read_cpuinfo
 from pipeline_lib.errors import MissingBackendError, ModelFileError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -303,6 +307,35 @@ def _port_name(port: Any) -> str:
     return (plain or names or [port.get_any_name()])[0]
 
 
+_NOTED: set[str] = set()
+
+
+def openvino_int8_note(model: Any, flags: set[str] | None = None) -> str | None:
+    """A performance note for an OpenVINO model with int8 weights on a CPU without integer dot-product
+    instructions (cpuinfo.INT8_DOT_FEATURES), else None (also where the CPU's flags are unknown).
+
+    Without them, OpenVINO's CPU plugin computes int8-weight layers in f32, unpacking the weights
+    on every call (`FullyConnectedCompressed`, kernel `brgemm_avx2_f32`; its dynamic quantisation
+    of activations, DYNAMIC_QUANTIZATION_GROUP_SIZE, had no effect), while ONNX Runtime's int8 runs
+    integer products on plain AVX2. Measured on an AVX2-only AMD EPYC (Zen 3), random-80m, 1 thread,
+    `scripts/lm_step_latency.py --isolated`: LM 8.99 against 8.01 ms per token (medians of 4 rounds,
+    OpenVINO faster in 0 of 4); decoder, 256 tokens: 0.85-0.90 s against 0.40 s. Full int8
+    quantisation (nncf.quantize) ran the LM slower still (oneDNN's int8 GEMM, 25 ms per token);
+    int4 weights ran as fast as int8; OpenVINO 2024.6 and 2025.2 were no faster."""
+    if flags is None:
+        flags = read_cpuinfo()[1]
+    if not flags or any(f in flags for f in INT8_DOT_FEATURES):
+        return None
+    int8 = {"i8", "u8"}
+    if not any(op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in int8
+               for op in model.get_ops()):
+        return None
+    return ("this model has int8 weights, and this CPU has none of " + ", ".join(INT8_DOT_FEATURES)
+            + ": OpenVINO then computes its int8 layers in f32, unpacking the weights on every call, which "
+            "was slower than ONNX Runtime's int8 on such a CPU (LM ~12% per token at 1 thread, decoder ~2x). "
+            "backend='onnx_cpu' with the ONNX int8 files is likely faster here; fp32 models are not affected.")
+
+
 class _OpenVinoBase:
     """Fixes glibc's mmap threshold (fix_malloc_mmap_threshold, process-wide), as ONNX Runtime's
     low_memory mode does, but here for speed: with glibc's dynamic threshold, OpenVINO's per-call
@@ -317,6 +350,10 @@ class _OpenVinoBase:
         self._core = self._ov.Core()
         self._config = {**OV_CPU_CONFIG, "INFERENCE_NUM_THREADS": int(num_threads)}
         self.model = self._read_model()
+        note = openvino_int8_note(self.model)
+        if note and note not in _NOTED:  # once per process (the LM and the decoder would repeat it)
+            _NOTED.add(note)
+            log.warning("%s: %s", path, note)
         self.compiled = self._compile(self.model)
         self.request = self.compiled.create_infer_request()
         self.input_names = [_port_name(p) for p in self.compiled.inputs]
