@@ -2,7 +2,9 @@
 
 Inputs: the benchmark CSV (one row per backend x precision x threads, pipeline_lib.bench.COLUMNS),
 the benchmark metrics JSON (headline figures), the parity metrics JSON files, and the checkpoint's
-source.json. The environment (CPU, cores, library versions, date) is read where the report is built.
+source.json, and the environment the benchmark ran in (CPU, cores, library versions, when: the benchmark
+stage's bench_env.json, `Environment.here()` in that stage); without that file it is read where the
+report is built, and the report says so.
 Every number in the report is formatted by `fmt` from those inputs; none is written here.
 """
 
@@ -13,11 +15,12 @@ import json
 import math
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from pipeline_lib.cpuinfo import CPUINFO, read_cpuinfo
+from pipeline_lib.errors import InputError
 
 RANDOM_WEIGHTS_LINE = "**Random weights: audio is noise, timings are valid.**"
 LIBRARIES = ("numpy", "onnxruntime", "openvino", "torch", "nncf", "transformers")
@@ -113,6 +116,13 @@ def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str]:
     return out
 
 
+ENV_JSON = "bench_env.json"  # written beside the benchmark CSV by the benchmark stage
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 @dataclass
 class Environment:
     cpu: str
@@ -121,12 +131,27 @@ class Environment:
     python: str
     libraries: dict[str, str]
     date: str
+    # Where these facts come from: "benchmark" (recorded by the run that measured the figures) or
+    # "report" (read where and when the report was built).
+    origin: str = "report"
 
     @classmethod
-    def here(cls) -> "Environment":
+    def here(cls, date: str | None = None, origin: str = "report") -> "Environment":
         logical, physical = core_counts()
         return cls(cpu=cpu_model(), logical_cpus=logical, physical_cores=physical, python=platform.python_version(),
-                   libraries=library_versions(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                   libraries=library_versions(), date=date or utc_now(), origin=origin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, path: Path | str) -> "Environment":
+        data = read_json(path)
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as exc:  # a field missing
+            raise InputError(f"{path}: not a benchmark environment record ({exc}); rerun the benchmark stage") from exc
 
 
 def read_json(path: Path | str) -> Any:
@@ -240,7 +265,9 @@ def build_markdown(
     out += [
         f"- CPU: {env.cpu}; {cores}",
         "- Libraries: " + ", ".join(f"{k} {v}" for k, v in env.libraries.items()) + f"; Python {env.python}",
-        f"- Date: {env.date}",
+        (f"- Benchmark run: {env.date}" if env.origin == "benchmark" else
+         f"- Date: {env.date} (CPU, libraries and date read where this report was built: the benchmark's own record, "
+         f"{ENV_JSON}, was not given)"),
         "- Token count: fixed at " + ", ".join(fmt(t) for t in tokens) + " new tokens per synthesis "
         "(max_new_tokens; random weights never emit [STOP]); upstream's generate is held to the same count. "
         "RTF = wall / audio duration (below 1 is faster than real time); x real time = audio / wall. "
@@ -488,8 +515,10 @@ def build_report(
     out_dir: Path,
     env: Environment | None = None,
     convert_files: Sequence[Path] = (),
+    env_json: Path | None = None,
 ) -> Path:
-    """Write out_dir/report.md, out_dir/xrt_by_backend.png and out_dir/stage_breakdown.png."""
+    """Write out_dir/report.md, out_dir/xrt_by_backend.png and out_dir/stage_breakdown.png. The
+    environment: `env`, else the benchmark's record `env_json` (ENV_JSON), else read here."""
     import pandas as pd
 
     from pipeline_lib.fsutil import atomic_file
@@ -504,7 +533,9 @@ def build_report(
         with atomic_file(out_dir / name) as tmp:
             plot(rows, tmp)
     convert = read_parity(list(convert_files))  # same shape: {target: {figure: value}}
-    text = build_markdown(rows, metrics, parity, source, env or Environment.here(), convert=convert)
+    if env is None:
+        env = Environment.from_json(env_json) if env_json is not None else Environment.here()
+    text = build_markdown(rows, metrics, parity, source, env, convert=convert)
     with atomic_file(out_dir / "report.md") as tmp:
         tmp.write_text(text)
     return out_dir / "report.md"

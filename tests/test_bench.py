@@ -238,9 +238,9 @@ def test_only_benchmark_reads_threads_and_report_follows_it():
     assert readers == {"benchmark"}
     assert set(stages["benchmark"]["params"]) == {"threads", "bench", "convert.backends", "convert.precisions"}
     assert "params" not in stages["report"]
-    assert "reports/bench.csv" in stages["report"]["deps"] and "metrics/bench.json" in stages["report"]["deps"]
+    assert {"reports/bench.csv", "reports/bench_env.json", "metrics/bench.json"} <= set(stages["report"]["deps"])
     outs = [next(iter(o)) for o in stages["benchmark"]["outs"]]
-    assert outs == ["reports/bench.csv"]
+    assert outs == ["reports/bench.csv", "reports/bench_env.json"]
     assert [next(iter(m)) for m in stages["benchmark"]["metrics"]] == ["metrics/bench.json"]
 
 

@@ -66,7 +66,7 @@ def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
     for path in ("artifacts/checkpoints/tiny/model.safetensors", "artifacts/export/decoder/soprano_decoder_preistft.onnx",
                  "artifacts/export/lm/soprano_lm_step.onnx", "artifacts/export/lm/tokenizer.json", "metrics/parity.json",
                  "artifacts/openvino/int8/lm/soprano_lm_step.xml", "artifacts/onnx/int8/lm/soprano_lm_step.onnx",
-                 "reports/bench.csv", "reports/report.md", "reports/xrt_by_backend.png"):
+                 "reports/bench.csv", "reports/bench_env.json", "reports/report.md", "reports/xrt_by_backend.png"):
         assert (repo / path).is_file(), path
 
     second = _run(["dvc", "repro"], repo, env)
@@ -87,6 +87,7 @@ def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
     assert _ran_stages(third) == ["parity", "report"], third
     report = (repo / "reports/report.md").read_text()
     assert "random weights" in report.lower()
+    assert "- Benchmark run: " in report  # the machine and date are the benchmark's record, not the report's
 
 
 def test_failing_parity_fails_the_stage_and_leaves_no_metrics(fresh_clone):

@@ -128,6 +128,34 @@ def test_report_warns_when_the_machine_was_busy(inputs):
     assert "machine was busy" in text and "up to 3.25 on 2 logical CPUs" in text
 
 
+def test_report_takes_the_machine_from_the_benchmarks_record(inputs):
+    """The CPU, libraries and date are the benchmark's (its bench_env.json), not where the report is
+    built; without the record the report says where they were read."""
+    from dataclasses import replace
+
+    from pipeline_lib.errors import InputError
+    from pipeline_lib.fsutil import write_json
+    from pipeline_lib.report import ENV_JSON, Environment
+
+    tmp, csv, metrics, parity, source, convert = inputs
+    recorded = replace(ENV, cpu="Bench CPU 1 (avx2)", date="2000-01-02 03:04 UTC to 2000-01-02 03:20 UTC",
+                       origin="benchmark")
+    env_json = tmp / ENV_JSON
+    write_json(env_json, recorded.to_dict())
+    assert Environment.from_json(env_json) == recorded
+    text = build_report(csv, metrics, parity, source, tmp / "out", env_json=env_json).read_text()
+    assert "- CPU: Bench CPU 1 (avx2); 2 logical CPUs" in text
+    assert "- Benchmark run: 2000-01-02 03:04 UTC to 2000-01-02 03:20 UTC" in text
+    assert "onnxruntime 9.9.2" in text and "was not given" not in text
+
+    text = build_report(csv, metrics, parity, source, tmp / "out", env=ENV).read_text()  # origin "report"
+    assert "- Date: 2000-01-02 03:04 UTC (CPU, libraries and date read where this report was built" in text
+
+    write_json(env_json, {"cpu": "x"})
+    with pytest.raises(InputError, match="not a benchmark environment record"):
+        build_report(csv, metrics, parity, source, tmp / "out", env_json=env_json)
+
+
 def test_report_opens_with_the_random_weights_line(inputs):
     tmp, csv, metrics, parity, source, convert = inputs
     lines = build_report(csv, metrics, parity, source, tmp / "out", env=ENV).read_text().splitlines()
