@@ -146,11 +146,15 @@ class Environment:
 
     @classmethod
     def from_json(cls, path: Path | str) -> "Environment":
-        data = read_json(path)
+        try:
+            data = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read the benchmark environment record ({exc}); rerun the benchmark "
+                             "stage") from exc
         names = {f.name for f in fields(cls)}
         try:
             return cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as exc:  # a field missing
+        except (TypeError, AttributeError) as exc:  # not an object, or a field missing
             raise InputError(f"{path}: not a benchmark environment record ({exc}); rerun the benchmark stage") from exc
 
 
@@ -523,6 +527,8 @@ def build_report(
 
     from pipeline_lib.fsutil import atomic_file
 
+    if env is None:  # first: a bad record fails before anything is written
+        env = Environment.from_json(env_json) if env_json is not None else Environment.here()
     rows = _records(pd.read_csv(bench_csv))
     metrics = read_json(bench_metrics)
     parity = read_parity(list(parity_files))
@@ -533,8 +539,6 @@ def build_report(
         with atomic_file(out_dir / name) as tmp:
             plot(rows, tmp)
     convert = read_parity(list(convert_files))  # same shape: {target: {figure: value}}
-    if env is None:
-        env = Environment.from_json(env_json) if env_json is not None else Environment.here()
     text = build_markdown(rows, metrics, parity, source, env, convert=convert)
     with atomic_file(out_dir / "report.md") as tmp:
         tmp.write_text(text)

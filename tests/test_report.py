@@ -151,9 +151,16 @@ def test_report_takes_the_machine_from_the_benchmarks_record(inputs):
     text = build_report(csv, metrics, parity, source, tmp / "out", env=ENV).read_text()  # origin "report"
     assert "- Date: 2000-01-02 03:04 UTC (CPU, libraries and date read where this report was built" in text
 
-    write_json(env_json, {"cpu": "x"})
-    with pytest.raises(InputError, match="not a benchmark environment record"):
-        build_report(csv, metrics, parity, source, tmp / "out", env_json=env_json)
+    for bad in ({"cpu": "x"}, ["not", "an", "object"]):
+        write_json(env_json, bad)
+        with pytest.raises(InputError, match="not a benchmark environment record"):
+            build_report(csv, metrics, parity, source, tmp / "out", env_json=env_json)
+    for broken in ("{", None):  # not JSON; missing
+        env_json.unlink(missing_ok=True)
+        if broken:
+            env_json.write_text(broken)
+        with pytest.raises(InputError, match="cannot read the benchmark environment record"):
+            build_report(csv, metrics, parity, source, tmp / "out", env_json=env_json)
 
 
 def test_report_opens_with_the_random_weights_line(inputs):
