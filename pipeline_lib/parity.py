@@ -309,8 +309,8 @@ class _LMStepper:
 def check_quantized(
     ref_lm: Runner,
     test_lm: Runner,
-    ref_decoder: Runner,
-    test_decoder: Runner,
+    ref_decoder: Runner | None,
+    test_decoder: Runner | None,
     lm_config: Mapping[str, Any],
     istft_config: Any,
     th: QuantParityThresholds,
@@ -324,7 +324,8 @@ def check_quantized(
     choice with the reference's, and - for information - how many tokens the test model's own free-running
     greedy decode shares with the reference before it first departs.
     Decoder: the reference LM's hidden states of those tokens (the upstream convention: one per token)
-    through both decoders, NumPy ISTFT, audio SNR.
+    through both decoders, NumPy ISTFT, audio SNR; skipped where the decoders are None (an LM checked
+    beside one whose decoder was).
     """
     from pipeline_lib.audio.istft import istft
 
@@ -361,6 +362,8 @@ def check_quantized(
     report.metrics["lm_free_running_identical_tokens"] = float(same)
 
     # Decoder: the same hidden states through both.
+    if ref_decoder is None or test_decoder is None:
+        return report
     feed = {"hidden_states": np.stack(hidden, -1)[None].astype(np.float32)}
     ref_audio = istft(ref_decoder(feed)["spectrum"], istft_config)
     test_audio = istft(test_decoder(feed)["spectrum"], istft_config)

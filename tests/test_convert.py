@@ -172,6 +172,12 @@ def test_stateful_lm_passes_the_parity_checks(tiny_checkpoint, targets, tiny_exp
     q = check_quantized(ort_runner(tiny_export / LM_ONNX), runner_for(_stateful(targets["openvino-int8"])), dec, dec,
                         lm_config, IstftConfig.from_json(tiny_export / DECODER_CONFIG), qth)
     assert q.passed, q.failures
+    # The LM alone (as parity_convert checks the stateful LM beside the decoder already checked): the
+    # same LM figures, no decoder run.
+    lm_only = check_quantized(ort_runner(tiny_export / LM_ONNX), runner_for(_stateful(targets["openvino-int8"])),
+                              None, None, lm_config, IstftConfig.from_json(tiny_export / DECODER_CONFIG), qth)
+    assert lm_only.metrics == {k: v for k, v in q.metrics.items() if k.startswith("lm_")}
+    assert not any(k.startswith("decoder_") for k in lm_only.metrics)
 
 
 def test_stateful_conversion_needs_a_checkpoint(tiny_export, tmp_path):

@@ -91,7 +91,10 @@ class LMSpec:
 
     @property
     def new_kv_names(self) -> list[str]:
-        """The step model's outputs holding this call's keys / values (the cache grows by them)."""
+        """The step model's outputs holding this call's keys / values (the cache grows by them); none
+        where the backend keeps the cache as its state."""
+        if self.stateful:
+            return []
         return [f"new_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
 
     @classmethod
@@ -128,7 +131,7 @@ class LMSpec:
         """The names the loop feeds and reads must all be there (for num_layers layers)."""
         needed = ["input_ids", "attention_mask", "position_ids"]
         needed += ["beam_idx"] if self.stateful else self.past_names
-        produced = ["logits", "hidden_states", *([] if self.stateful else self.new_kv_names)]
+        produced = ["logits", "hidden_states", *self.new_kv_names]
         missing = [n for n in needed if n not in self.input_names] + [n for n in produced if n not in self.output_names]
         if missing:
             raise ModelFileError(
@@ -446,7 +449,7 @@ def generate_steps(
             return
         t_step = time.perf_counter()
         if step > 0:
-            cache.append([] if stateful else [out[name] for name in new_kv_names])
+            cache.append([out[name] for name in new_kv_names])
         if done.any():
             idx = np.flatnonzero(~done)
             rows, tokens, next_pos, seen = rows[idx], tokens[idx], next_pos[idx], seen[idx]
