@@ -20,6 +20,7 @@ generates exactly that many tokens, and the row records the count actually gener
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -30,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -175,6 +176,14 @@ class _TimedLM:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[_TimedLM]:
+        """The runtime leases a context per generation: time that one, into the same record."""
+        with self._inner.stream() as ctx:
+            timed = _TimedLM(ctx)
+            timed.calls = self.calls
+            yield timed
 
     def run(self, feed: Any) -> Any:
         prefill = feed["attention_mask"].shape[1] == feed["input_ids"].shape[1]  # nothing cached before it

@@ -7,15 +7,27 @@ the exported JSON configs. Models are compiled once, at construction.
 
 Imports of onnxruntime / openvino happen here, lazily, so a missing package is a clear
 `MissingBackendError` with the install command.
+
+Thread safety and streams. Every backend object holds one lock, and each `run` (and
+`reset_state`) holds it for the whole call: calls from several threads are serialised, never
+interleaved inside a model. What a generation keeps between its calls (ONNX Runtime's IO binding
+and output buffers, OpenVINO's infer request with its KV-cache state) belongs to a per-stream
+context: `LMBackend.stream()` leases one (a context manager; contexts are pooled and reused), so
+two generations on one backend, in two threads or interleaved in one, never see each other's
+buffers or state. `LMBackend.run` itself uses one default context: direct callers that keep its
+outputs across another caller's `run`, or interleave two stateful generations on it, must lease
+streams instead. Shared between all contexts: the compiled models (weights) and the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -67,15 +79,48 @@ class _Backend(ABC):
     path: Path
     input_names: list[str]
     output_names: list[str]
+    _lock: threading.Lock
+
+
+class _StreamPool:
+    """Per-stream contexts of one backend, made by `factory` on demand and reused once returned."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._free: list[Any] = []
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Any]:
+        with self._guard:
+            ctx = self._free.pop() if self._free else None
+        if ctx is None:
+            ctx = self._factory()
+        try:
+            yield ctx
+        finally:
+            ctx.release()
+            with self._guard:
+                self._free.append(ctx)
 
 
 class LMBackend(_Backend):
     """One LM step: feed {input name: array} -> {output name: array}. The returned arrays may be
-    views of the backend's own buffers (OpenVINO), valid until the next `run`: copy what you keep.
-    The feed's arrays must not change while `run` executes (they may be read in place)."""
+    views of the context's own buffers, valid until that context's next `run`: copy what you keep.
+    The feed's arrays must not change while `run` executes (they may be read in place).
+    `stream()` leases a per-stream context with the same `run` / `reset_state` / `static_kv_width`
+    / `stateful` interface (see the module docstring); a generation runs on one such context."""
+
+    stateful = False
 
     @abstractmethod
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def stream(self) -> contextlib.AbstractContextManager[Any]:
+        """A context manager that yields a context of its own for one generation (pooled)."""
+        return self._streams.lease()
+
+    _streams: _StreamPool
 
     def static_kv_width(self, batch: int) -> int | None:
         """The KV cache width (past columns) at which decode steps of `batch` rows run fastest, if
@@ -185,6 +230,7 @@ class _OrtBase:
 
     def __init__(self, path: Path, num_threads: int, low_memory: bool = True) -> None:
         self.path = path
+        self._lock = threading.Lock()
         self.session = _ort_session(path, num_threads, low_memory, self.SPIN)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -208,6 +254,9 @@ class OrtLM(_OrtBase, LMBackend):
     tokens: int8 3.91 against 4.34 ms (best of 8, same process, alternating), fp32 8.34 against 8.95.
     So, as with OpenVINO: an array fed here must not be modified in place except to feed it again.
 
+    The binding, its output buffers and the bound inputs belong to a context (`_OrtStream`): one
+    default context for `run`, and one per leased `stream()`.
+
     Output shapes come from the model's symbolic dimensions (batch, sequence, past_sequence,
     total_sequence), resolved from the fed arrays; a model whose outputs cannot be resolved that way
     (or a feed that does not name every input) runs plainly."""
@@ -219,15 +268,13 @@ class OrtLM(_OrtBase, LMBackend):
         self._in_dtypes = {i.name: _ORT_DTYPES.get(i.type) for i in inputs}
         outs = self.session.get_outputs()
         self._out_dims = {o.name: o.shape for o in outs} if all(o.type == _ORT_FLOAT for o in outs) else None
-        self._buffers: dict[str, np.ndarray] = {}
         self._shape_cache: dict[tuple[Any, ...], dict[str, tuple[int, ...]] | None] = {}
-        self._binding = self.session.io_binding()
-        self._bound: dict[str, Any] = {}  # input name -> weak reference to the array bound (None: re-bind)
-        self._copies: dict[str, np.ndarray] = {}  # inputs bound as converted copies (kept alive here)
+        self._default = _OrtStream(self)
+        self._streams = _StreamPool(lambda: _OrtStream(self))
 
     def _output_shapes(self, feed: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
         """Output shapes, or None where they cannot be resolved. Cached per input shapes: these repeat
-        for a whole KV bucket."""
+        for a whole KV bucket. Called under the lock."""
         key = tuple((name, np.shape(a)) for name, a in feed.items())
         if key not in self._shape_cache:
             if len(self._shape_cache) > 256:
@@ -249,29 +296,55 @@ class OrtLM(_OrtBase, LMBackend):
             return None
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shapes = self._output_shapes(feed) if feed.keys() == self._in_dims.keys() else None
-        if shapes is None:
-            return dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
-        binding = self._binding
-        for name in self.output_names:
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != shapes[name]:
-                buf = self._buffers[name] = np.empty(shapes[name], dtype=np.float32)
-                binding.bind_output(name, "cpu", 0, np.float32, buf.shape, buf.ctypes.data)
-        for name, a in feed.items():
-            ref = self._bound.get(name)
-            if ref is not None and ref() is a:
-                continue
-            arr = np.ascontiguousarray(a, dtype=self._in_dtypes[name])
-            binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-            if arr is a:  # bound in place: follows the caller's in-place updates
-                self._bound[name] = weakref.ref(a)
-                self._copies.pop(name, None)
-            else:  # a converted copy: kept here, and re-bound every call (the original may change)
-                self._bound[name] = None
-                self._copies[name] = arr
-        self.session.run_with_iobinding(binding)
-        return dict(self._buffers)
+        return self._default.run(feed)
+
+
+class _OrtStream:
+    """One generation's IO binding on an OrtLM: output buffers and bound inputs of its own."""
+
+    stateful = False
+
+    def __init__(self, owner: OrtLM) -> None:
+        self.owner = owner
+        self._buffers: dict[str, np.ndarray] = {}
+        self._binding = owner.session.io_binding()
+        self._bound: dict[str, Any] = {}  # input name -> weak reference to the array bound (None: re-bind)
+        self._copies: dict[str, np.ndarray] = {}  # inputs bound as converted copies (kept alive here)
+
+    def static_kv_width(self, batch: int) -> int | None:
+        return None
+
+    def release(self) -> None:
+        """Back to the pool: drop the converted input copies (the rest is re-bound on next use)."""
+        self._copies.clear()
+        self._bound.clear()
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        owner = self.owner
+        with owner._lock:
+            shapes = owner._output_shapes(feed) if feed.keys() == owner._in_dims.keys() else None
+            if shapes is None:
+                return dict(zip(owner.output_names, owner.session.run(owner.output_names, dict(feed))))
+            binding = self._binding
+            for name in owner.output_names:
+                buf = self._buffers.get(name)
+                if buf is None or buf.shape != shapes[name]:
+                    buf = self._buffers[name] = np.empty(shapes[name], dtype=np.float32)
+                    binding.bind_output(name, "cpu", 0, np.float32, buf.shape, buf.ctypes.data)
+            for name, a in feed.items():
+                ref = self._bound.get(name)
+                if ref is not None and ref() is a:
+                    continue
+                arr = np.ascontiguousarray(a, dtype=owner._in_dtypes[name])
+                binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+                if arr is a:  # bound in place: follows the caller's in-place updates
+                    self._bound[name] = weakref.ref(a)
+                    self._copies.pop(name, None)
+                else:  # a converted copy: kept here, and re-bound every call (the original may change)
+                    self._bound[name] = None
+                    self._copies[name] = arr
+            owner.session.run_with_iobinding(binding)
+            return dict(self._buffers)
 
 
 class OrtDecoder(_OrtBase, DecoderBackend):
@@ -286,7 +359,8 @@ class OrtDecoder(_OrtBase, DecoderBackend):
     SPIN = False
 
     def run(self, hidden: np.ndarray) -> np.ndarray:
-        return self.session.run(self.output_names[:1], {self.input_names[0]: hidden})[0]
+        with self._lock:
+            return self.session.run(self.output_names[:1], {self.input_names[0]: hidden})[0]
 
 
 def _import_openvino() -> Any:
@@ -347,6 +421,7 @@ class _OpenVinoBase:
         fix_malloc_mmap_threshold()
         self._ov = _import_openvino()
         self.path = path
+        self._lock = threading.Lock()
         self._core = self._ov.Core()
         self._config = {**OV_CPU_CONFIG, "INFERENCE_NUM_THREADS": int(num_threads)}
         self.model = self._read_model()
@@ -431,7 +506,11 @@ class OpenVinoLM(_OpenVinoBase, LMBackend):
     compilation holds its own copy of the weights in the plugin's layouts (RSS after compiling, 80M LM:
     +333 MiB fp32, +189 MiB int8; it compiles a clone of the model already read, so the .bin stays
     mapped once: reading the IR again cost +631 MiB fp32) and takes ~0.6 s, paid on the first one-row
-    decode step (the runtime's warm-up). None turns it off."""
+    decode step (the runtime's warm-up). None turns it off.
+
+    The infer requests (and so a stateful model's KV cache) belong to a context (`_OvStream`): one
+    default context for `run` / `reset_state`, and one per leased `stream()`. The compiled models
+    are shared."""
 
     STATIC_DECODE_WIDTH = 640  # a prompt of up to 128 tokens and 512 new tokens fit
 
@@ -445,27 +524,30 @@ class OpenVinoLM(_OpenVinoBase, LMBackend):
         # second compilation, the generation loop feeds beam_idx instead of past_* (generate.StateCache).
         self.stateful = bool(self.model.get_sinks())
         self.static_decode_width = None if self.stateful else static_decode_width
-        self._dynamic = _BoundRequest(self._ov, self.compiled, self.request)
-        self._static: _BoundRequest | None = None
+        self._static_compiled: Any = None
+        self._default = _OvStream(self, self.request)
+        self._streams = _StreamPool(lambda: _OvStream(self))
 
     def static_kv_width(self, batch: int) -> int | None:
         return self.static_decode_width if batch == 1 else None
 
     def reset_state(self) -> None:
-        """Empty a stateful model's KV cache: the next call is a prefill."""
-        self.request.reset_state()
+        """Empty a stateful model's KV cache (the default context's): the next call is a prefill."""
+        self._default.reset_state()
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        w = self.static_decode_width
-        if w is not None and np.shape(feed["input_ids"]) == (1, 1) and np.shape(feed["attention_mask"]) == (1, w + 1):
-            return self._static_request(w).run(feed)
-        return self._dynamic.run(feed)
+        return self._default.run(feed)
 
-    def _static_request(self, width: int) -> _BoundRequest:
-        if self._static is None:
+    @property
+    def _static(self) -> Any:
+        """The fixed-shape compilation, once a one-row decode step at the static width has run."""
+        return self._static_compiled
+
+    def _static_model(self, width: int) -> Any:
+        """The fixed-shape compilation (made on first use; called under the lock)."""
+        if self._static_compiled is None:
             # A clone of the model already read: its weights (OpenVINO maps the .bin) are shared
-            # with the dynamic compilation; reading the IR again mapped them a second time (80M LM,
-            # fp32: +631 MiB RSS for the static model against +333 MiB from the clone).
+            # with the dynamic compilation; reading the IR again maps them a second time.
             model = self.model.clone()
             fixed = {}
             for port in model.inputs:
@@ -478,14 +560,50 @@ class OpenVinoLM(_OpenVinoBase, LMBackend):
                     dims = port.get_partial_shape()
                     fixed[port] = [1, dims[1].get_length(), width, dims[3].get_length()]
             self._guarded(lambda: model.reshape(fixed))
-            self._static = _BoundRequest(self._ov, self._compile(model))
-        return self._static
+            self._static_compiled = self._compile(model)
+        return self._static_compiled
+
+
+class _OvStream:
+    """One generation's infer requests on an OpenVinoLM (a stateful model's KV cache lives in the
+    dynamic request's state)."""
+
+    def __init__(self, owner: OpenVinoLM, request: Any | None = None) -> None:
+        self.owner = owner
+        self.stateful = owner.stateful
+        self._dynamic = _BoundRequest(owner._ov, owner.compiled, request)
+        self._fixed: _BoundRequest | None = None
+
+    def static_kv_width(self, batch: int) -> int | None:
+        return self.owner.static_kv_width(batch)
+
+    def release(self) -> None:
+        """Back to the pool: let go of the arrays the last generation fed (every input is set
+        again on the next run)."""
+        for req in (self._dynamic, self._fixed):
+            if req is not None:
+                req._bound.clear()
+
+    def reset_state(self) -> None:
+        with self.owner._lock:
+            self._dynamic.request.reset_state()
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        owner = self.owner
+        w = owner.static_decode_width
+        with owner._lock:
+            if w is not None and np.shape(feed["input_ids"]) == (1, 1) and np.shape(feed["attention_mask"]) == (1, w + 1):
+                if self._fixed is None:
+                    self._fixed = _BoundRequest(owner._ov, owner._static_model(w))
+                return self._fixed.run(feed)
+            return self._dynamic.run(feed)
 
 
 class OpenVinoDecoder(_OpenVinoBase, DecoderBackend):
     def run(self, hidden: np.ndarray) -> np.ndarray:
         # share_inputs: no copy of the input; the output is copied out once (the request reuses it).
-        return self.request.infer({self.input_names[0]: hidden}, share_inputs=True)[self.compiled.outputs[0]]
+        with self._lock:
+            return self.request.infer({self.input_names[0]: hidden}, share_inputs=True)[self.compiled.outputs[0]]
 
 
 def load_backends(

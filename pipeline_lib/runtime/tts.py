@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import wave
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline_lib.audio.istft import IstftConfig, istft
+from pipeline_lib.cpuinfo import warn_if_oversubscribed
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
 from pipeline_lib.openvino_stateful import STATEFUL_FILE  # the LM with its KV cache in OpenVINO state
 from pipeline_lib.runtime.backends import (
@@ -79,10 +81,13 @@ def stream_context_tokens(decoder: dict[str, Any], cfg: IstftConfig) -> int:
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """Mono 16-bit PCM WAV (stdlib `wave`); samples clipped to [-1, 1]."""
+    """Mono 16-bit PCM WAV (stdlib `wave`); samples clipped to [-1, 1]. Written atomically (a temporary
+    file beside ``path``, renamed onto it): a failure leaves any old file at ``path`` as it was."""
+    from pipeline_lib.fsutil import atomic_file
+
     path = Path(path)
     pcm = np.round(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
-    with wave.open(str(path), "wb") as w:
+    with atomic_file(path) as tmp, wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(int(sample_rate))
@@ -99,7 +104,17 @@ def _config_beside(model_path: Path, suffix: str, canonical: str) -> Path:
     return fallback if fallback.is_file() else own
 
 
+_TOKENIZER_FIX = ("the tokenizer does not belong to this LM export: copy the checkpoint's tokenizer.json beside the LM "
+                  "(or pass tokenizer_path)")
+_AUDIO_TOKEN = re.compile(r"\[\d+\]")  # audio token k is "[k]"
+
+
 def _load_tokenizer(path: Path, spec: LMSpec) -> Any:
+    """The tokenizer at `path`, checked against the LM's config (`spec`): the special token ids, every
+    id below the LM's vocab_size (the rows of its embedding and logits), and the audio tokens [0]..[n-1]
+    at ids audio_token_first_id.. (n = audio_token_count; configs without these fields: right after the
+    special tokens, n = the tokenizer's count of "[k]" tokens), with no other "[k]" token. A tokenizer
+    with fewer ids than vocab_size passes (an LM may have spare rows). A ModelFileError otherwise."""
     from tokenizers import Tokenizer
 
     try:
@@ -108,17 +123,95 @@ def _load_tokenizer(path: Path, spec: LMSpec) -> Any:
         raise ModelFileError(f"{path}: cannot be read as a tokenizers JSON file ({exc}); copy the checkpoint's tokenizer.json beside the LM.") from exc
     tok.no_padding()
     tok.no_truncation()
+    cfg = spec.path.name
     found = {name.strip("[]").lower(): tok.token_to_id(name) for name in SPECIAL_TOKENS}
     if found != spec.special_tokens:
         raise ModelFileError(
-            f"{path}: special token ids {found} differ from {spec.path.name}'s special_tokens "
-            f"{spec.special_tokens}; the tokenizer does not belong to this LM export "
-            "(copy the checkpoint's tokenizer.json beside the LM)."
+            f"{path}: special token ids {found} differ from {cfg}'s special_tokens "
+            f"{spec.special_tokens}; {_TOKENIZER_FIX}."
+        )
+    vocab = tok.get_vocab(with_added_tokens=True)  # token -> id
+    beyond = sorted((i, t) for t, i in vocab.items() if i >= spec.vocab_size)
+    if beyond:
+        raise ModelFileError(
+            f"{path}: expected token ids 0..{spec.vocab_size - 1} (the LM's vocab_size {spec.vocab_size}, {cfg}); "
+            f"found {len(beyond)} beyond, up to {beyond[-1][0]} ({beyond[-1][1]!r}; "
+            f"{tok.get_vocab_size(with_added_tokens=True)} ids in all); {_TOKENIZER_FIX}."
+        )
+    audio = {t: i for t, i in vocab.items() if _AUDIO_TOKEN.fullmatch(t)}
+    first, count = spec.audio_token_first_id, spec.audio_token_count
+    source = f"{cfg}: audio_token_first_id {first}, audio_token_count {count}"
+    if first is None or count is None:
+        first, count = max(spec.special_tokens.values()) + 1, len(audio)
+        source = f"{cfg} has no audio_token_* fields: after the special tokens, as many as the tokenizer's [k] tokens"
+    by_id = {i: t for t, i in vocab.items()}
+    wrong = [(first + k, by_id.get(first + k)) for k in range(count) if by_id.get(first + k) != f"[{k}]"]
+    extra = sorted((i, t) for t, i in audio.items() if not (first <= i < first + count and t == f"[{i - first}]"))
+    if wrong or extra or count < 1:
+        span = f"[0]..[{count - 1}] at ids {first}..{first + count - 1}" if count >= 1 else f"[0], [1], ... from id {first}"
+        if wrong:
+            at, got = wrong[0]
+            detail = f"found {got!r} at id {at} where [{at - first}] belongs ({len(wrong)} of {count} ids differ)"
+        elif extra:
+            detail = f"found audio tokens outside that range: {[f'{t} = {i}' for i, t in extra[:3]]} ({len(extra)} in all)"
+        else:
+            detail = "found no audio tokens"
+        raise ModelFileError(
+            f"{path}: expected the audio tokens {span} ({source}); "
+            f"{detail}; {_TOKENIZER_FIX}."
         )
     return tok
 
 
+_LM_MARK = "input_ids"  # every LM interface has this input (LMSpec.check_interface); a decoder has not
+_SWAP_FIX = (
+    f"pass the LM step model as lm_path and the decoder as decoder_path (in an export folder: {LM_FILE}.onnx "
+    f"and {DECODER_FILE}.onnx; if the files were renamed, re-export: {HOW_TO_PRODUCE})"
+)
+
+
+def _check_not_swapped(lm_path: Path, decoder_path: Path) -> None:
+    """Before any config or model is loaded: a ModelFileError saying "swapped" when lm_path has a decoder's
+    ISTFT config beside it ({stem}_istft_config.json) and decoder_path an LM config ({stem}_config.json),
+    or naming the one path that holds the other kind of model."""
+    def own(p: Path, suffix: str) -> Path:
+        return p.with_name(p.stem + suffix)
+
+    def is_kind(p: Path, suffix: str, other: str) -> bool:
+        return own(p, suffix).is_file() and not own(p, other).is_file()
+
+    lm_is_decoder = is_kind(lm_path, DECODER_CONFIG_SUFFIX, LM_CONFIG_SUFFIX)
+    decoder_is_lm = is_kind(decoder_path, LM_CONFIG_SUFFIX, DECODER_CONFIG_SUFFIX)
+    seen = []
+    if lm_is_decoder:
+        seen.append(f"lm_path {lm_path} is a decoder ({own(lm_path, DECODER_CONFIG_SUFFIX).name} beside it)")
+    if decoder_is_lm:
+        seen.append(f"decoder_path {decoder_path} is an LM step model ({own(decoder_path, LM_CONFIG_SUFFIX).name} beside it)")
+    if lm_is_decoder and decoder_is_lm:
+        raise ModelFileError(
+            f"{'; '.join(seen)}: lm_path and decoder_path are swapped; expected the LM step model first: "
+            f"SopranoTTS(lm_path={str(decoder_path)!r}, decoder_path={str(lm_path)!r}), or SopranoTTS.from_dir(folder)."
+        )
+    if seen:
+        raise ModelFileError(f"{seen[0]}; expected the other kind of model there: {_SWAP_FIX}.")
+
+
+def _short(names: Sequence[str]) -> str:
+    names = list(names)
+    return str(names) if len(names) <= 4 else f"{names[:3]} and {len(names) - 3} more"
+
+
 def _check_names(kind: str, path: Path, config: Path, expected: Sequence[str], found: Sequence[str]) -> None:
+    """The loaded model's input or output names (`found`) must be those its config lists (`expected`).
+    A model of the other kind (a decoder where the config is an LM's, or the reverse: told apart by the LM's
+    input_ids input) is reported as swapped, otherwise as a model and config from different exports."""
+    if kind == "input" and (_LM_MARK in expected) != (_LM_MARK in found):
+        holds, wanted = ("an LM step model", "decoder") if _LM_MARK in found else ("a decoder", "LM step model")
+        raise ModelFileError(
+            f"{path}: holds {holds} (inputs {_short(found)}), not the {wanted} that {config.name} describes "
+            f"(inputs {_short(expected)}): the LM and decoder files look swapped (renamed onto each other, or "
+            f"lm_path and decoder_path given the other way round); {_SWAP_FIX}."
+        )
     if set(expected) != set(found):
         missing = sorted(set(expected) - set(found))
         extra = sorted(set(found) - set(expected))
@@ -143,6 +236,10 @@ class SopranoTTS:
     decoder call. False: ORT's defaults and `decoder_batch_size` = batch_size. `decoder_batch_size`:
     at most this many sentences of equal length per decoder call (no padding, same audio).
     `warm_up` (default True): run a few tokens through both models at construction (see warm_up).
+    `num_threads`: threads per model; more than the CPUs available to the process (cpuinfo.available_cpus)
+    logs a warning. Before loading the models, a ModelFileError for: a missing file, lm_path and
+    decoder_path swapped (told by the configs beside them; files renamed onto each other are told by the
+    loaded models' input names), a tokenizer that is not the LM's (see _load_tokenizer).
     `static_decode_width` (openvino_cpu only; default 640, None: off): one-row decode steps run on a
     second compilation of the LM with fixed input shapes at this cache width, which is faster than
     OpenVINO's dynamic shapes but holds a second copy of the weights (see backends.OpenVinoLM).
@@ -170,6 +267,7 @@ class SopranoTTS:
         self.lm_path, self.decoder_path = Path(lm_path), Path(decoder_path)
         require_file(self.lm_path, "LM step model")
         require_file(self.decoder_path, "decoder model")
+        _check_not_swapped(self.lm_path, self.decoder_path)
         lm_cfg = Path(lm_config_path) if lm_config_path else _config_beside(self.lm_path, LM_CONFIG_SUFFIX, LM_FILE)
         dec_cfg = (Path(decoder_config_path) if decoder_config_path
                    else _config_beside(self.decoder_path, DECODER_CONFIG_SUFFIX, DECODER_FILE))
@@ -193,6 +291,7 @@ class SopranoTTS:
         self.tokenizer = _load_tokenizer(self.tokenizer_path, self.spec)
 
         self.num_threads = num_threads
+        warn_if_oversubscribed(num_threads)
         self.low_memory = bool(low_memory)
         self.lm, self.decoder = load_backends(
             self.backend, self.lm_path, self.decoder_path, num_threads, self.low_memory, static_decode_width
@@ -326,17 +425,18 @@ class SopranoTTS:
         reasons: list[str] = []
         lm_t = GenerationTimings()
         t_lm = time.perf_counter()
-        for start in range(0, len(prompts), batch_size):
-            out = generate(
-                self.lm, self.spec, ids[start:start + batch_size], max_new_tokens=max_new_tokens, params=params,
-                generators=None if gens is None else gens[start:start + batch_size],
-                hallucination_guard=hallucination_guard,
-            )
-            hidden += out.hidden
-            reasons += out.finish_reasons
-            lm_t.add(out.timings)
-            del out
-            self._release_heap()
+        with self.lm.stream() as lm:  # this call's own binding / infer request (see backends)
+            for start in range(0, len(prompts), batch_size):
+                out = generate(
+                    lm, self.spec, ids[start:start + batch_size], max_new_tokens=max_new_tokens, params=params,
+                    generators=None if gens is None else gens[start:start + batch_size],
+                    hallucination_guard=hallucination_guard,
+                )
+                hidden += out.hidden
+                reasons += out.finish_reasons
+                lm_t.add(out.timings)
+                del out
+                self._release_heap()
         t_lm = time.perf_counter() - t_lm
         sentence_audio, t_dec, t_istft = self._decode_sentences(hidden)
         per_text: list[list[np.ndarray]] = [[] for _ in texts]
@@ -395,7 +495,12 @@ class SopranoTTS:
         repetition_penalty: float = 1.2,
         **kwargs: Any,
     ) -> np.ndarray:
-        """Upstream-compatible: audio as a float32 array; also a 16-bit WAV at out_path if given."""
+        """Upstream-compatible: audio as a float32 array; also a 16-bit WAV at out_path if given.
+        An out_path that cannot be written (no such folder, a folder) is an InputError before synthesis."""
+        if out_path:
+            from pipeline_lib.fsutil import check_output_file
+
+            check_output_file(out_path, "out_path")
         audio = self.synthesize(text, top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty, **kwargs)["audio"]
         if out_path:
             write_wav(out_path, audio, self.sample_rate)
@@ -415,9 +520,17 @@ class SopranoTTS:
         hallucination_guard: bool = False,
     ) -> list[np.ndarray]:
         """Upstream-compatible: one float32 array per text (all sentences share LM batches);
-        writes out_dir/{i}.wav if out_dir is given."""
+        writes out_dir/{i}.wav if out_dir is given (created if missing; one that cannot be is an
+        InputError before synthesis)."""
         if isinstance(texts, str):
             raise InputError("infer_batch expects a list of texts; use infer() for one text")
+        if out_dir:
+            from pipeline_lib.fsutil import check_output_dir, check_output_file
+
+            check_output_dir(out_dir, "out_dir")
+            if Path(out_dir).is_dir():
+                for i in range(len(texts)):
+                    check_output_file(Path(out_dir) / f"{i}.wav", "out_dir file")
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
         audios = self._run(list(texts), max_new_tokens, params, seed, batch_size, hallucination_guard)["audios"]
         if out_dir:
@@ -460,6 +573,19 @@ class SopranoTTS:
         params: SamplingParams,
         hallucination_guard: bool,
     ) -> Iterator[np.ndarray]:
+        with self.lm.stream() as lm:  # this stream's own binding / infer request (see backends)
+            yield from self._stream_rows(lm, ids, gens, chunk_size, max_new_tokens, params, hallucination_guard)
+
+    def _stream_rows(
+        self,
+        lm: Any,
+        ids: list[list[int]],
+        gens: list[np.random.Generator] | None,
+        chunk_size: int,
+        max_new_tokens: int,
+        params: SamplingParams,
+        hallucination_guard: bool,
+    ) -> Iterator[np.ndarray]:
         ctx, spt = self.stream_context, self.samples_per_token
         for row, prompt in enumerate(ids):
             buf = np.zeros((max_new_tokens, self.spec.hidden_size), dtype=np.float32)
@@ -473,7 +599,7 @@ class SopranoTTS:
                 return audio[0, (start - a) * spt:(end - a) * spt]
 
             for ev in generate_steps(
-                self.lm, self.spec, [prompt], max_new_tokens=max_new_tokens, params=params,
+                lm, self.spec, [prompt], max_new_tokens=max_new_tokens, params=params,
                 generators=None if gens is None else [gens[row]], hallucination_guard=hallucination_guard,
             ):
                 if ev.keep[0]:
