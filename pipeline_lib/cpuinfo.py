@@ -2,11 +2,18 @@
 
 int8 speed, and for ONNX Runtime int8 accuracy, depend on the flags: without VNNI, ONNX Runtime's
 u8 x s8 products saturate (conf/convert/default.yaml), and OpenVINO's CPU plugin computes int8-weight
-layers in f32 (runtime.backends.openvino_int8_note)."""
+layers in f32 (runtime.backends.openvino_int8_note).
+
+Also the number of CPUs the process may use (`available_cpus`), and a warning when a runtime is asked
+for more threads than that (`warn_if_oversubscribed`)."""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CPUINFO = Path("/proc/cpuinfo")
 # Integer dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX): OpenVINO's CPU plugin quantises the
@@ -27,3 +34,33 @@ def read_cpuinfo(cpuinfo: Path = CPUINFO) -> tuple[str, set[str]]:
     except OSError:
         pass
     return name, flags
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS reports one (Linux), else
+    os.cpu_count(); 1 where neither is known. A cgroup CPU quota (e.g. docker --cpus) is not counted."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_OVERSUBSCRIBED_WARNED: set[int] = set()
+
+
+def warn_if_oversubscribed(num_threads: object, what: str = "num_threads") -> bool:
+    """Log a warning, once per process per thread count, when `num_threads` exceeds available_cpus():
+    threads that outnumber the cores wait on each other, and the models run slower than with one per core.
+    True when it warns. Values that are not an int >= 1 are left to the caller's validation."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        return False
+    cpus = available_cpus()
+    if num_threads <= cpus or num_threads in _OVERSUBSCRIBED_WARNED:
+        return False
+    _OVERSUBSCRIBED_WARNED.add(num_threads)
+    log.warning(
+        "%s=%d exceeds the %d CPU%s available to this process: the threads compete for cores and run "
+        "slower than %d would; set %s to at most %d.",
+        what, num_threads, cpus, "" if cpus == 1 else "s", cpus, what, cpus,
+    )
+    return True

@@ -80,6 +80,10 @@ class LMSpec:
     vocab_size: int
     max_position_embeddings: int
     stateful: bool = False  # the KV cache is the backend's state (config "kv_cache": "openvino_state")
+    # Ids audio_token_first_id .. + audio_token_count - 1 are the audio tokens [0], [1], ... (None: the
+    # config predates these fields; the tokenizer check then takes them from the tokenizer).
+    audio_token_first_id: int | None = None
+    audio_token_count: int | None = None
 
     @property
     def stop_id(self) -> int:
@@ -119,6 +123,8 @@ class LMSpec:
                 vocab_size=int(d["vocab_size"]),
                 max_position_embeddings=int(d["max_position_embeddings"]),
                 stateful=d.get("kv_cache", "inputs") == "openvino_state",
+                audio_token_first_id=None if d.get("audio_token_first_id") is None else int(d["audio_token_first_id"]),
+                audio_token_count=None if d.get("audio_token_count") is None else int(d["audio_token_count"]),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelFileError(

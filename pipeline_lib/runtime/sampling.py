@@ -34,6 +34,7 @@ __all__ = [
     "process_logits",
     "select_tokens",
     "row_generators",
+    "validate_seed",
 ]
 
 
@@ -144,15 +145,21 @@ def select_tokens(
     return np.minimum(tokens, scores.shape[-1] - 1).astype(np.int64)
 
 
+def validate_seed(seed: object) -> int | None:
+    """`seed` as given to a public entry point: None, or an int >= 0 (a bool is not an int), whatever the
+    temperature, so that a bad seed fails under greedy decoding too. An InputError otherwise."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be an int >= 0 or None (no seed: fresh entropy), got {seed!r}")
+    return int(seed)
+
+
 def row_generators(seed: int | None, rows: Sequence[int]) -> list[np.random.Generator]:
     """One generator per row, keyed by (seed, row index): a row samples the same way whatever batch it is in.
 
-    seed None draws fresh OS entropy once and derives the rows from it.
+    seed None draws fresh OS entropy once and derives the rows from it; anything else validate_seed rejects.
     """
-    if seed is None:
-        base = int(np.random.SeedSequence().entropy)
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed must be an int >= 0 or None, got {seed!r}")
-        base = int(seed)
+    seed = validate_seed(seed)
+    base = int(np.random.SeedSequence().entropy) if seed is None else seed
     return [np.random.default_rng([base, int(r)]) for r in rows]

@@ -24,7 +24,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Protocol
+from typing import Any, AsyncIterator, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -111,6 +111,14 @@ class SpeechJob:
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._cancelled = threading.Event()
+        # The scheduler's bookkeeping (worker thread only): token ids per sentence, sampling
+        # generators, next sentence to start / to emit, rows running, finished rows not yet emitted.
+        self._ids: list[list[int]] = []
+        self._gens: list[np.random.Generator] | None = None
+        self._next_start = 0
+        self._next_emit = 0
+        self._active = 0
+        self._finished_rows: dict[int, Any] = {}
 
     # -- producer side (the scheduler's worker) --------------------------------------------------
     def _push(self, chunk: np.ndarray) -> None:
@@ -205,26 +213,194 @@ class _NullObserver:
     def on_audio(self, seconds: float) -> None: ...
 
 
-class BatchScheduler:
-    """See the module docstring. `max_batch`: rows (sentences) decoded together at most;
-    `max_queue`: requests waiting for rows at most, beyond which `submit` raises QueueFullError."""
+class SlotCache:
+    """The running batch's KV cache: arrays [capacity, kv_heads, width, head_dim] per past input,
+    whose first `rows` rows are the batch, fed as views of those rows (so a row can join or leave
+    without copying the others). All rows share `used` columns, left-padded (attention_mask 0 where
+    a row has no token); the width grows in steps of `bucket` columns, and leading columns no row
+    attends to are dropped when it grows. A row that leaves is replaced by the last row (one
+    row's copy); a row that joins is written into the next slot, right-aligned; only a prompt
+    longer than `used` makes every row move (columns are prepended)."""
 
-    def __init__(self, tts: Any, *, max_batch: int = 8, max_queue: int = 64, observer: SchedulerObserver | None = None) -> None:
-        for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
+    def __init__(self, past_names: Sequence[str], capacity: int, kv_heads: int, head_dim: int, bucket: int) -> None:
+        self.past_names = list(past_names)
+        self.capacity, self.kv_heads, self.head_dim, self.bucket = capacity, kv_heads, head_dim, bucket
+        self.rows = 0
+        self.used = 0
+        self.arrays: list[np.ndarray] = []
+        self.mask = np.zeros((capacity, 1), dtype=np.int64)
+        self._views: dict[str, np.ndarray] | None = None
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1] - 1
+
+    def _realloc(self, used: int, shift: int, first: int = 0) -> None:
+        """New arrays holding columns [first, self.used) of the current ones at [shift, shift + ...),
+        with room for `used` columns and one more."""
+        width = -(-(used + 1) // self.bucket) * self.bucket
+        keep = self.used - first
+        arrays = []
+        for i in range(len(self.past_names)):
+            a = np.zeros((self.capacity, self.kv_heads, width, self.head_dim), dtype=np.float32)
+            if self.arrays and keep > 0:
+                a[: self.rows, :, shift:shift + keep] = self.arrays[i][: self.rows, :, first:self.used]
+                self.arrays[i] = None  # type: ignore[call-overload] - freed layer by layer
+            arrays.append(a)
+        mask = np.zeros((self.capacity, width + 1), dtype=np.int64)
+        if keep > 0:
+            mask[: self.rows, shift:shift + keep] = self.mask[: self.rows, first:self.used]
+        mask[:, width] = 1  # the new token's column
+        self.arrays, self.mask, self.used = arrays, mask, used
+        self._views = None
+
+    def add(self, kv: Sequence[np.ndarray]) -> int:
+        """A prefilled row ([1, kv_heads, n, head_dim] per past input) into the next slot; its index."""
+        n = kv[0].shape[2]
+        if self.rows >= self.capacity:
+            raise RuntimeError("SlotCache is full")
+        if self.rows == 0:
+            self.arrays, self.used = [], 0
+            self._realloc(n, 0)
+        elif n > self.used:
+            self._realloc(n, n - self.used)
+        r, start = self.rows, self.used - n
+        for a, k in zip(self.arrays, kv):
+            a[r] = 0.0
+            a[r, :, start:self.used] = k[0]
+        self.mask[r, :] = 0
+        self.mask[r, start:self.used] = 1
+        self.mask[r, self.width] = 1
+        self.rows += 1
+        self._views = None
+        return r
+
+    def remove(self, r: int) -> int | None:
+        """Drop row r; the last row moves into its slot. Returns the moved row's old index (None if
+        r was the last)."""
+        last = self.rows - 1
+        moved = None
+        if r != last:
+            for a in self.arrays:
+                a[r] = a[last]
+            self.mask[r] = self.mask[last]
+            moved = last
+        self.rows -= 1
+        self._views = None
+        if self.rows == 0:  # idle: give the memory back
+            self.arrays, self.used = [], 0
+            self.mask = np.zeros((self.capacity, 1), dtype=np.int64)
+        return moved
+
+    def feed(self) -> dict[str, np.ndarray]:
+        """past_* and attention_mask for the first `rows` rows (the same view objects until the
+        batch changes, so a backend that binds by address re-binds nothing)."""
+        if self._views is None:
+            self._views = dict(zip(self.past_names, (a[: self.rows] for a in self.arrays)))
+            self._views["attention_mask"] = self.mask[: self.rows]
+        return dict(self._views)
+
+    def append(self, new: Sequence[np.ndarray]) -> None:
+        """The step's key / value per layer ([rows, kv_heads, 1, head_dim]) into column `used`."""
+        col = self.used
+        for a, k in zip(self.arrays, new):
+            a[: self.rows, :, col] = k[:, :, -1]
+        self.mask[: self.rows, col] = 1
+        self.used += 1
+        if self.used == self.width:
+            live = self.mask[: self.rows, : self.used].any(axis=0)
+            first = int(np.argmax(live)) if live.any() else 0
+            self._realloc(self.used - first, 0, first)
+
+
+class _Row:
+    """One sentence of one job in the running batch."""
+
+    def __init__(self, job: SpeechJob, index: int, prompt: list[int], vocab: int, hidden_size: int, first_chunk: int) -> None:
+        r = job.request
+        self.job, self.index = job, index
+        self.params = r.params
+        self.gen = job._gens[index] if job._gens is not None else None
+        self.max_new_tokens = r.max_new_tokens
+        self.seen = np.zeros(vocab, dtype=bool)
+        self.seen[np.asarray(prompt, dtype=np.int64)] = True
+        self.next_pos = len(prompt)
+        self.hidden = np.zeros((r.max_new_tokens, hidden_size), dtype=np.float32)
+        self.n = 0  # hidden vectors so far
+        self.steps = 0  # tokens sampled so far
+        self.emitted = 0  # sample blocks already decoded
+        self.chunk = first_chunk
+        self.logits: np.ndarray | None = None  # of the last forward, not yet sampled
+        self.last_hidden: np.ndarray | None = None
+        self.token = 0
+        self.finished = False
+        self.pending: list[np.ndarray] = []  # audio held while an earlier sentence of the job runs
+
+
+class BatchScheduler:
+    """Continuous batching (see the module docstring for the contract).
+
+    Policy, between two decode steps of the running batch:
+    * cancelled jobs leave (their rows at once);
+    * free rows (up to `max_batch`) go to waiting sentences, one at a time, each to the job with the
+      fewest rows running, the oldest first: a new request gets a row as soon as one is free, and a
+      long request (many sentences) cannot hold rows that a newer one is waiting for beyond the
+      end of the sentences it already runs (each at most max_new_tokens steps);
+    * each new row is prefilled alone and joins the batch (SlotCache.add), then every row samples
+      its next token with its own settings and generator, and rows that end ([STOP] or
+      max_new_tokens) leave at once;
+    * each row's audio is decoded in the runtime's lossless streaming windows as its tokens arrive:
+      the first window as soon as the decoder's receptive field allows (`first_chunk` tokens plus
+      the stream context), later windows `chunk_growth` times larger, up to `max_chunk` tokens, so
+      that the context decoded twice is a small part of the work; a job's sentences are emitted
+      in order (a later sentence's audio waits for the earlier ones).
+
+    The LM must take its KV cache as inputs (ONNX, or OpenVINO's plain step IR
+    soprano_lm_step.xml): a stateful LM keeps the batch's cache inside its infer request, where a
+    row cannot be added without rebuilding the state, so it is refused with that advice."""
+
+    def __init__(
+        self,
+        tts: Any,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        observer: SchedulerObserver | None = None,
+        first_chunk: int = 1,
+        chunk_growth: int = 4,
+        max_chunk: int = 64,
+    ) -> None:
+        for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("first_chunk", first_chunk),
+                        ("chunk_growth", chunk_growth), ("max_chunk", max_chunk)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be an int >= 1, got {v!r}")
+        if tts.spec.stateful:
+            raise InputError(
+                f"{tts.lm_path}: a stateful LM (KV cache in OpenVINO state) cannot take a row into a running "
+                "batch; give the server the step model that takes the cache as inputs "
+                "(soprano_lm_step.xml for OpenVINO, or the .onnx)"
+            )
         self.tts = tts
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.first_chunk, self.chunk_growth, self.max_chunk = first_chunk, chunk_growth, max_chunk
         self.observer: SchedulerObserver = observer or _NullObserver()
         self._queue: collections.deque[SpeechJob] = collections.deque()
+        self._jobs: list[SpeechJob] = []  # admitted: sentences running or still to start
         self._lock = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self.active_rows = 0
+        self.rows: list[_Row] = []
+        self.steps = 0  # decode steps run (all rows together)
+        self.max_rows_seen = 0
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Requests waiting: submitted, with no sentence started yet."""
+        return len(self._queue) + sum(1 for j in list(self._jobs) if j._next_start == 0)
+
+    @property
+    def active_rows(self) -> int:
+        return len(self.rows)
 
     def start(self) -> BatchScheduler:
         if self._thread is None:
@@ -233,65 +409,235 @@ class BatchScheduler:
         return self
 
     def submit(self, request: SpeechRequest) -> SpeechJob:
-        self._validate(request)
+        """Queue `request` (validated here, in the caller's thread); its job."""
+        from pipeline_lib.runtime.generate import validate_max_new_tokens
+        from pipeline_lib.runtime.sampling import row_generators, validate_seed
+
+        if not isinstance(request.text, str):
+            raise InputError(f"text must be a str, got {type(request.text).__name__}")
+        params = request.params
+        seed = validate_seed(request.seed)
+        validate_max_new_tokens(request.max_new_tokens, self.tts.spec.max_position_embeddings)
+        _, ids = self.tts.prepare([request.text])
         job = SpeechJob(request, self.tts.sample_rate)
+        job._ids = ids
+        job._gens = None if params.greedy else row_generators(seed, range(len(ids)))
         with self._lock:
             if self._closing:
                 raise SchedulerClosedError("the server is shutting down: it takes no new requests")
-            if len(self._queue) >= self.max_queue:
+            if self.queue_depth >= self.max_queue:
                 raise QueueFullError(
-                    f"{len(self._queue)} requests are already waiting (max_queue {self.max_queue}); retry later",
+                    f"{self.queue_depth} requests are already waiting (max_queue {self.max_queue}); retry later",
                     retry_after_s=1.0,
                 )
             self._queue.append(job)
             self._lock.notify_all()
         return job
 
-    def _validate(self, request: SpeechRequest) -> None:
-        from pipeline_lib.runtime.generate import validate_max_new_tokens
-
-        if not isinstance(request.text, str):
-            raise InputError(f"text must be a str, got {type(request.text).__name__}")
-        request.params  # noqa: B018 - SamplingParams validates
-        validate_max_new_tokens(request.max_new_tokens, self.tts.spec.max_position_embeddings)
-        self.tts.prepare([request.text])
-
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Take no new requests; with drain, wait for the queued and running jobs to finish,
-        otherwise cancel them."""
+        """Take no new requests; with drain, return once the queued and running jobs have finished
+        (or `timeout` seconds passed), otherwise cancel them."""
         with self._lock:
             self._closing = True
             if not drain:
-                for job in self._queue:
+                for job in [*self._queue, *self._jobs]:
                     job.cancel()
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
 
+    # -- the worker ------------------------------------------------------------------------------
     def _work(self) -> None:
-        """Interim worker: one job at a time through SopranoTTS.infer_stream."""
-        while True:
-            with self._lock:
-                while not self._queue and not self._closing:
-                    self._lock.wait()
-                if not self._queue:
-                    return
-                job = self._queue.popleft()
-            if job.cancelled:
-                job._finish(JobCancelled("cancelled"))
-                continue
-            r = job.request
+        tts = self.tts
+        spec = tts.spec
+        self._cache = SlotCache(spec.past_names, self.max_batch, spec.num_kv_heads, spec.head_dim, _kv_bucket())
+        with tts.lm.stream() as lm:
+            while True:
+                with self._lock:
+                    while not self._queue and not self._jobs and not self._closing:
+                        self._lock.wait()
+                    if self._closing and not self._queue and not self._jobs:
+                        return
+                    while self._queue:
+                        self._jobs.append(self._queue.popleft())
+                try:
+                    self._iteration(lm)
+                except BaseException as exc:  # noqa: BLE001 - a fault of the batch as a whole: its jobs end with it
+                    for job in list(self._jobs):
+                        self._end_job(job, exc)
+
+    def _iteration(self, lm: Any) -> None:
+        for job in [j for j in self._jobs if j.cancelled]:
+            self._end_job(job, JobCancelled("cancelled"))
+        self._admit(lm)
+        if not self.rows:
+            return
+        t0 = time.perf_counter()
+        for group in _by_params(self.rows):
+            logits = np.stack([r.logits for r in group])
+            seen = np.stack([r.seen for r in group])
+            gens = None if group[0].params.greedy else [r.gen for r in group]
+            tokens = _select(logits, seen, group[0].params, gens)
+            for r, tok in zip(group, tokens):
+                self._take_token(r, int(tok))
+        for r in [r for r in self.rows]:
             try:
-                self.active_rows = 1
-                for chunk in self.tts.infer_stream(
-                    r.text, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                    top_k=r.top_k, repetition_penalty=r.repetition_penalty, seed=r.seed,
-                ):
-                    if job.cancelled:
-                        raise JobCancelled("cancelled")
-                    job._push(chunk)
-                job._finish()
-            except BaseException as exc:  # noqa: BLE001 - the job carries its own failure
-                job._finish(exc)
-            finally:
-                self.active_rows = 0
+                self._decode_ready(r)
+            except Exception as exc:  # noqa: BLE001 - this job's failure only
+                self._end_job(r.job, exc)
+        for r in [r for r in self.rows if r.finished]:
+            self._drop_row(r)
+        n_tokens = len(self.rows)
+        if self.rows:
+            feed = self._cache.feed()
+            feed["input_ids"] = np.array([[r.token] for r in self.rows], dtype=np.int64)
+            feed["position_ids"] = np.array([[r.next_pos] for r in self.rows], dtype=np.int64)
+            out = lm.run(feed)
+            self._cache.append([out[name] for name in self.tts.spec.new_kv_names])
+            logits, hidden = out["logits"], out["hidden_states"]
+            for i, r in enumerate(self.rows):
+                r.logits = np.array(logits[i, -1], dtype=np.float32)
+                r.last_hidden = np.array(hidden[i, -1], dtype=np.float32)
+                r.next_pos += 1
+            self.steps += 1
+        self.observer.on_step(n_tokens, self.queue_depth, n_tokens, time.perf_counter() - t0)
+
+    def _admit(self, lm: Any) -> None:
+        while len(self.rows) < self.max_batch:
+            waiting = [j for j in self._jobs if j._next_start < len(j._ids)]
+            if not waiting:
+                return
+            job = min(waiting, key=lambda j: (j._active, j.submitted_at))
+            k = job._next_start
+            job._next_start += 1
+            prompt = job._ids[k]
+            try:
+                kv, logits, hidden = self._prefill(lm, prompt)
+            except Exception as exc:  # noqa: BLE001 - this job's failure only
+                self._end_job(job, exc)
+                continue
+            spec = self.tts.spec
+            row = _Row(job, k, prompt, spec.vocab_size, spec.hidden_size, self.first_chunk)
+            row.logits, row.last_hidden = logits, hidden
+            self._cache.add(kv)
+            self.rows.append(row)
+            job._active += 1
+            self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
+
+    def _prefill(self, lm: Any, prompt: list[int]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        spec = self.tts.spec
+        ids = np.asarray(prompt, dtype=np.int64)[None]
+        n = ids.shape[1]
+        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(n, dtype=np.int64)[None]}
+        feed.update((name, empty) for name in spec.past_names)
+        out = lm.run(feed)
+        kv = [np.array(out[name], dtype=np.float32) for name in spec.new_kv_names]
+        return kv, np.array(out["logits"][0, -1], dtype=np.float32), np.array(out["hidden_states"][0, -1], dtype=np.float32)
+
+    def _take_token(self, r: _Row, token: int) -> None:
+        """The generation loop's rule (generate.generate_steps): the hidden state of the forward that
+        produced a token other than [STOP] is kept; a row ends at [STOP] or max_new_tokens."""
+        r.seen[token] = True
+        r.token = token
+        r.steps += 1
+        r.job.tokens += 1
+        if token != self.tts.spec.stop_id:
+            r.hidden[r.n] = r.last_hidden
+            r.n += 1
+        if token == self.tts.spec.stop_id or r.steps >= r.max_new_tokens:
+            r.finished = True
+        r.logits = None
+
+    def _decode_ready(self, r: _Row) -> None:
+        """Decode the windows whose samples are exact by now (all of them once the row ended)."""
+        ctx = self.tts.stream_context
+        if r.finished:
+            if r.n - 1 > r.emitted:
+                self._emit(r, self._window(r, r.emitted, r.n - 1, r.n - 1))
+                r.emitted = r.n - 1
+            return
+        while r.n - 1 - ctx - r.emitted >= r.chunk:  # block j is exact once token j + 1 + ctx exists
+            end = r.emitted + r.chunk
+            self._emit(r, self._window(r, r.emitted, end, end + ctx))
+            r.emitted = end
+            r.chunk = min(self.max_chunk, r.chunk * self.chunk_growth)
+
+    def _window(self, r: _Row, start: int, end: int, last: int) -> np.ndarray:
+        """Sample blocks [start, end) from a window of hidden vectors [max(0, start - ctx), last]."""
+        spt = self.tts.samples_per_token
+        a = max(0, start - self.tts.stream_context)
+        audio, _, _ = self.tts._decode(r.hidden[None, a:last + 1])
+        return audio[0, (start - a) * spt:(end - a) * spt]
+
+    def _emit(self, r: _Row, audio: np.ndarray) -> None:
+        if r.index == r.job._next_emit:
+            self._push(r.job, audio)
+        else:
+            r.pending.append(audio)
+
+    def _push(self, job: SpeechJob, audio: np.ndarray) -> None:
+        if len(audio) == 0:
+            return
+        first = job.first_audio_at is None
+        job._push(audio)
+        if first:
+            self.observer.on_first_audio(job.first_audio_at - job.submitted_at)
+        self.observer.on_audio(len(audio) / job.sample_rate)
+
+    def _drop_row(self, r: _Row) -> None:
+        """A finished row leaves the batch; its job moves on to its next sentence's audio."""
+        i = self.rows.index(r)
+        moved = self._cache.remove(i)
+        if moved is not None:
+            self.rows[i] = self.rows[moved]
+        self.rows.pop()
+        job = r.job
+        job._active -= 1
+        job._finished_rows[r.index] = r
+        while job._next_emit in job._finished_rows:  # flush sentences that ended, in order
+            done = job._finished_rows.pop(job._next_emit)
+            for a in done.pending:
+                self._push(job, a)
+            done.pending = []
+            job._next_emit += 1
+            nxt = next((x for x in self.rows if x.job is job and x.index == job._next_emit), None)
+            if nxt is not None:  # the next sentence is running: what it has so far goes out now
+                for a in nxt.pending:
+                    self._push(job, a)
+                nxt.pending = []
+        if job._next_emit == len(job._ids):
+            self._end_job(job, None)
+
+    def _end_job(self, job: SpeechJob, error: BaseException | None) -> None:
+        """Finish `job` (with `error`, if given) and take its rows out of the batch."""
+        for r in [x for x in self.rows if x.job is job]:
+            i = self.rows.index(r)
+            moved = self._cache.remove(i)
+            if moved is not None:
+                self.rows[i] = self.rows[moved]
+            self.rows.pop()
+        job._active = 0
+        if job in self._jobs:
+            self._jobs.remove(job)
+        job._finish(error)
+
+
+def _kv_bucket() -> int:
+    from pipeline_lib.runtime.generate import KV_BUCKET
+
+    return KV_BUCKET
+
+
+def _by_params(rows: list[_Row]) -> list[list[_Row]]:
+    """Rows grouped by sampling settings (greedy rows together), in batch order within a group."""
+    groups: dict[SamplingParams, list[_Row]] = {}
+    for r in rows:
+        groups.setdefault(r.params, []).append(r)
+    return list(groups.values())
+
+
+def _select(logits: np.ndarray, seen: np.ndarray, params: SamplingParams, gens: list[Any] | None) -> np.ndarray:
+    from pipeline_lib.runtime.sampling import select_tokens
+
+    return select_tokens(logits, seen, params, gens)

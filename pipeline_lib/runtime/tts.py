@@ -45,7 +45,7 @@ from pipeline_lib.runtime.generate import (
     generate_steps,
     validate_max_new_tokens,
 )
-from pipeline_lib.runtime.sampling import SamplingParams, row_generators
+from pipeline_lib.runtime.sampling import SamplingParams, row_generators, validate_seed
 from pipeline_lib.text import SPECIAL_TOKENS, SentencePrompt, fit_to_positions, prepare_prompts
 
 __all__ = ["SopranoTTS", "stream_context_tokens", "write_wav", "LM_FILE", "DECODER_FILE"]
@@ -238,8 +238,9 @@ class SopranoTTS:
     `warm_up` (default True): run a few tokens through both models at construction (see warm_up).
     `num_threads`: threads per model; more than the CPUs available to the process (cpuinfo.available_cpus)
     logs a warning. Before loading the models, a ModelFileError for: a missing file, lm_path and
-    decoder_path swapped (told by the configs beside them; files renamed onto each other are told by the
-    loaded models' input names), a tokenizer that is not the LM's (see _load_tokenizer).
+    decoder_path swapped (told by the configs beside them), a tokenizer that is not the LM's (see
+    _load_tokenizer); after loading, for models whose input / output names differ from their configs
+    (LM and decoder files renamed onto each other are reported as swapped).
     `static_decode_width` (openvino_cpu only; default 640, None: off): one-row decode steps run on a
     second compilation of the LM with fixed input shapes at this cache width, which is faster than
     OpenVINO's dynamic shapes but holds a second copy of the weights (see backends.OpenVinoLM).
@@ -417,6 +418,7 @@ class SopranoTTS:
         hallucination_guard: bool,
     ) -> dict[str, Any]:
         t_start = time.perf_counter()
+        seed = validate_seed(seed)
         max_new_tokens = validate_max_new_tokens(max_new_tokens, self.spec.max_position_embeddings)
         batch_size = self._positive_int("batch_size", batch_size if batch_size is not None else self.batch_size)
         prompts, ids = self.prepare(texts)
@@ -558,6 +560,7 @@ class SopranoTTS:
         if not isinstance(text, str):
             raise InputError(f"text must be a str, got {type(text).__name__}")
         chunk_size = self._positive_int("chunk_size", chunk_size)
+        seed = validate_seed(seed)
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
         max_new_tokens = validate_max_new_tokens(max_new_tokens, self.spec.max_position_embeddings)
         prompts, ids = self.prepare([text])  # errors surface here, before the first next()
