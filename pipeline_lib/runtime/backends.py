@@ -117,10 +117,12 @@ class LMBackend(_Backend):
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def stream(self) -> contextlib.AbstractContextManager[Any]:
-        """A context manager that yields a context of its own for one generation (pooled)."""
-        return self._streams.lease()
+        """A context manager that yields a context of its own for one generation (pooled). A
+        backend that keeps no per-generation state (no pool: e.g. a test double) is its own context."""
+        pool = getattr(self, "_streams", None)
+        return pool.lease() if pool is not None else contextlib.nullcontext(self)
 
-    _streams: _StreamPool
+    _streams: _StreamPool | None = None
 
     def static_kv_width(self, batch: int) -> int | None:
         """The KV cache width (past columns) at which decode steps of `batch` rows run fastest, if

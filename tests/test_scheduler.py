@@ -1,0 +1,241 @@
+"""The continuous-batching scheduler behind the server: results equal the runtime's, rows join and
+leave a running batch, cancellation, overload, failures stay with their job, draining."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline_lib.errors import InputError
+from pipeline_lib.runtime.scheduler import (
+    BatchScheduler,
+    JobCancelled,
+    QueueFullError,
+    SchedulerClosedError,
+    SlotCache,
+    SpeechRequest,
+)
+from pipeline_lib.runtime.tts import SopranoTTS
+
+TEXTS = [
+    "The first voice speaks of rivers and hills.",
+    "A second one counts to three, then stops. And then it goes on for a while longer.",
+    "Number three asks a question, does it not?",
+    "Four is short.",
+    "Five talks about the weather in the mountains today.",
+    "Six reads a list: apples, pears and plums.",
+    "Seven whispers something nobody hears.",
+    "Eight ends the row with a long and winding sentence about nothing much.",
+]
+
+
+class _Steps:
+    """Observer: the rows of every decode step, and each job's first-audio delay."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.first: list[float] = []
+        self.audio_s = 0.0
+
+    def on_step(self, rows, queued, tokens, seconds):
+        self.rows.append(rows)
+
+    def on_first_audio(self, seconds):
+        self.first.append(seconds)
+
+    def on_audio(self, seconds):
+        self.audio_s += seconds
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_export):
+    return SopranoTTS.from_dir(tiny_export, num_threads=2)
+
+
+@pytest.fixture(scope="module")
+def openvino_tts(tiny_export, tmp_path_factory):
+    """OpenVINO on the plain step IR (KV cache as inputs), as the server runs it."""
+    pytest.importorskip("openvino")
+    from pipeline_lib.convert import convert_onnx_to_openvino
+
+    d = tmp_path_factory.mktemp("ovplain") / "m"
+    shutil.copytree(tiny_export, d)
+    convert_onnx_to_openvino(d / "soprano_decoder_preistft.onnx", d / "soprano_decoder_preistft.xml")
+    convert_onnx_to_openvino(d / "soprano_lm_step.onnx", d / "soprano_lm_step.xml")
+    return SopranoTTS(d / "soprano_lm_step.xml", d / "soprano_decoder_preistft.xml", backend="openvino_cpu", num_threads=2)
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("which", ["tts", "openvino_tts"])
+def test_eight_requests_in_one_batch_equal_solo_synthesis(request, which):
+    tts = request.getfixturevalue(which)
+    steps = _Steps()
+    sched = BatchScheduler(tts, max_batch=8, observer=steps).start()
+    try:
+        jobs = [sched.submit(SpeechRequest(t, max_new_tokens=24)) for t in TEXTS]
+        got = [j.audio() for j in jobs]
+    finally:
+        sched.close()
+    for t, g in zip(TEXTS, got):
+        assert _rel(g, tts.synthesize(t, max_new_tokens=24)["audio"]) <= 1e-4
+    assert max(steps.rows) == 8  # all rows decoded together
+    assert len(steps.first) == 8 and steps.audio_s == pytest.approx(sum(len(g) for g in got) / tts.sample_rate)
+
+
+def test_sampled_and_greedy_rows_share_a_batch(tts):
+    sched = BatchScheduler(tts, max_batch=4).start()
+    try:
+        a = sched.submit(SpeechRequest(TEXTS[0], temperature=0.9, top_k=50, seed=11, max_new_tokens=20))
+        b = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=20))
+        c = sched.submit(SpeechRequest(TEXTS[4], temperature=0.7, top_p=0.8, seed=5, max_new_tokens=20))
+        got = [j.audio() for j in (a, b, c)]
+    finally:
+        sched.close()
+    want = [
+        tts.synthesize(TEXTS[0], temperature=0.9, top_k=50, seed=11, max_new_tokens=20)["audio"],
+        tts.synthesize(TEXTS[2], max_new_tokens=20)["audio"],
+        tts.synthesize(TEXTS[4], temperature=0.7, top_p=0.8, seed=5, max_new_tokens=20)["audio"],
+    ]
+    for g, w in zip(got, want):
+        assert _rel(g, w) <= 1e-4
+
+
+def test_a_request_arriving_mid_generation_joins_the_running_batch(tts):
+    steps = _Steps()
+    sched = BatchScheduler(tts, max_batch=4, observer=steps).start()
+    try:
+        long = sched.submit(SpeechRequest(TEXTS[0], max_new_tokens=120))
+        it = iter(long)
+        first = next(it)  # the long request is running
+        assert not long.done
+        short = sched.submit(SpeechRequest(TEXTS[3], max_new_tokens=10))
+        short_audio = short.audio()
+        assert not long.done  # the short one finished while the long one still runs
+        rest = list(it)
+    finally:
+        sched.close()
+    assert 2 in steps.rows  # decode steps with both rows
+    assert steps.rows.index(2) > steps.rows.index(1)  # ... after steps with the long one alone
+    assert _rel(np.concatenate([first, *rest]), tts.synthesize(TEXTS[0], max_new_tokens=120)["audio"]) <= 1e-4
+    assert _rel(short_audio, tts.synthesize(TEXTS[3], max_new_tokens=10)["audio"]) <= 1e-4
+
+
+def test_cancel_frees_the_rows_at_the_next_step(tts):
+    steps = _Steps()
+    sched = BatchScheduler(tts, max_batch=4, observer=steps).start()
+    try:
+        doomed = sched.submit(SpeechRequest(TEXTS[1], max_new_tokens=200))
+        other = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=60))
+        it = iter(doomed)
+        next(it)
+        doomed.cancel()
+        with pytest.raises(JobCancelled):
+            list(it)
+        n_at_cancel = len(steps.rows)
+        other_audio = other.audio()
+    finally:
+        sched.close()
+    assert steps.rows[-1] <= 1 and max(steps.rows[n_at_cancel + 1:], default=0) <= 1  # only `other` left
+    assert doomed.tokens < 200
+    assert _rel(other_audio, tts.synthesize(TEXTS[2], max_new_tokens=60)["audio"]) <= 1e-4
+
+
+def test_a_long_request_does_not_starve_a_short_one(tts):
+    """Two rows; a request of many sentences arrives first, then a one-sentence request: the short
+    one gets the first row that frees up, before the long one's later sentences start."""
+    many = " ".join(f"This is sentence number {i} of a long request." for i in range(6))
+    sched = BatchScheduler(tts, max_batch=2).start()
+    try:
+        long = sched.submit(SpeechRequest(many, max_new_tokens=16))
+        time.sleep(0.05)
+        short = sched.submit(SpeechRequest(TEXTS[3], max_new_tokens=16))
+        short.audio()
+        assert not long.done
+        long_audio = long.audio()
+    finally:
+        sched.close()
+    assert short.finished_at < long.finished_at
+    assert _rel(long_audio, tts.synthesize(many, max_new_tokens=16)["audio"]) <= 1e-4
+
+
+def test_queue_limit_and_closing(tts):
+    sched = BatchScheduler(tts, max_batch=1, max_queue=1).start()
+    try:
+        running = sched.submit(SpeechRequest(TEXTS[0], max_new_tokens=150))
+        next(iter(running))  # it holds the only row
+        waiting = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=8))
+        with pytest.raises(QueueFullError) as exc:
+            sched.submit(SpeechRequest(TEXTS[3], max_new_tokens=8))
+        assert exc.value.retry_after_s > 0 and "max_queue 1" in str(exc.value)
+        running.cancel()
+    finally:
+        sched.close(drain=True)  # drains: the waiting job completes
+    assert waiting.done and waiting.error is None and len(waiting.audio()) > 0
+    with pytest.raises(SchedulerClosedError):
+        sched.submit(SpeechRequest(TEXTS[0], max_new_tokens=8))
+
+
+def test_bad_requests_are_refused_before_queueing(tts):
+    sched = BatchScheduler(tts)  # not started: nothing may reach the worker
+    for req, match in [
+        (SpeechRequest("", max_new_tokens=8), "text"),
+        (SpeechRequest("hi there", max_new_tokens=0), "max_new_tokens"),
+        (SpeechRequest("hi there", temperature=-1), "temperature"),
+        (SpeechRequest("hi there", seed="abc"), "seed"),  # type: ignore[arg-type]
+    ]:
+        with pytest.raises(InputError, match=match):
+            sched.submit(req)
+    assert sched.queue_depth == 0
+
+
+def test_one_jobs_failure_leaves_the_others_alone(tts, monkeypatch):
+    sched = BatchScheduler(tts, max_batch=4)
+    window = sched._window
+
+    def failing(r, *a):
+        if r.job is bad:
+            raise RuntimeError("decoder fault for this job only")
+        return window(r, *a)
+
+    monkeypatch.setattr(sched, "_window", failing)
+    good = sched.submit(SpeechRequest(TEXTS[0], max_new_tokens=24))
+    bad = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=24))
+    sched.start()
+    try:
+        with pytest.raises(RuntimeError, match="this job only"):
+            bad.audio()
+        good_audio = good.audio()
+    finally:
+        sched.close()
+    assert _rel(good_audio, tts.synthesize(TEXTS[0], max_new_tokens=24)["audio"]) <= 1e-4
+
+
+def test_stateful_lm_is_refused_with_advice():
+    fake = type("T", (), {"spec": type("S", (), {"stateful": True})(), "lm_path": "soprano_lm_stateful.xml"})()
+    with pytest.raises(InputError, match="soprano_lm_step.xml"):
+        BatchScheduler(fake)
+
+
+def test_slot_cache_rows_join_leave_and_grow():
+    names = ["past_key_0", "past_value_0"]
+    c = SlotCache(names, capacity=3, kv_heads=1, head_dim=2, bucket=4)
+    row = lambda n, v: [np.full((1, 1, n, 2), v, np.float32), np.full((1, 1, n, 2), -v, np.float32)]  # noqa: E731
+    c.add(row(2, 1.0))
+    assert (c.used, c.width, c.rows) == (2, 4, 1)
+    c.add(row(3, 2.0))  # longer than used: columns are prepended for row 0
+    assert c.feed()["attention_mask"].tolist() == [[0, 1, 1, 0, 1], [1, 1, 1, 0, 1]]  # width 4 + the new token
+    assert c.mask[:2, :3].tolist() == [[0, 1, 1], [1, 1, 1]] and c.arrays[0][0, 0, 1:3, 0].tolist() == [1.0, 1.0]
+    c.append([np.full((2, 1, 1, 2), 9.0, np.float32)] * 2)  # used 4 == width: grows, keeps all columns
+    assert c.used == 4 and c.width == 8 and c.mask[:2, :4].tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert c.remove(0) == 1  # the last row moves into slot 0
+    assert c.rows == 1 and c.mask[0, :4].tolist() == [1, 1, 1, 1] and c.arrays[0][0, 0, 0, 0] == 2.0
+    assert c.feed()["past_key_0"].shape == (1, 1, 8, 2)
+    assert c.remove(0) is None and c.rows == 0 and c.used == 0
