@@ -340,17 +340,19 @@ class SopranoTTS:
         self._release_heap()
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, **kwargs: Any) -> SopranoTTS:
+    def from_dir(cls, model_dir: str | Path, *, stateful: bool = True, **kwargs: Any) -> SopranoTTS:
         """An export folder: soprano_lm_step.onnx, soprano_decoder_preistft.onnx, their JSON configs
         and tokenizer.json; or a pipeline folder with lm/ and decoder/ subfolders (artifacts/export,
         artifacts/<backend>/<precision>). With backend "openvino_cpu", .xml IR files are preferred, and
-        of the LM the stateful one (soprano_lm_stateful.xml, KV cache in OpenVINO state) where present."""
+        of the LM the stateful one (soprano_lm_stateful.xml, KV cache in OpenVINO state) where present,
+        unless `stateful` is False: then the step IR that takes the cache as inputs
+        (soprano_lm_step.xml), which a batching server needs (see runtime.scheduler)."""
         d = Path(model_dir)
         if not d.is_dir():
             raise ModelFileError(f"{d}: model folder not found; {HOW_TO_PRODUCE}.")
         lm_dir, dec_dir = (d / "lm", d / "decoder") if (d / "lm").is_dir() and (d / "decoder").is_dir() else (d, d)
         if normalize_backend(kwargs.get("backend", "onnx_cpu")) == "openvino_cpu" and (dec_dir / f"{DECODER_FILE}.xml").is_file():
-            for lm_file in (STATEFUL_FILE, LM_FILE):
+            for lm_file in (STATEFUL_FILE, LM_FILE) if stateful else (LM_FILE,):
                 if (lm_dir / f"{lm_file}.xml").is_file():
                     return cls(lm_dir / f"{lm_file}.xml", dec_dir / f"{DECODER_FILE}.xml", **kwargs)
         return cls(lm_dir / f"{LM_FILE}.onnx", dec_dir / f"{DECODER_FILE}.onnx", **kwargs)
