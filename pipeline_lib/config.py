@@ -1,31 +1,268 @@
-"""Hydra composition of conf/ into the params that DVC stages read."""
+"""Hydra composition of conf/ into the params that DVC stages read, and the check of those params.
+
+`python -m pipeline_lib.config [overrides...]` composes conf/, checks the result (`validate_params`)
+and only then writes params.yaml: a bad override prints ``error: ...``, exits 2 and leaves the old
+params.yaml as it was. Every stage checks params.yaml the same way when it loads it
+(`pipeline_lib.stage.load_params`), so params that DVC composes itself (`dvc exp run -S ...`) fail
+before any stage work either.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from pipeline_lib.errors import InputError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PARAMS_FILE = Path("params.yaml")
+GROUPS = ("checkpoint", "export", "parity", "convert", "bench")
+# A checkpoint name becomes a folder name (artifacts/checkpoints/<name>) and part of DVC stage paths.
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _hydra_error(exc: Exception, overrides: Sequence[str], conf_dir: Path) -> InputError:
+    """A Hydra / OmegaConf composition error as an InputError naming the override and the choices."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    given = " ".join(overrides) or "(no overrides)"
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, choice = str(exc.missing_cfg_file).rpartition("/")
+        return InputError(
+            f"{group}={choice}: no such choice in config group {group!r} ({conf_dir / group}/); "
+            f"available: {', '.join(exc.options)}. Pick one of those, or add {conf_dir / group / choice}.yaml"
+        )
+    if isinstance(exc, OverrideParseException):
+        return InputError(f"override {exc.override!r} cannot be parsed: {exc.message.splitlines()[0]}; "
+                          "the syntax is key=value, e.g. threads=4 or 'bench.threads=[1,4]'")
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return InputError(f"composing {conf_dir}/config.yaml with {given} failed: {message}")
 
 
 def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[str, Any]:
-    """Compose conf/config.yaml with Hydra overrides (as `dvc exp run -S` does) into a plain dict."""
+    """Compose conf/config.yaml with Hydra overrides (as `dvc exp run -S` does) into a plain dict.
+
+    A bad override (unknown key, unknown group choice, bad syntax, broken interpolation) is an
+    InputError naming it and, for a group choice, the choices there are. The result is not checked:
+    that is `validate_params`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)  # as DVC writes params.yaml
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)  # as DVC writes params.yaml
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _hydra_error(exc, overrides, conf_dir) from exc
 
 
-def write_params(path: Path, overrides: Sequence[str] = ()) -> None:
+class _Problems:
+    """Collects every problem of one params dict, so that one run names them all."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, expected: str, found: Any) -> None:
+        self.items.append(f"{key}: expected {expected}, found {found!r}")
+
+    def is_int(self, key: str, value: Any, low: int, why: str = "") -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            self.add(key, f"an int >= {low}{why}", value)
+
+    def is_number(self, key: str, value: Any, low: float | None = None, strict: bool = False) -> None:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+        if ok and low is not None:
+            ok = value > low if strict else value >= low
+        if not ok:
+            bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+            self.add(key, f"a number{bound}", value)
+
+    def is_choice_list(self, key: str, value: Any, choices: Sequence[str]) -> None:
+        if not isinstance(value, list) or not value or any(v not in choices for v in value):
+            self.add(key, f"a non-empty list of {', '.join(choices)}", value)
+
+    def group(self, params: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+        value = params.get(name)
+        if not isinstance(value, Mapping):
+            self.add(name, "a mapping (the config group conf/" + name + "/)", value)
+            return {}
+        return value
+
+
+def _check_checkpoint(p: _Problems, ckpt: Mapping[str, Any]) -> None:
+    from pipeline_lib.checkpoint import CheckpointConfig
+    from pipeline_lib.errors import CheckpointError
+
+    try:
+        CheckpointConfig.from_mapping(ckpt)
+    except CheckpointError as exc:
+        p.items.append(f"checkpoint: {exc}")
+    name = ckpt.get("name")
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+        p.add("checkpoint.name", "a folder name (letters, digits, '.', '_', '-'; not starting with '.')", name)
+    source = ckpt.get("source")
+    if source == "local" and (not isinstance(ckpt.get("path"), str) or ckpt.get("path") in ("", "???")):
+        p.add("checkpoint.path", "a checkpoint directory for source=local (checkpoint.path=/abs/dir)", ckpt.get("path"))
+    if source == "hub" and not (isinstance(ckpt.get("repo_id"), str) and HUB_ID.fullmatch(ckpt["repo_id"])):
+        p.add("checkpoint.repo_id", "a hub id owner/name for source=hub", ckpt.get("repo_id"))
+    if ckpt.get("num_layers") is not None:
+        p.is_int("checkpoint.num_layers", ckpt["num_layers"], 1, " or null")
+    p.is_int("checkpoint.seed", ckpt.get("seed", 0), 0)
+    p.is_number("checkpoint.lm_head_scale", ckpt.get("lm_head_scale", 1.0), 0.0, strict=True)
+    p.is_number("checkpoint.timeout_s", ckpt.get("timeout_s", 30), 0.0, strict=True)
+
+
+def _check_thresholds(p: _Problems, key: str, values: Any, cls: type) -> None:
+    """Every field of the thresholds dataclass ``cls``: ints >= 1 (seed >= 0), numbers otherwise."""
+    import dataclasses
+
+    if not isinstance(values, Mapping):
+        p.add(key, "a mapping of thresholds", values)
+        return
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        p.add(key, f"only the keys {sorted(fields)}", unknown)
+    for name, value in values.items():
+        if name not in fields:
+            continue
+        if fields[name].type in ("int", int):
+            p.is_int(f"{key}.{name}", value, 0 if name == "seed" else 1)
+        else:
+            p.is_number(f"{key}.{name}", value)
+
+
+def _check_convert(p: _Problems, convert: Mapping[str, Any]) -> None:
+    import inspect
+
+    from pipeline_lib import convert as conv
+    from pipeline_lib.quantize_ort import METHODS, quantize_onnx_int8
+
+    p.is_choice_list("convert.backends", convert.get("backends"), conv.BACKENDS)
+    p.is_choice_list("convert.precisions", convert.get("precisions"), conv.PRECISIONS)
+    mode = (convert.get("openvino") or {}).get("int8_mode", "int8_asym")
+    if mode not in conv.OV_INT8_MODES:
+        p.add("convert.openvino.int8_mode", f"one of {', '.join(conv.OV_INT8_MODES)}", mode)
+    int8 = (convert.get("onnx") or {}).get("int8") or {}
+    kwargs = set(inspect.signature(quantize_onnx_int8).parameters) - {"onnx_path", "out_path"}
+    for model, settings in int8.items():
+        key = f"convert.onnx.int8.{model}"
+        if model not in (conv.LM_DIR, conv.DECODER_DIR):
+            p.add("convert.onnx.int8", f"models {conv.LM_DIR!r} and {conv.DECODER_DIR!r}", model)
+            continue
+        if not isinstance(settings, Mapping):
+            p.add(key, "a mapping of quantize_onnx_int8 arguments", settings)
+            continue
+        unknown = sorted(set(settings) - kwargs)
+        if unknown:
+            p.add(key, f"only arguments of quantize_onnx_int8 ({', '.join(sorted(kwargs))})", unknown)
+        if settings.get("method", "dynamic") not in METHODS:
+            p.add(f"{key}.method", f"one of {', '.join(METHODS)}", settings.get("method"))
+
+
+def _check_bench(p: _Problems, bench: Mapping[str, Any]) -> None:
+    from pipeline_lib.bench import BACKENDS
+
+    threads = bench.get("threads")
+    if not isinstance(threads, list) or not threads:
+        p.add("bench.threads", "a non-empty list of thread counts, e.g. [1, ${threads}]", threads)
+    else:
+        for i, n in enumerate(threads):
+            p.is_int(f"bench.threads[{i}]", n, 1)
+    # Audio needs two hidden vectors per sentence (n of them give n - 1 tokens of audio).
+    p.is_int("bench.num_tokens", bench.get("num_tokens"), 2, " (one token gives no audio)")
+    for key in ("repeats", "upstream_repeats", "passes"):
+        p.is_int(f"bench.{key}", bench.get(key, 1), 1)
+    p.is_int("bench.warmup_tokens", bench.get("warmup_tokens", 0), 0)
+    p.is_int("bench.batch_size", bench.get("batch_size", 0), 0, " (0: no batch measurement)")
+    if not isinstance(bench.get("stream", True), bool):
+        p.add("bench.stream", "true or false", bench.get("stream"))
+    p.is_choice_list("bench.backends", bench.get("backends"), BACKENDS)
+    text = bench.get("text")
+    if text is not None and not (isinstance(text, str) and text.strip()):
+        p.add("bench.text", "null (the default text) or a non-empty string", text)
+    p.is_number("bench.timeout_s", bench.get("timeout_s", 900), 0.0, strict=True)
+
+
+def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> None:
+    """Raise InputError, naming every bad value, unless ``params`` (a composed dict, or an OmegaConf
+    object as the stages load it) is one the stages can run with: thread counts and sizes ints >= 1,
+    backends and precisions from the sets the code defines (pipeline_lib.convert, pipeline_lib.bench),
+    a checkpoint whose name is a folder name and whose source has what it needs, thresholds that are
+    numbers. ``source`` (the file or the overrides) starts the message."""
+    if type(params).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            params = OmegaConf.to_container(params, resolve=True, throw_on_missing=False)
+        except OmegaConfBaseException as exc:
+            raise InputError(f"{source}: cannot be resolved: {' '.join(str(exc).split())}; fix the interpolation "
+                             "or recompose it with `python -m pipeline_lib.config`") from exc
+    if not isinstance(params, Mapping):
+        raise InputError(f"{source}: expected a mapping of params, found {type(params).__name__}")
+    p = _Problems()
+    p.is_int("threads", params.get("threads"), 1)
+    groups = {name: p.group(params, name) for name in GROUPS}
+    if groups["checkpoint"]:
+        _check_checkpoint(p, groups["checkpoint"])
+    if groups["export"]:
+        p.is_int("export.opset", groups["export"].get("opset"), 1)
+    if groups["convert"]:
+        _check_convert(p, groups["convert"])
+    if groups["parity"]:
+        from pipeline_lib.parity import ParityThresholds, QuantParityThresholds
+
+        parity = groups["parity"]
+        _check_thresholds(p, "parity", {k: v for k, v in parity.items() if not str(k).startswith("convert_")},
+                          ParityThresholds)
+        # stages/parity_convert.py: fp32 targets are held to the export's checks, int8 to QuantParityThresholds.
+        by_precision = {"fp32": ParityThresholds, "int8": QuantParityThresholds}
+        for precision in groups["convert"].get("precisions") or []:
+            if precision in by_precision:
+                key = f"convert_{precision}"
+                if key not in parity:
+                    p.add(f"parity.{key}", "the limits of stage parity_convert for that precision", None)
+                else:
+                    _check_thresholds(p, f"parity.{key}", parity[key], by_precision[precision])
+    if groups["bench"]:
+        _check_bench(p, groups["bench"])
+    if p.items:
+        listing = "\n  ".join(p.items)
+        raise InputError(f"{source}: {len(p.items)} bad value(s):\n  {listing}\n"
+                         "Fix the override (or conf/<group>/*.yaml) and compose again: "
+                         "python -m pipeline_lib.config [overrides...] (or dvc exp run -S key=value)")
+
+
+def write_params(path: Path, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> None:
+    """Compose, check, then write ``path`` atomically; a bad composition raises InputError and leaves
+    ``path`` as it was."""
     import yaml
 
-    path.write_text(yaml.safe_dump(compose(overrides), sort_keys=False))
+    from pipeline_lib.fsutil import atomic_file
+
+    params = compose(overrides, conf_dir)
+    validate_params(params, f"{conf_dir}/config.yaml with {' '.join(overrides)}" if overrides else f"{conf_dir}/config.yaml")
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def main(argv: Sequence[str] | None = None, path: Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> int:
+    """`python -m pipeline_lib.config [overrides...]`: 0 when params.yaml was written, 2 on a bad override."""
+    try:
+        write_params(path, list(sys.argv[1:] if argv is None else argv), conf_dir)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    write_params(Path("params.yaml"), sys.argv[1:])
+    sys.exit(main())

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline_lib.errors import SopranoOnnxError
+from pipeline_lib.errors import InputError, SopranoOnnxError
 from pipeline_lib.fsutil import remove_outputs
 
 log = logging.getLogger("pipeline_lib.stage")
@@ -17,12 +17,24 @@ PARAMS_FILE = Path("params.yaml")
 
 
 def load_params(path: Path = PARAMS_FILE) -> Any:
-    """params.yaml as an OmegaConf object (interpolations such as ${threads} resolved on access)."""
+    """params.yaml as an OmegaConf object (interpolations such as ${threads} resolved on access), checked
+    by `pipeline_lib.config.validate_params`: a bad value (``dvc exp run -S bench.threads=[0]``, a hand
+    edit) is an InputError naming it, raised before the stage does any work."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline_lib.config import validate_params
 
     if not path.is_file():
         raise SopranoOnnxError(f"{path}: not found; run the stage from the repository root (dvc repro does).")
-    return OmegaConf.load(path)
+    try:
+        params = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: not a YAML mapping ({' '.join(str(exc).split())}); "
+                         "recompose it with `python -m pipeline_lib.config`") from exc
+    validate_params(params, str(path))
+    return params
 
 
 def setup_logging() -> None:

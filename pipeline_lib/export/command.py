@@ -1,4 +1,9 @@
-"""`soprano-onnx export`: a checkpoint (local directory or hub id) -> one self-contained ONNX folder."""
+"""`soprano-onnx export`: a checkpoint (local directory or hub id) -> one self-contained ONNX folder.
+
+The command replaces only the files it writes in --out (each atomically, once the whole export has
+succeeded); anything else there stays as it was. So `--decoder-only` then `--lm-only` into one folder
+gives a complete folder, and `--out .` is safe.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pipeline_lib.errors import SopranoOnnxError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (upstream layout) or hub id, e.g. ekwek/Soprano-1.1-80M")
     p.add_argument("--revision", default="main", help="hub revision (branch, tag or commit) when --checkpoint is a hub id")
-    p.add_argument("--out", required=True, type=Path, help="output folder (ONNX files, JSON configs, tokenizer)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (ONNX files, JSON configs, tokenizer); other files in it are kept")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--decoder-only", action="store_true", help="export only the decoder")
     only.add_argument("--lm-only", action="store_true", help="export only the LM step model")
@@ -39,13 +44,14 @@ def resolve_checkpoint(spec: str, revision: str, workdir: Path, timeout_s: float
 def run(args: argparse.Namespace) -> int:
     from pipeline_lib.export.decoder import export_decoder
     from pipeline_lib.export.lm import copy_tokenizer_files, export_lm
-    from pipeline_lib.fsutil import atomic_dir
+    from pipeline_lib.fsutil import atomic_files, check_output_dir
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
+    check_output_dir(args.out, "--out")  # before a download or an export that would be lost
     with tempfile.TemporaryDirectory(prefix="soprano-export-") as work:
         ckpt = resolve_checkpoint(args.checkpoint, args.revision, Path(work), args.timeout)
-        with atomic_dir(args.out) as tmp:
+        with atomic_files(args.out) as tmp:
             if not args.lm_only:
                 r = export_decoder(ckpt, tmp, opset=args.opset)
                 print(f"decoder: {args.out / r.onnx_path.name} (check: max abs error {r.max_abs_error:.2e})")

@@ -3,6 +3,11 @@
 Text comes from the positional argument, from `--text-file F`, or from stdin when the text is `-`.
 Heavy imports (numpy, onnxruntime, tokenizers) happen inside `run`, so building the CLI parser
 stays cheap.
+
+Checked before anything is synthesised: the output can be written (its folder exists, it is not a
+folder), the numeric options are in range. The WAV is written atomically (a temporary file beside it,
+renamed into place once complete), also with --stream; a result without audio is an error and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,17 @@ from pipeline_lib.errors import InputError
 BACKEND_CHOICES = {"onnx": "onnx_cpu", "openvino": "openvino_cpu", "onnx_cpu": "onnx_cpu", "openvino_cpu": "openvino_cpu"}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (so a bad --threads is a usage error, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", help="text to speak; '-' reads it from stdin (UTF-8)")
     p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file instead")
@@ -24,15 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True,
                    help="export folder (soprano_lm_step.onnx, soprano_decoder_preistft.onnx, JSON configs, tokenizer.json)")
     p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default="onnx", help="inference backend (default: onnx)")
-    p.add_argument("--threads", type=int, default=4, help="intra-op threads (default: 4)")
+    p.add_argument("--threads", type=positive_int, default=4, help="intra-op threads (default: 4)")
     p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are generated")
-    p.add_argument("--chunk-size", type=int, default=1, help="tokens per streamed chunk (with --stream)")
+    p.add_argument("--chunk-size", type=positive_int, default=1, help="tokens per streamed chunk (with --stream)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     p.add_argument("--repetition-penalty", type=float, default=1.2)
     p.add_argument("--max-new-tokens", type=int, default=512, help="audio tokens per sentence, at most 512")
-    p.add_argument("--batch-size", type=int, default=None, help="sentences per LM batch")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="sentences per LM batch")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
 
@@ -62,14 +78,29 @@ def read_text(args: argparse.Namespace) -> str:
     return args.text
 
 
+def no_audio_error(max_new_tokens: int) -> InputError:
+    """Why a synthesis gave no samples: a sentence of n hidden vectors gives n - 1 tokens' worth of audio."""
+    if max_new_tokens < 2:
+        why = (f"--max-new-tokens {max_new_tokens} gives each sentence one hidden vector, and audio needs at least "
+               "two (a sentence of n hidden vectors gives n - 1 tokens of audio)")
+    else:
+        why = "every sentence ended (the model emitted [STOP]) before its second hidden vector, and audio needs two"
+    return InputError(f"no audio to write: {why}; raise --max-new-tokens (default 512) or change the text. "
+                      "Nothing was written.")
+
+
 def run(args: argparse.Namespace) -> int:
     import wave
 
     import numpy as np
 
+    from pipeline_lib.fsutil import atomic_file, check_output_file
     from pipeline_lib.runtime.tts import SopranoTTS, write_wav
 
     text = read_text(args)
+    check_output_file(args.output, "-o/--output")
+    if args.max_new_tokens == 1:  # 0 and > 512: the library's own range error
+        raise no_audio_error(1)
     start = time.perf_counter()
     tts = SopranoTTS.from_dir(args.model, backend=BACKEND_CHOICES[args.backend], num_threads=args.threads)
     load_s = time.perf_counter() - start
@@ -82,19 +113,24 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         samples = 0
         chunks = tts.infer_stream(text, chunk_size=args.chunk_size, **sampling)
-        with wave.open(str(args.output), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(tts.sample_rate)
-            for chunk in chunks:
-                if first_chunk_s is None:
-                    first_chunk_s = time.perf_counter() - t0
-                pcm = np.round(np.clip(chunk, -1.0, 1.0) * 32767.0).astype("<i2")
-                w.writeframes(pcm.tobytes())
-                samples += len(chunk)
+        with atomic_file(args.output) as tmp:
+            with wave.open(str(tmp), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(tts.sample_rate)
+                for chunk in chunks:
+                    if first_chunk_s is None:
+                        first_chunk_s = time.perf_counter() - t0
+                    pcm = np.round(np.clip(chunk, -1.0, 1.0) * 32767.0).astype("<i2")
+                    w.writeframes(pcm.tobytes())
+                    samples += len(chunk)
+            if samples == 0:  # inside atomic_file: the empty file is removed, not renamed into place
+                raise no_audio_error(args.max_new_tokens)
     else:
         result = tts.synthesize(text, batch_size=args.batch_size, **sampling)
         samples = len(result["audio"])
+        if samples == 0:
+            raise no_audio_error(args.max_new_tokens)
         write_wav(args.output, result["audio"], tts.sample_rate)
     wall = time.perf_counter() - t0
     audio_s = samples / tts.sample_rate
