@@ -42,18 +42,27 @@ def setup_logging() -> None:
 
 
 @contextlib.contextmanager
-def stage_outputs(name: str, *outs: Path | str) -> Iterator[None]:
-    """Remove stale outputs first; on any failure remove what the stage wrote and exit non-zero."""
+def stage_outputs(name: str, *outs: Path | str, keep_previous: bool = False) -> Iterator[None]:
+    """Remove stale outputs first; on any failure remove what the stage wrote and exit non-zero.
+
+    keep_previous: for outs declared `persist: true` in dvc.yaml (results that took long to make,
+    committed for review: the benchmarks and the report): nothing is removed, before or on failure;
+    the stage writes each out atomically when it is done (fsutil.atomic_file), so a failed run
+    leaves the previous results as they were, and dvc.lock, which DVC updates only on success,
+    keeps describing them."""
     setup_logging()
-    remove_outputs(*outs)
+    if not keep_previous:
+        remove_outputs(*outs)
     start = time.perf_counter()
     try:
         yield
     except SopranoOnnxError as exc:
-        remove_outputs(*outs)
+        if not keep_previous:
+            remove_outputs(*outs)
         log.error("stage %s failed: %s", name, exc)
         sys.exit(1)
     except BaseException:
-        remove_outputs(*outs)
+        if not keep_previous:
+            remove_outputs(*outs)
         raise
     log.info("stage %s done in %.1f s", name, time.perf_counter() - start)

@@ -46,12 +46,12 @@ if __name__ == "__main__":
         timeout_s=float(bench.timeout_s),
         passes=int(bench.get("passes", 1)),
     )
-    with stage_outputs("benchmark", csv_path, metrics_path, env_path):
+    with stage_outputs("benchmark", csv_path, metrics_path, env_path, keep_previous=True):
         started = utc_now()
         jobs = plan(Path("."), ckpt, threads, convert_targets(params), backends=list(bench.backends),
                     upstream_threads=int(params.threads))
         log.info("benchmark: %d configurations: %s", len(jobs), ", ".join(j.label for j in jobs))
-        rows = run_sweep(jobs, settings)
+        rows = run_sweep(jobs, settings)  # the previous results stay in place until here (persist: true)
         with atomic_file(csv_path) as tmp:
             to_frame(rows).to_csv(tmp, index=False, float_format="%.6g")
         write_json(metrics_path, headline(rows, int(params.threads)))

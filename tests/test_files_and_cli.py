@@ -427,3 +427,26 @@ def test_speak_empty_audio_is_an_error_without_a_file(tiny_export, tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("error: no audio") and "--max-new-tokens" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_benchmark_outs_survive_a_failed_run(tmp_path, monkeypatch):
+    """The benchmark's outs are `persist: true` (DVC leaves them in place while the stage runs) and the
+    stage keeps them on failure: the previous results are still there, byte for byte."""
+    import yaml
+
+    from pipeline_lib.errors import SopranoOnnxError
+    from pipeline_lib.stage import stage_outputs
+
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    outs = stages["benchmark"]["outs"] + stages["benchmark"]["metrics"]
+    assert all(next(iter(o.values())).get("persist") is True for o in outs), outs
+    old = tmp_path / "bench.csv"
+    old.write_text("previous results\n")
+    with pytest.raises(SystemExit):
+        with stage_outputs("benchmark", old, keep_previous=True):
+            raise SopranoOnnxError("a crash midway")
+    assert old.read_text() == "previous results\n"
+    with pytest.raises(SystemExit):  # the other stages still remove what a failed run leaves
+        with stage_outputs("parity", old):
+            raise SopranoOnnxError("a crash midway")
+    assert not old.exists()

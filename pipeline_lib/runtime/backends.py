@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline_lib.convert import OV_CPU_CONFIG, load_openvino_model
 from pipeline_lib.cpuinfo import INT8_DOT_FEATURES, read_cpuinfo
-from pipeline_lib.errors import MissingBackendError, ModelFileError
+from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ HOW_TO_PRODUCE = (
 
 def normalize_backend(name: str) -> str:
     if not isinstance(name, str):
-        raise ValueError(f"backend must be a string, one of {BACKENDS}; got {name!r}")
+        raise InputError(f"backend must be a string, one of {BACKENDS}; got {name!r}")
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} (aliases: onnx, openvino)")
+        raise InputError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} (aliases: onnx, openvino)")
     return key
 
 
@@ -622,7 +622,7 @@ def load_backends(
     ignores it."""
     backend = normalize_backend(backend)
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+        raise InputError(f"num_threads must be an int >= 1, got {num_threads!r}")
     require_file(lm_path, "LM step model")
     require_file(decoder_path, "decoder model")
     if backend == "onnx_cpu":
