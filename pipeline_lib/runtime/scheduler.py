@@ -471,8 +471,10 @@ class BatchScheduler:
             self._end_job(job, JobCancelled("cancelled"))
         self._admit(lm)
         if not self.rows:
+            self.observer.on_step(0, self.queue_depth, 0, 0.0)  # the batch is empty (e.g. all cancelled)
             return
         t0 = time.perf_counter()
+        sampled = len(self.rows)
         for group in _by_params(self.rows):
             logits = np.stack([r.logits for r in group])
             seen = np.stack([r.seen for r in group])
@@ -487,7 +489,6 @@ class BatchScheduler:
                 self._end_job(r.job, exc)
         for r in [r for r in self.rows if r.finished]:
             self._drop_row(r)
-        n_tokens = len(self.rows)
         if self.rows:
             feed = self._cache.feed()
             feed["input_ids"] = np.array([[r.token] for r in self.rows], dtype=np.int64)
@@ -500,7 +501,7 @@ class BatchScheduler:
                 r.last_hidden = np.array(hidden[i, -1], dtype=np.float32)
                 r.next_pos += 1
             self.steps += 1
-        self.observer.on_step(n_tokens, self.queue_depth, n_tokens, time.perf_counter() - t0)
+        self.observer.on_step(len(self.rows), self.queue_depth, sampled, time.perf_counter() - t0)
 
     def _admit(self, lm: Any) -> None:
         while len(self.rows) < self.max_batch:
