@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "export": ("pipeline_lib.export.command", "Export a checkpoint (local directory or hub id) to a self-contained ONNX folder."),
     "speak": ("pipeline_lib.runtime.command", "Synthesise speech from text with exported models."),
     "bench": ("pipeline_lib.bench.command", "Benchmark one backend configuration (RTF, per-stage times, memory)."),
+    "serve": ("pipeline_lib.server.command", "Serve an OpenAI-compatible speech API (POST /v1/audio/speech) over HTTP."),
 }
 
 

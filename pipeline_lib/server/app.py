@@ -1,0 +1,576 @@
+"""The OpenAI-compatible speech server: a thin FastAPI layer over `BatchScheduler`.
+
+`create_app(settings)` builds the ASGI app (`create_app()` reads `Settings.from_env()`), so tests,
+`soprano-onnx serve`, `uvicorn --factory pipeline_lib.server.app:create_app` and gunicorn's
+UvicornWorker start the same thing. The app's lifespan loads the model (or takes `settings.tts`) and
+starts the scheduler in the background: `GET /health` says 503 until it is ready, then 200; on
+shutdown (uvicorn's graceful shutdown has let the responses in flight finish) it closes the
+scheduler with drain=True.
+
+Routes: `POST /v1/audio/speech` (OpenAI's request; audio streamed as generated, or OpenAI's
+server-sent events with stream_format "sse"), `GET /v1/models`, `GET /v1/models/{id}`,
+`GET /v1/audio/voices`, `GET /v1/server/info`, `GET /health`, `GET /metrics` (Prometheus), and the
+web page: `GET /` and `/static/...` from `pipeline_lib/server/static/`.
+
+Errors are OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (request
+validation included, never 422), 401 for a missing or wrong bearer token on /v1 when an api_key is
+set, 404, 413 for a body over max_body_bytes (from Content-Length, or counted while reading), 429
+with Retry-After when the scheduler's queue is full, 503 (with Retry-After) while loading or
+shutting down. A client that disconnects cancels its job: the response watches for the ASGI
+`http.disconnect` message while it waits for audio, and sending into a closed connection counts too.
+A job that fails after the response has started ends the connection without the closing chunk (so
+the client sees an incomplete response), or with an `error` event for SSE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Mapping
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline_lib.errors import InputError
+from pipeline_lib.runtime.scheduler import (
+    BatchScheduler,
+    JobCancelled,
+    QueueFullError,
+    SchedulerClosedError,
+    SpeechJob,
+)
+from pipeline_lib.server.encode import FORMATS, StreamEncoder, open_stream
+from pipeline_lib.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from pipeline_lib.server.schemas import (
+    MODEL_ALIASES,
+    MODEL_ID,
+    SAMPLING_FIELDS,
+    SpeechBody,
+    error_body,
+    model_list,
+    model_object,
+    voice_list,
+)
+
+__all__ = ["Settings", "create_app", "STATIC_DIR", "DEFAULT_MAX_INPUT_CHARS"]
+
+log = logging.getLogger("pipeline_lib.server")
+
+STATIC_DIR = Path(__file__).with_name("static")
+DEFAULT_MAX_INPUT_CHARS = 4096  # OpenAI's limit
+# A body holds the input (at worst 12 bytes per character: an astral character as a JSON escaped
+# surrogate pair) and a few short fields.
+_BYTES_PER_INPUT_CHAR = 12
+_BODY_OVERHEAD = 16 * 1024
+_RETRY_LOADING_S = 5
+_ENV_PREFIX = "SOPRANO_"
+
+
+@dataclass
+class Settings:
+    """What the server serves and how. `model`: an export or pipeline folder (SopranoTTS.from_dir);
+    `tts`: an already built SopranoTTS instead (tests, benchmarks), shared, not closed by the app.
+    `threads`, `max_batch`, `max_queue`: None = the runtime's and scheduler's defaults.
+    `max_body_bytes`: None = 12 bytes per allowed input character + 16 KiB (64 KiB at 4096).
+    `on_load_error`: called (from a worker thread) if loading fails; `soprano-onnx serve` stops."""
+
+    model: Path | None = None
+    backend: str = "onnx_cpu"
+    threads: int | None = None
+    max_batch: int | None = None
+    max_queue: int | None = None
+    api_key: str | None = None
+    max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
+    max_body_bytes: int | None = None
+    tts: Any = None
+    on_load_error: Callable[[BaseException], None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from pipeline_lib.runtime.backends import normalize_backend
+
+        if self.tts is None and self.model is None:
+            raise InputError("no model: pass --model DIR (or set SOPRANO_MODEL) to an export folder")
+        if self.model is not None:
+            self.model = Path(self.model)
+        try:
+            self.backend = normalize_backend(self.backend)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        for name in ("threads", "max_batch", "max_queue", "max_body_bytes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InputError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.max_input_chars, bool) or not isinstance(self.max_input_chars, int) or self.max_input_chars < 1:
+            raise InputError(f"max_input_chars must be an int >= 1, got {self.max_input_chars!r}")
+        if self.max_body_bytes is None:
+            self.max_body_bytes = _BODY_OVERHEAD + _BYTES_PER_INPUT_CHAR * self.max_input_chars
+        self.api_key = self.api_key or None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """SOPRANO_MODEL, SOPRANO_BACKEND, SOPRANO_THREADS, SOPRANO_MAX_BATCH, SOPRANO_MAX_QUEUE,
+        SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES (unset: the defaults)."""
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in ("tts", "on_load_error"):
+                continue
+            raw = env.get(_ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.name in ("model", "backend", "api_key"):
+                kwargs[f.name] = raw
+            else:
+                try:
+                    kwargs[f.name] = int(raw)
+                except ValueError:
+                    raise InputError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r}: expected an integer") from None
+        return cls(**kwargs)
+
+
+class ApiError(Exception):
+    """An error response in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=self.headers)
+
+
+def _precision(config: Path | None, model: Path) -> str:
+    """fp32 / int8 from the conversion record in the model's config (pipeline_lib.convert writes
+    it), else a folder name on the path (artifacts/<backend>/<precision>/...); an export without a
+    conversion record is the fp32 export; "unknown" when there is nothing to go by."""
+    from pipeline_lib.bench import PRECISIONS
+
+    cfg: dict[str, Any] | None = None
+    if config is not None and config.is_file():
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cfg = None
+    conversion = None
+    if isinstance(cfg, dict):
+        conversion = cfg.get("conversion") or (cfg.get("onnx") or {}).get("conversion")
+        if isinstance(conversion, dict) and conversion.get("precision") in PRECISIONS:
+            return str(conversion["precision"])
+    for part in reversed(model.parent.parts):
+        if part in PRECISIONS:
+            return part
+    return "fp32" if isinstance(cfg, dict) and conversion is None else "unknown"
+
+
+def _load_tts(s: Settings) -> Any:
+    """SopranoTTS.from_dir without the stateful OpenVINO LM (stateful=False): the batching
+    scheduler needs the step model that takes the KV cache as inputs. Construction warms up."""
+    from pipeline_lib.runtime.tts import SopranoTTS
+
+    kwargs: dict[str, Any] = {"backend": s.backend}
+    if s.threads is not None:
+        kwargs["num_threads"] = s.threads
+    return SopranoTTS.from_dir(Path(s.model), stateful=False, **kwargs)  # type: ignore[arg-type]
+
+
+def _decoder_config(decoder: Path) -> Path | None:
+    own = decoder.with_name(decoder.stem + "_istft_config.json")
+    return own if own.is_file() else next(iter(sorted(decoder.parent.glob("*_istft_config.json"))), None)
+
+
+class _Service:
+    """The app's state: settings, metrics, and once loaded the tts and its scheduler."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics(self._queue_depth)
+        self.status = "loading"  # loading -> ready -> draining; or failed
+        self.error: str | None = None
+        self.tts: Any = None
+        self.scheduler: BatchScheduler | None = None
+        self.info: dict[str, Any] = {}
+        self.created = int(time.time())
+
+    def _queue_depth(self) -> float:
+        return float(self.scheduler.queue_depth) if self.scheduler is not None else 0.0
+
+    def load(self) -> None:
+        """Load the model (unless given) and start the scheduler; runs in a worker thread."""
+        s = self.settings
+        t0 = time.perf_counter()
+        try:
+            tts = s.tts if s.tts is not None else _load_tts(s)
+            limits = {k: getattr(s, k) for k in ("max_batch", "max_queue") if getattr(s, k) is not None}
+            scheduler = BatchScheduler(tts, observer=self.metrics, **limits).start()
+        except Exception as exc:  # noqa: BLE001 - reported by /health and the log; serve stops
+            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("loading the model failed: %s", self.error)
+            if s.on_load_error is not None:
+                s.on_load_error(exc)
+            return
+        self.tts, self.scheduler = tts, scheduler
+        lm_path, decoder_path = Path(tts.lm_path), Path(tts.decoder_path)
+        self.info = {
+            "backend": tts.backend,
+            "lm_precision": _precision(getattr(tts.spec, "path", None), lm_path),
+            "decoder_precision": _precision(_decoder_config(decoder_path), decoder_path),
+            "threads": tts.num_threads,
+            "sample_rate": tts.sample_rate,
+            "max_batch": scheduler.max_batch,
+            "max_queue": scheduler.max_queue,
+            "model": MODEL_ID,
+            "model_dir": str(s.model if s.model is not None else lm_path.parent),
+            "formats": list(FORMATS),
+            "max_input_chars": s.max_input_chars,
+        }
+        if self.status == "loading":
+            self.status = "ready"
+        log.info("model ready in %.1f s: %s", time.perf_counter() - t0, self.info)
+
+    def begin_draining(self) -> None:
+        """Take no new speech requests (the server is stopping); those in flight go on."""
+        if self.status in ("loading", "ready"):
+            self.status = "draining"
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close(drain=True)
+
+    def ready(self) -> BatchScheduler:
+        if self.status == "ready" and self.scheduler is not None:
+            return self.scheduler
+        if self.status == "failed":
+            raise ApiError(503, f"the model failed to load ({self.error}); fix the model folder and restart the server",
+                           type="server_error", code="model_load_failed")
+        if self.status == "draining":
+            raise ApiError(503, "the server is shutting down: send the request to another instance or retry later",
+                           type="server_error", code="shutting_down", headers={"Retry-After": str(_RETRY_LOADING_S)})
+        raise ApiError(503, "the model is still loading: retry when GET /health returns 200", type="server_error",
+                       code="loading", headers={"Retry-After": str(_RETRY_LOADING_S)})
+
+
+class _Guard:
+    """Pure ASGI middleware: counts responses by route and status, checks the bearer token on /v1
+    (before the body is read), and bounds the request body (Content-Length, then while reading)."""
+
+    def __init__(self, app: ASGIApp, service: _Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refuse(scope)
+            if refusal is not None:
+                await refusal.response()(scope, receive, counted_send)
+            else:
+                await self.app(scope, self._bounded(receive), counted_send)
+        finally:
+            route = scope.get("route")
+            self.service.metrics.request_done(getattr(route, "path", "unmatched"), status)
+
+    def _refuse(self, scope: Scope) -> ApiError | None:
+        s = self.service.settings
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if s.api_key and scope.get("path", "").startswith("/v1/"):
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if not auth:
+                return ApiError(401, "no API key: send the header 'Authorization: Bearer <key>' (the server's --api-key)",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), s.api_key.encode("utf-8")):
+                return ApiError(401, "incorrect API key: send 'Authorization: Bearer <key>' with the server's --api-key",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return ApiError(400, f"Content-Length {length.decode('latin-1')!r} is not a number", code="invalid_header")
+            if n > s.max_body_bytes:
+                return _too_large(s.max_body_bytes)
+        return None
+
+    def _bounded(self, receive: Receive) -> Receive:
+        limit = self.service.settings.max_body_bytes
+        seen = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, _too_large(limit).message)
+            return message
+
+        return bounded_receive
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body exceeds {limit} bytes (max_body_bytes): shorten the input",
+                    code="request_too_large")
+
+
+class _JobResponse(StreamingResponse):
+    """Streams a job's encoded audio; cancels the job when the client goes away (an
+    `http.disconnect` while waiting, or a failed send) and always releases it at the end."""
+
+    def __init__(self, job: SpeechJob, content: AsyncIterator[bytes], service: _Service, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.job, self.service = job, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.service.metrics.speech_started()
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    self.job.cancel()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_disconnect)
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass  # the client closed the connection while we were sending
+                except Exception as exc:  # noqa: BLE001 - the status is sent; end without the closing chunk
+                    if not isinstance(exc, JobCancelled):
+                        log.error("speech job failed mid-response: %s: %s", type(exc).__name__, exc, exc_info=exc)
+                tg.cancel_scope.cancel()
+        finally:
+            abandoned = not self.job.done
+            self.job.cancel()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self.service.metrics.speech_ended(cancelled=abandoned)
+
+
+async def _audio_stream(job: SpeechJob, encoder: StreamEncoder) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in job:
+            data = encoder.write(chunk)
+            if data:
+                yield data
+        tail = encoder.finish()
+        if tail:
+            yield tail
+    finally:
+        encoder.close()
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
+async def _sse_stream(job: SpeechJob, encoder: StreamEncoder, tts: Any) -> AsyncIterator[bytes]:
+    """OpenAI's speech events: `speech.audio.delta` (base64 of the response_format's bytes) and a
+    closing `speech.audio.done` with usage (input_tokens: the text's prompt tokens; output_tokens:
+    audio tokens); a job that fails ends with an `error` event."""
+
+    def delta(data: bytes) -> bytes:
+        return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+
+    try:
+        async for chunk in job:
+            data = encoder.write(chunk)
+            if data:
+                yield delta(data)
+        tail = encoder.finish()
+        if tail:
+            yield delta(tail)
+        _, ids = await run_in_threadpool(tts.prepare, [job.request.text])
+        input_tokens = sum(len(i) for i in ids)
+        output_tokens = job.tokens or math.ceil(job.samples / tts.samples_per_token)
+        yield _sse({"type": "speech.audio.done", "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                                                           "total_tokens": input_tokens + output_tokens}})
+    except JobCancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported to the client as an event
+        log.error("speech job failed mid-stream: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        yield _sse({"type": "error", **error_body(f"speech generation failed: {exc}", "server_error")})
+    finally:
+        encoder.close()
+
+
+def _param_of(message: str) -> str:
+    """The request field an InputError is about: the runtime names a sampling setting first; text
+    errors ("text is empty", ...) are about `input`."""
+    word = message.split(" ", 1)[0]
+    return word if word in SAMPLING_FIELDS else "input"
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    err = exc.errors()[0]
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    param = str(loc[0]) if loc and isinstance(loc[0], str) else None
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", err.get("msg"))
+        return ApiError(400, f"the request body is not valid JSON ({detail}): send a JSON object", code="invalid_json")
+    if kind == "missing":
+        return ApiError(400, f"missing required parameter: {param!r}", param=param, code="missing_required_parameter")
+    if kind == "extra_forbidden":
+        return ApiError(400, f"unrecognized request argument supplied: {param!r}", param=param, code="unknown_parameter")
+    if param is None:
+        return ApiError(400, f"the request body must be a JSON object with the speech parameters ({err.get('msg')})",
+                        code="invalid_type")
+    if kind == "value_error":
+        msg = str((err.get("ctx") or {}).get("error", err.get("msg")))
+    else:
+        got = err.get("input")
+        shown = f" (got {got!r})" if isinstance(got, (int, float, bool)) or (isinstance(got, str) and len(got) <= 40) else ""
+        msg = f"{param}: {err.get('msg')}{shown}"
+    return ApiError(400, msg, param=param, code="invalid_type" if kind.endswith("_type") else "invalid_value")
+
+
+_STATUS_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+                 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI app (see the module docstring); `settings` None: `Settings.from_env()`."""
+    settings = settings if settings is not None else Settings.from_env()
+    service = _Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.ensure_future(asyncio.to_thread(service.load))
+        try:
+            yield
+        finally:
+            service.begin_draining()
+            await loading
+            await asyncio.to_thread(service.close)
+
+    app = FastAPI(title="Soprano TTS", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.service = service
+    app.add_middleware(_Guard, service=service)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+        return ApiError(400, str(exc), param=_param_of(str(exc)), code="invalid_value").response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}: see GET /docs for this server's routes"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return ApiError(exc.status_code, message, type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
+                        code=code, headers=getattr(exc, "headers", None)).response()
+
+    @app.post("/v1/audio/speech", response_model=None)
+    async def speech(body: SpeechBody) -> Response:
+        """OpenAI's speech endpoint; the audio streams as it is generated (chunked transfer)."""
+        scheduler = service.ready()
+        if len(body.input) > settings.max_input_chars:
+            raise ApiError(400, f"input is {len(body.input)} characters long; the limit is {settings.max_input_chars} "
+                           "(max_input_chars): split the text into several requests", param="input",
+                           code="string_above_max_length")
+        tts = service.tts
+        try:
+            encoder = open_stream(body.response_format, tts.sample_rate, body.sample_rate)
+        except InputError as exc:
+            raise ApiError(400, str(exc), param="sample_rate", code="invalid_value") from None
+        try:
+            job = await run_in_threadpool(scheduler.submit, body.speech_request())
+        except BaseException as exc:
+            encoder.close()
+            if isinstance(exc, InputError):
+                raise ApiError(400, str(exc), param=_param_of(str(exc)), code="invalid_value") from None
+            if isinstance(exc, QueueFullError):
+                raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
+            if isinstance(exc, SchedulerClosedError):
+                raise ApiError(503, str(exc), type="server_error", code="shutting_down") from None
+            raise
+        headers = {"X-Sample-Rate": str(encoder.out_rate), "X-Audio-Format": body.response_format,
+                   "Cache-Control": "no-store"}
+        if body.stream_format == "sse":
+            headers["X-Accel-Buffering"] = "no"
+            return _JobResponse(job, _sse_stream(job, encoder, tts), service, media_type="text/event-stream",
+                                headers=headers)
+        return _JobResponse(job, _audio_stream(job, encoder), service, media_type=encoder.format.content_type,
+                            headers=headers)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return model_list(service.created)
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id not in (MODEL_ID, *MODEL_ALIASES):
+            raise ApiError(404, f"the model {model_id!r} does not exist: GET /v1/models lists this server's models",
+                           param="model", code="model_not_found")
+        return model_object(model_id, service.created)
+
+    @app.get("/v1/audio/voices")
+    async def voices() -> dict[str, Any]:
+        return voice_list()
+
+    @app.get("/v1/server/info")
+    async def server_info() -> dict[str, Any]:
+        """backend, lm_precision, decoder_precision (fp32 | int8 | unknown), threads, sample_rate
+        (the model's), max_batch, max_queue, model, and a few more for the web page."""
+        service.ready()
+        return service.info
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body: dict[str, Any] = {"status": "ok" if service.status == "ready" else service.status}
+        if service.error:
+            body["error"] = service.error
+        return JSONResponse(body, 200 if service.status == "ready" else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            raise ApiError(404, f"{page} is missing: the web page is not installed", code="not_found")
+        return FileResponse(page)
+
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
