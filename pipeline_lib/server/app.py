@@ -442,6 +442,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if param is None:
         return ApiError(400, f"the request body must be a JSON object with the speech parameters ({err.get('msg')})",
                         code="invalid_type")
+    if param == "input" and kind == "string_too_short":
+        return ApiError(400, "input is empty: give the text to speak (1 to max_input_chars characters)",
+                        param="input", code="invalid_value")
     if kind == "value_error":
         msg = str((err.get("ctx") or {}).get("error", err.get("msg")))
     else:
