@@ -495,7 +495,7 @@ def _write_random(cfg: CheckpointConfig, out: Path) -> dict[str, Any]:
 
     if fixture is not None and (fixture / "tokenizer.json").is_file():
         print(f"[checkpoint] tokenizer from fixture {fixture}")
-        from pipeline_lib.tokenizer_gen import TOKENIZER_FILES
+        from pipeline_lib.registry import TOKENIZER_FILES
 
         for name in TOKENIZER_FILES:
             shutil.copyfile(fixture / name, out / name)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline_lib import registry
 from pipeline_lib.errors import InputError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -142,20 +143,31 @@ def _check_thresholds(p: _Problems, key: str, values: Any, cls: type) -> None:
 def _check_convert(p: _Problems, convert: Mapping[str, Any]) -> None:
     import inspect
 
-    from pipeline_lib import convert as conv
+    from pipeline_lib.convert import OV_INT8_MODES
     from pipeline_lib.quantize_ort import METHODS, quantize_onnx_int8
 
-    p.is_choice_list("convert.backends", convert.get("backends"), conv.BACKENDS)
-    p.is_choice_list("convert.precisions", convert.get("precisions"), conv.PRECISIONS)
+    backends, precisions = convert.get("backends"), convert.get("precisions")
+    p.is_choice_list("convert.backends", backends, registry.BACKENDS)
+    p.is_choice_list("convert.precisions", precisions, registry.PRECISIONS)
+    if isinstance(backends, list) and isinstance(precisions, list):
+        for b in backends:
+            for q in precisions:
+                if b in registry.BACKENDS and q in registry.PRECISIONS and (b, q) not in registry.TARGETS:
+                    p.add("convert.backends x convert.precisions",
+                          "targets registered in pipeline_lib.registry.TARGETS", f"{b}-{q}")
     mode = (convert.get("openvino") or {}).get("int8_mode", "int8_asym")
-    if mode not in conv.OV_INT8_MODES:
-        p.add("convert.openvino.int8_mode", f"one of {', '.join(conv.OV_INT8_MODES)}", mode)
-    int8 = (convert.get("onnx") or {}).get("int8") or {}
+    if mode not in OV_INT8_MODES:
+        p.add("convert.openvino.int8_mode", f"one of {', '.join(OV_INT8_MODES)}", mode)
+    onnx = convert.get("onnx") or {}
+    for name in onnx:
+        if name not in registry.PRECISIONS:
+            p.add("convert.onnx", f"keys that are precisions ({', '.join(registry.PRECISIONS)})", name)
+    int8 = onnx.get("int8") or {}
     kwargs = set(inspect.signature(quantize_onnx_int8).parameters) - {"onnx_path", "out_path"}
     for model, settings in int8.items():
         key = f"convert.onnx.int8.{model}"
-        if model not in (conv.LM_DIR, conv.DECODER_DIR):
-            p.add("convert.onnx.int8", f"models {conv.LM_DIR!r} and {conv.DECODER_DIR!r}", model)
+        if model not in registry.MODELS:
+            p.add("convert.onnx.int8", f"models {' and '.join(map(repr, registry.MODELS))}", model)
             continue
         if not isinstance(settings, Mapping):
             p.add(key, "a mapping of quantize_onnx_int8 arguments", settings)
@@ -168,8 +180,6 @@ def _check_convert(p: _Problems, convert: Mapping[str, Any]) -> None:
 
 
 def _check_bench(p: _Problems, bench: Mapping[str, Any]) -> None:
-    from pipeline_lib.bench import BACKENDS
-
     threads = bench.get("threads")
     if not isinstance(threads, list) or not threads:
         p.add("bench.threads", "a non-empty list of thread counts, e.g. [1, ${threads}]", threads)
@@ -184,7 +194,7 @@ def _check_bench(p: _Problems, bench: Mapping[str, Any]) -> None:
     p.is_int("bench.batch_size", bench.get("batch_size", 0), 0, " (0: no batch measurement)")
     if not isinstance(bench.get("stream", True), bool):
         p.add("bench.stream", "true or false", bench.get("stream"))
-    p.is_choice_list("bench.backends", bench.get("backends"), BACKENDS)
+    p.is_choice_list("bench.backends", bench.get("backends"), registry.BENCH_BACKENDS)
     text = bench.get("text")
     if text is not None and not (isinstance(text, str) and text.strip()):
         p.add("bench.text", "null (the default text) or a non-empty string", text)
@@ -194,7 +204,7 @@ def _check_bench(p: _Problems, bench: Mapping[str, Any]) -> None:
 def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> None:
     """Raise InputError, naming every bad value, unless ``params`` (a composed dict, or an OmegaConf
     object as the stages load it) is one the stages can run with: thread counts and sizes ints >= 1,
-    backends and precisions from the sets the code defines (pipeline_lib.convert, pipeline_lib.bench),
+    backends, precisions and targets from pipeline_lib.registry,
     a checkpoint whose name is a folder name and whose source has what it needs, thresholds that are
     numbers. ``source`` (the file or the overrides) starts the message."""
     if type(params).__module__.startswith("omegaconf"):
@@ -218,20 +228,20 @@ def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> 
     if groups["convert"]:
         _check_convert(p, groups["convert"])
     if groups["parity"]:
-        from pipeline_lib.parity import ParityThresholds, QuantParityThresholds
+        from pipeline_lib.parity import THRESHOLDS, ParityThresholds
 
         parity = groups["parity"]
         _check_thresholds(p, "parity", {k: v for k, v in parity.items() if not str(k).startswith("convert_")},
                           ParityThresholds)
-        # stages/parity_convert.py: fp32 targets are held to the export's checks, int8 to QuantParityThresholds.
-        by_precision = {"fp32": ParityThresholds, "int8": QuantParityThresholds}
-        for precision in groups["convert"].get("precisions") or []:
-            if precision in by_precision:
-                key = f"convert_{precision}"
+        # stages/parity_convert.py: each precision's limits, of the kind its registry entry names.
+        for name in groups["convert"].get("precisions") or []:
+            if name in registry.PRECISIONS:
+                precision = registry.precision(name)
+                key = precision.parity_key
                 if key not in parity:
                     p.add(f"parity.{key}", "the limits of stage parity_convert for that precision", None)
                 else:
-                    _check_thresholds(p, f"parity.{key}", parity[key], by_precision[precision])
+                    _check_thresholds(p, f"parity.{key}", parity[key], THRESHOLDS[precision.parity])
     if groups["bench"]:
         _check_bench(p, groups["bench"])
     if p.items:

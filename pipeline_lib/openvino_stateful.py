@@ -15,6 +15,10 @@ instead of 34 cache arrays, and attends to the tokens there are, not to a fixed 
     state  : past_key_i / past_value_i, [B, kv_heads, P, head_dim]; `InferRequest.reset_state()` empties it
              (the next call is a prefill: attention_mask as wide as input_ids).
 
+This module only makes an ov.Model stateful (`make_stateful`) and writes its config; like optimum-intel's
+stateful.py it is a leaf (OpenVINO utilities and the registry's names): the conversion from the checkpoint,
+weight compression and saving are pipeline_lib.convert's (`convert_lm_to_openvino_stateful`), which calls it.
+
 Why the ONNX step model is not converted instead: its attention (two products under one softmax, no
 concatenated cache) has no SDPA op for the plugin to fuse, and ONNX has none that OpenVINO maps to it.
 The fp32 IR of the ONNX model is still written beside it (`convert_onnx_to_openvino`): parity compares
@@ -23,20 +27,13 @@ it with ONNX, and the runtime can run it (explicit cache, see runtime.backends.O
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline_lib.convert import OV_INT8_MODES, PRECISIONS, import_nncf, import_openvino, save_ir
 from pipeline_lib.errors import ExportError
-
-log = logging.getLogger(__name__)
-
-STATEFUL_FILE = "soprano_lm_stateful"
-STATEFUL_CONFIG = f"{STATEFUL_FILE}_config.json"
-KV_CACHE_KIND = "openvino_state"  # the config's "kv_cache" value for this model
+from pipeline_lib.openvino_ir import import_openvino
+from pipeline_lib.registry import KV_CACHE_STATE
 
 
 def stateful_interface(num_layers: int) -> tuple[list[str], list[str], dict[str, str]]:
@@ -62,64 +59,33 @@ def _zero_state_init(model: Any, num_kv_heads: int, head_dim: int) -> None:
     model.validate_nodes_and_infer_types()
 
 
-def build_stateful_lm(ckpt_dir: Path | str) -> Any:
-    """The stateful ov.Model (fp32 weights) of the checkpoint's LM."""
-    import torch
-
-    from pipeline_lib.model.lm import SopranoLMStateful, load_lm
-
+def make_stateful(model: Any, input_names: Sequence[str], output_names: Sequence[str], num_layers: int,
+                  num_kv_heads: int, head_dim: int) -> Any:
+    """Turn a converted stateful-form LM (inputs input_ids, attention_mask, position_ids, beam_idx,
+    past_*; outputs logits, hidden_states, present_*: model.lm.SopranoLMStateful) into the stateful model,
+    in place: name its ports, make every dimension dynamic, pair each past_* with its present_* as one
+    state variable (ReadValue / Assign) initialised to an empty cache. Returns the model."""
     ov = import_openvino()
     from openvino._offline_transformations import apply_make_stateful_transformation
 
-    step = load_lm(ckpt_dir).eval()
-    module = SopranoLMStateful(step).eval()
-    c = step.cfg
-    # Small example inputs (batch 1, 2 new tokens, 3 past): every dimension is made dynamic below.
-    past = [torch.zeros(1, c.num_kv_heads, 3, c.head_dim) for _ in range(2 * c.num_layers)]
-    example = (torch.ones(1, 2, dtype=torch.int64), torch.ones(1, 5, dtype=torch.int64),
-               torch.tensor([[3, 4]]), torch.zeros(1, dtype=torch.int32), *past)
-    try:
-        with torch.no_grad():
-            model = ov.convert_model(module, example_input=example)
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"{ckpt_dir}: OpenVINO could not convert the stateful LM: {exc}") from exc
-    in_names, out_names = module.input_names(), module.output_names()
-    if len(model.inputs) != len(in_names) or len(model.outputs) != len(out_names):
+    if len(model.inputs) != len(input_names) or len(model.outputs) != len(output_names):
         raise ExportError(f"stateful LM: OpenVINO made {len(model.inputs)} inputs / {len(model.outputs)} outputs, "
-                          f"expected {len(in_names)} / {len(out_names)}")
-    for port, name in zip(model.inputs, in_names):
+                          f"expected {len(input_names)} / {len(output_names)}")
+    for port, name in zip(model.inputs, input_names):
         port.get_tensor().set_names({name})
-    for port, name in zip(model.outputs, out_names):
+    for port, name in zip(model.outputs, output_names):
         port.get_tensor().set_names({name})
+
     def dynamic(name: str) -> list[int]:  # -1: any length
         if name == "beam_idx":
             return [-1]
-        return [-1, c.num_kv_heads, -1, c.head_dim] if name.startswith("past_") else [-1, -1]
+        return [-1, num_kv_heads, -1, head_dim] if name.startswith("past_") else [-1, -1]
 
-    model.reshape({port: ov.PartialShape(dynamic(name)) for port, name in zip(model.inputs, in_names)})
-    _, _, states = stateful_interface(c.num_layers)
+    model.reshape({port: ov.PartialShape(dynamic(name)) for port, name in zip(model.inputs, input_names)})
+    _, _, states = stateful_interface(num_layers)
     apply_make_stateful_transformation(model, states)
-    _zero_state_init(model, c.num_kv_heads, c.head_dim)
+    _zero_state_init(model, num_kv_heads, head_dim)
     return model
-
-
-def convert_lm_to_openvino_stateful(
-    ckpt_dir: Path | str,
-    out_path: Path | str,
-    weight_format: str = "fp32",
-    int8_mode: str = "int8_asym",
-) -> Path:
-    """Write the stateful LM IR (.xml + .bin) for a checkpoint folder; returns the .xml path.
-    fp32 weights are kept fp32; int8: NNCF weight compression (`int8_mode`), as for the plain IR."""
-    if weight_format not in PRECISIONS:
-        raise ValueError(f"weight_format {weight_format!r}: expected one of {PRECISIONS}")
-    if int8_mode not in OV_INT8_MODES:
-        raise ValueError(f"int8_mode {int8_mode!r}: expected one of {OV_INT8_MODES}")
-    nncf = import_nncf() if weight_format == "int8" else None
-    model = build_stateful_lm(ckpt_dir)
-    if nncf is not None:
-        model = nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, int8_mode.upper()))
-    return save_ir(model, Path(out_path))
 
 
 def stateful_config(step_config: dict, conversion: dict) -> dict:
@@ -131,7 +97,7 @@ def stateful_config(step_config: dict, conversion: dict) -> dict:
     cfg["file"] = conversion["file"]
     cfg["inputs"] = [by_name[n] for n in inputs if n in by_name] + [{"name": "beam_idx", "shape": ["batch"], "dtype": "int32"}]
     cfg["outputs"] = [by_name[n] for n in outputs]
-    cfg["kv_cache"] = KV_CACHE_KIND
+    cfg["kv_cache"] = KV_CACHE_STATE
     cfg["state"] = [{"name": past, "present": present, "shape": cfg["kv_layout"]} for past, present in states.items()]
     cfg["kv_note"] = ("the KV cache is OpenVINO state (InferRequest.reset_state() empties it; the next call is a "
                       "prefill); beam_idx picks the rows of the previous call's state that this call continues; "

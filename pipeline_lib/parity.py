@@ -5,12 +5,16 @@ Every check runs both sides on the same inputs and reports the difference (optim
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from pipeline_lib import registry
+from pipeline_lib.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +197,13 @@ def format_report(report: ParityReport) -> str:
     return "\n".join(lines)
 
 
-def openvino_runner(xml_path: Path, num_threads: int = 1) -> Runner:
-    """A Runner over an OpenVINO IR compiled for CPU with the f32 precision hint (never bf16)."""
-    from pipeline_lib.convert import compile_openvino, load_openvino_model
+def openvino_runner(xml_path: Path, num_threads: int = 1, inference_precision: str = "f32") -> Runner:
+    """A Runner over an OpenVINO IR compiled for CPU as the runtime does (openvino_ir.ov_cpu_config), in
+    `inference_precision` (the target's registry.Precision.inference: f32 unless a precision says otherwise)."""
+    from pipeline_lib.openvino_ir import compile_openvino, load_openvino_model
 
     model = load_openvino_model(xml_path)
-    compiled = compile_openvino(model, num_threads)
+    compiled = compile_openvino(model, num_threads, inference_precision=inference_precision)
     request = compiled.create_infer_request()
     outputs = list(compiled.outputs)
     if model.get_sinks():
@@ -373,7 +378,33 @@ def check_quantized(
     return report
 
 
-def runner_for(path: Path, num_threads: int = 1) -> Runner:
-    """ONNX Runtime for a .onnx file, OpenVINO (f32 hint) for a .xml IR."""
+def runner_for(path: Path, num_threads: int = 1, inference_precision: str = "f32") -> Runner:
+    """ONNX Runtime for a .onnx file, OpenVINO (in `inference_precision`) for a .xml IR."""
     path = Path(path)
-    return openvino_runner(path, num_threads) if path.suffix == ".xml" else ort_runner(path, num_threads)
+    if path.suffix == ".xml":
+        return openvino_runner(path, num_threads, inference_precision)
+    return ort_runner(path, num_threads)
+
+
+def model_file(folder: Path | str, which: str) -> Path:
+    """The model file (.onnx or .xml) in an ``lm`` or ``decoder`` folder (export or target), as its
+    config names it (registry.MODELS)."""
+    spec = registry.MODELS[which]
+    folder = Path(folder)
+    cfg_path = folder / spec.config
+    if not cfg_path.is_file():
+        raise ModelFileError(f"{cfg_path}: config not found; expected an exported or converted {which} folder.")
+    return folder / spec.block(json.loads(cfg_path.read_text()))["file"]
+
+
+# The limits each kind of check reads (registry.Precision.parity), from params parity.convert_<precision>.
+THRESHOLDS: dict[str, type] = {registry.PARITY_REFERENCE: ParityThresholds, registry.PARITY_QUANTIZED: QuantParityThresholds}
+
+
+def convert_thresholds(precision: str, parity_params: Mapping[str, Any]) -> ParityThresholds | QuantParityThresholds:
+    """The limits of stage parity_convert for a target of `precision` (params `parity`)."""
+    p = registry.precision(precision)
+    if p.parity_key not in parity_params:
+        raise ValueError(f"params parity.{p.parity_key} missing: the limits of parity_convert for {precision} "
+                         "(conf/parity/default.yaml)")
+    return THRESHOLDS[p.parity].from_mapping(parity_params[p.parity_key])

@@ -3,32 +3,30 @@
 Inputs: the benchmark CSV (one row per backend x precision x threads, pipeline_lib.bench.COLUMNS),
 the benchmark metrics JSON (headline figures), the parity metrics JSON files, and the checkpoint's
 source.json, and the environment the benchmark ran in (CPU, cores, library versions, when: the benchmark
-stage's bench_env.json, `Environment.here()` in that stage); without that file it is read where the
-report is built, and the report says so.
+stage's bench_env.json, `pipeline_lib.environment.Environment.here()` in that stage); without that file
+it is read where the report is built, and the report says so.
+With the server load benchmark's CSV (serve.csv, pipeline_lib.bench.serve_load.COLUMNS) the report
+gains the section "Server under load" (`serve_lines`).
 Every number in the report is formatted by `fmt` from those inputs; none is written here.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
-import os
-import platform
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from pipeline_lib.cpuinfo import CPUINFO, read_cpuinfo
-from pipeline_lib.errors import InputError
+# Environment and its helpers live in pipeline_lib.environment (the benchmark stage records one); the
+# report reads them, and they stay importable from here.
+from pipeline_lib.environment import ENV_JSON, Environment, cpu_model, utc_now  # noqa: F401
+from pipeline_lib.registry import BACKENDS, DISPLAY_NAMES, PRECISIONS, REFERENCES
 
 RANDOM_WEIGHTS_LINE = "**Random weights: audio is noise, timings are valid.**"
-LIBRARIES = ("numpy", "onnxruntime", "openvino", "torch", "nncf", "transformers")
 XRT_PNG = "xrt_by_backend.png"
 BREAKDOWN_PNG = "stage_breakdown.png"
-BACKEND_ORDER = ("torch", "upstream", "onnx", "openvino")
-BACKEND_NAMES = {"torch": "PyTorch reference", "upstream": "upstream soprano-tts", "onnx": "ONNX Runtime",
-                 "openvino": "OpenVINO"}
+BACKEND_ORDER = (*REFERENCES, *BACKENDS)
+BACKEND_NAMES = DISPLAY_NAMES
 
 # Report tables: (CSV column, header). Between them they show every column of the CSV.
 RTF_TABLE = (
@@ -75,87 +73,6 @@ def fmt(value: Any) -> str:
             return str(int(value))
         return f"{value:.4g}"
     return str(value)
-
-
-# The vector extensions that change int8 / fp32 kernels (and int8 accuracy: without VNNI, ONNX Runtime's
-# u8 x s8 products saturate; see conf/convert/default.yaml), as /proc/cpuinfo names them.
-CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-
-
-def cpu_model(cpuinfo: Path = CPUINFO) -> str:
-    """The CPU's model name and which of CPU_FEATURES it has, e.g. 'AMD EPYC (avx2)'."""
-    name, flags = read_cpuinfo(cpuinfo)
-    name = name or platform.processor() or platform.machine() or "unknown"
-    if not flags:
-        return name
-    found = [f for f in CPU_FEATURES if f in flags]
-    return f"{name} ({', '.join(found) if found else 'none of ' + ', '.join(CPU_FEATURES)})"
-
-
-def core_counts() -> tuple[int | None, int | None]:
-    """(logical CPUs usable by this process, physical cores) where known."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:
-        physical = None
-    return logical, physical
-
-
-def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-ENV_JSON = "bench_env.json"  # written beside the benchmark CSV by the benchmark stage
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-@dataclass
-class Environment:
-    cpu: str
-    logical_cpus: int | None
-    physical_cores: int | None
-    python: str
-    libraries: dict[str, str]
-    date: str
-    # Where these facts come from: "benchmark" (recorded by the run that measured the figures) or
-    # "report" (read where and when the report was built).
-    origin: str = "report"
-
-    @classmethod
-    def here(cls, date: str | None = None, origin: str = "report") -> "Environment":
-        logical, physical = core_counts()
-        return cls(cpu=cpu_model(), logical_cpus=logical, physical_cores=physical, python=platform.python_version(),
-                   libraries=library_versions(), date=date or utc_now(), origin=origin)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, path: Path | str) -> "Environment":
-        try:
-            data = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read the benchmark environment record ({exc}); rerun the benchmark "
-                             "stage") from exc
-        names = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except (TypeError, AttributeError) as exc:  # not an object, or a field missing
-            raise InputError(f"{path}: not a benchmark environment record ({exc}); rerun the benchmark stage") from exc
 
 
 def read_json(path: Path | str) -> Any:
@@ -257,6 +174,7 @@ def build_markdown(
     env: Environment,
     images: Sequence[str] = (XRT_PNG, BREAKDOWN_PNG),
     convert: Mapping[str, Mapping[str, Any]] | None = None,
+    serve: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     out: list[str] = ["# Soprano CPU inference report", ""]
     if source.get("random_weights"):
@@ -313,6 +231,8 @@ def build_markdown(
         out += ["No parity metrics found.", ""]
     if convert:
         out += ["## Conversion (time and size per converted target)", "", by_metric_tables(convert), ""]
+    if serve:
+        out += serve_lines(serve, rows)
     out += ["## Plots", ""]
     out += [f"![x real time by backend and threads]({images[0]})", "", f"![per-stage time breakdown]({images[1]})", ""]
     return "\n".join(out)
@@ -344,7 +264,7 @@ def upstream_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         return []
     up = ups[0]
     threads = int(up["threads"])
-    ours = [r for r in rows if r["backend"] in ("onnx", "openvino") and int(r["threads"]) == threads]
+    ours = [r for r in rows if r["backend"] in BACKENDS and int(r["threads"]) == threads]
     table = []
     for what, key, higher, targets in UPSTREAM_TARGETS:
         base = num(up, key)
@@ -393,11 +313,11 @@ def per_token_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         return math.nan
 
     table = []
-    for threads in sorted({int(r["threads"]) for r in rows if r["backend"] in ("onnx", "openvino")}):
+    for threads in sorted({int(r["threads"]) for r in rows if r["backend"] in BACKENDS}):
         pairs = [(f"{BACKEND_NAMES[b]}: fp32 over int8", (b, "fp32"), (b, "int8"), INT8_SPEEDUP_TARGET, True)
-                 for b in ("onnx", "openvino")]
+                 for b in BACKENDS]
         pairs += [(f"{p}: OpenVINO over ONNX Runtime", ("openvino", p), ("onnx", p), OPENVINO_OVER_ONNX_TARGET, False)
-                  for p in ("fp32", "int8")]
+                  for p in PRECISIONS]
         for what, num, den, target, higher in pairs:
             a, b = per_token(*num, threads), per_token(*den, threads)
             if math.isnan(a) or math.isnan(b) or b == 0:
@@ -415,6 +335,103 @@ def per_token_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             "one sample (`python scripts/lm_step_latency.py --isolated` repeats the comparison in alternating "
             "processes).", "",
             md_table(["figure", "threads", "first (ms)", "second (ms)", "ratio", "target", "verdict"], table), ""]
+
+
+SERVE_PNG = "serve_xrt.png"  # written beside serve.csv by the serve_bench stage
+SERVE_TABLE = (
+    ("server", "server"), ("clients", "clients"), ("requests_sent", "requests"), ("requests_ok", "complete"),
+    ("errors", "errors"), ("errors_by_status", "errors by status"), ("cut", "cut at the time bound"),
+    ("window_s", "window (s)"), ("audio_s", "audio (s)"), ("xrt", "x real time"), ("ttfa_p50_ms", "TTFA p50 (ms)"),
+    ("ttfa_p95_ms", "TTFA p95 (ms)"), ("latency_p50_ms", "latency p50 (ms)"), ("latency_p95_ms", "latency p95 (ms)"),
+    ("settle_s", "idle wait before (s)"), ("load_avg", "load average"),
+)
+# Targets of the project's serving issue: our server at 8 concurrent clients against 1 client and
+# against upstream's server at 8, its 1-client time to first audio against the runtime's own
+# streaming first chunk (reports/bench.csv), and its p95 time to first audio at 8 against 1 client.
+SERVE_SCALING_TARGET = 3.0
+SERVE_UPSTREAM_TARGET = 10.0
+SERVE_TTFA_OVERHEAD_TARGET = 1.2
+SERVE_TTFA_P95_GROWTH_TARGET = 4.0
+
+
+def serve_lines(serve: Sequence[Mapping[str, Any]], bench: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """The "Server under load" section: the table of serve.csv (one row per server x level), the
+    ratios the serving issue targets with verdicts, and the plot. `bench`: the benchmark's rows, for
+    the runtime's streaming first chunk of the same backend, precision and threads as our server."""
+
+    def num(r: Mapping[str, Any] | None, key: str) -> float:
+        try:
+            v = float(r.get(key)) if r is not None and r.get(key) is not None else math.nan
+        except (TypeError, ValueError):
+            return math.nan
+        return v
+
+    def level(server: str, clients: int) -> Mapping[str, Any] | None:
+        return next((r for r in serve if r["server"] == server and int(r["clients"]) == clients), None)
+
+    rows = sorted(serve, key=lambda r: (0 if r["server"] == "ours" else 1, int(r["clients"])))
+    ours1, ours8, up8 = level("ours", 1), level("ours", 8), level("upstream", 8)
+    chunk_row = None
+    if ours1 is not None:
+        chunk_row = next((b for b in bench if b["backend"] == ours1["backend"] and b["precision"] == ours1["precision"]
+                          and int(b["threads"]) == int(ours1["threads"])), None)
+    table = []
+
+    def add(what: str, a: float, b: float, target: float, higher: bool, how: str) -> None:
+        ratio = a / b if not (math.isnan(a) or math.isnan(b)) and b != 0 else math.nan
+        verdict = "-" if math.isnan(ratio) else ("met" if (ratio >= target if higher else ratio <= target) else "not met")
+        table.append([what, fmt(a), fmt(b), fmt(ratio), (">= " if higher else "<= ") + fmt(target), verdict, how])
+
+    add("x real time, ours at 8 clients over ours at 1", num(ours8, "xrt"), num(ours1, "xrt"), SERVE_SCALING_TARGET,
+        True, "aggregate audio s / wall s")
+    add("x real time, ours at 8 clients over upstream at 8", num(ours8, "xrt"), num(up8, "xrt"),
+        SERVE_UPSTREAM_TARGET, True, "same checkpoint, threads and token count")
+    chunk_what = ("runtime first chunk: " + (chunk_row["config"] if chunk_row is not None and "config" in chunk_row
+                                            else "no benchmark row of the same backend, precision and threads"))
+    add("TTFA at 1 client (p50, ms) over the runtime's streaming first chunk (ms)", num(ours1, "ttfa_p50_ms"),
+        num(chunk_row, "first_chunk_ms"), SERVE_TTFA_OVERHEAD_TARGET, False, chunk_what + " (reports/bench.csv)")
+    add("TTFA p95, ours at 8 clients over 1 client (ms)", num(ours8, "ttfa_p95_ms"), num(ours1, "ttfa_p95_ms"),
+        SERVE_TTFA_P95_GROWTH_TARGET, False, "p95 time to first audio byte")
+    below = [r for r in serve if r["server"] == "ours" and not math.isnan(num(r, "max_queue"))
+             and int(r["clients"]) <= num(r, "max_queue")]
+    errors = sum(int(num(r, "errors")) for r in below if not math.isnan(num(r, "errors")))
+    if below:
+        table.append(["errors, ours, levels at or below the queue limit (max_queue "
+                      f"{fmt(int(num(below[0], 'max_queue')))})", fmt(errors), "-", "-", "= 0",
+                      "met" if errors == 0 else "not met",
+                      "clients " + ", ".join(fmt(int(r["clients"])) for r in below)])
+    tokens = sorted({int(num(r, "max_new_tokens")) for r in serve if not math.isnan(num(r, "max_new_tokens"))})
+    threads = sorted({int(num(r, "threads")) for r in serve if not math.isnan(num(r, "threads"))})
+    fmts = ", ".join(f"{s}: {f}" for s, f in dict((r["server"], r["response_format"]) for r in rows).items())
+    # The server uses `threads` cores and the load generator a little: a higher load is other work.
+    busy = [r for r in rows if num(r, "load_avg") > num(r, "threads") + 1]
+    busy_lines = [f"> **Other work competed for the cores in {len(busy)} of {len(rows)} levels** (1-minute load "
+                  f"average above threads + 1, up to {fmt(max(num(r, 'load_avg') for r in busy))}; column `load "
+                  "average`): their figures are low, upstream's most (torch's thread pool slows down sharply when "
+                  "a core is taken).", ""] if busy else []
+    return [
+        "## Server under load", "",
+        f"> **Random weights produce noise, not speech; max_new_tokens is fixed at {', '.join(map(fmt, tokens))} "
+        "tokens per sentence for both servers** (random weights never emit [STOP]; upstream's generate() is held "
+        "to the same count), so every complete response is (max_new_tokens - 1) x samples per token samples per "
+        "sentence; any other length counts as an error (`incomplete`).", "",
+        f"Concurrent clients on loopback (closed loop: each posts its next request when one ends; the texts of "
+        f"`pipeline_lib.bench.serve_load.TEXTS` in turn, one or two sentences each), against our server "
+        f"(`soprano-onnx serve`) and upstream's (`soprano.server` on the same checkpoint, transformers on CPU), each "
+        f"in its own process with {', '.join(map(fmt, threads))} threads, one after the other (formats: {fmts}). "
+        "x real time: audio seconds received by all clients within the window per second of it (the window runs "
+        "from the level's start to the first request end after its time bound, so that it ends on a request "
+        "boundary). TTFA: request start to the first audio byte (WAV: after the header; "
+        "upstream sends its WAV in one piece, so its TTFA is its latency). Requests still running past the time "
+        "bound plus a drain time are cut: not errors, and their times so far enter the percentiles as lower bounds; "
+        "upstream's server cannot notice a client that left (its handler blocks its event loop), so each level "
+        "waits until the server process is idle (`idle wait before`). "
+        "The load generator shares the machine with the server, and on a shared machine one run is one sample.", "",
+        *busy_lines,
+        _columns_table(rows, SERVE_TABLE), "",
+        md_table(["figure", "value", "against", "ratio", "target", "verdict", "how"], table), "",
+        f"![x real time and p95 time to first audio against concurrent clients]({SERVE_PNG})", "",
+    ]
 
 
 def _label(row: Mapping[str, Any]) -> str:
@@ -520,6 +537,7 @@ def build_report(
     env: Environment | None = None,
     convert_files: Sequence[Path] = (),
     env_json: Path | None = None,
+    serve_csv: Path | None = None,
 ) -> Path:
     """Write out_dir/report.md, out_dir/xrt_by_backend.png and out_dir/stage_breakdown.png. The
     environment: `env`, else the benchmark's record `env_json` (ENV_JSON), else read here."""
@@ -539,7 +557,8 @@ def build_report(
         with atomic_file(out_dir / name) as tmp:
             plot(rows, tmp)
     convert = read_parity(list(convert_files))  # same shape: {target: {figure: value}}
-    text = build_markdown(rows, metrics, parity, source, env, convert=convert)
+    serve = pd.read_csv(serve_csv, keep_default_na=False, na_values=[""]).to_dict("records") if serve_csv else None
+    text = build_markdown(rows, metrics, parity, source, env, convert=convert, serve=serve)
     with atomic_file(out_dir / "report.md") as tmp:
         tmp.write_text(text)
     return out_dir / "report.md"

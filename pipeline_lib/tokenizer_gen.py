@@ -14,13 +14,14 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
+from pipeline_lib.registry import TOKENIZER_FILE, TOKENIZER_FILES
+
 SPECIAL_TOKENS: tuple[str, ...] = ("[UNK]", "[TEXT]", "[START]", "[STOP]")
 NUM_AUDIO_TOKENS = 8000
 AUDIO_TOKEN_OFFSET = len(SPECIAL_TOKENS)
 VOCAB_SIZE = 8192
 ALPHABET = " !\"$%&'*+,-./0123456789<>?_abcdefghijklmnopqrstuvwxyz"
 PAD_TOKEN = "[STOP]"
-TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Ordered by rough frequency in speech; the rank sets the weight, so the earliest words merge first.
 _WORDS = """
@@ -115,7 +116,7 @@ def write_tokenizer_files(out_dir: Path | str, tokenizer: Tokenizer | None = Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = tokenizer if tokenizer is not None else build_tokenizer()
-    tok.save(str(out_dir / "tokenizer.json"))
+    tok.save(str(out_dir / TOKENIZER_FILE))
     added = {str(i): {**_token_entry(t.content), "special": True} for i, t in sorted(tok.get_added_tokens_decoder().items())}
     config = {
         "added_tokens_decoder": added,

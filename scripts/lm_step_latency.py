@@ -13,9 +13,9 @@ Two ways to interleave:
 Prints, per backend and precision, the mean decode step of each round (the loop's own timing:
 sampling, cache handling and the forward; `steps` greedy steps after a `prompt`-token prompt per
 row, after a 20-step warm-up), their median and minimum, int8 over fp32 per backend, and OpenVINO
-against ONNX Runtime per precision (medians; "faster in k of n" counts the rounds). OpenVINO runs
-the stateful LM (the runtime's choice); --plain adds its plain IR of the ONNX step model. Needs
-`dvc repro` (artifacts/{onnx,openvino}/{fp32,int8}/lm).
+against ONNX Runtime per precision (medians; "faster in k of n" counts the rounds). Every backend and
+precision of pipeline_lib.registry; OpenVINO runs the stateful LM (the runtime's choice); --plain adds
+its plain IR of the ONNX step model. Needs `dvc repro` (artifacts/<backend>/<precision>/lm).
 """
 
 from __future__ import annotations
@@ -29,26 +29,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1] / "artifacts"
-# (label, runtime backend, artifacts folder, LM file); OpenVINO: the stateful LM, the runtime's choice.
-TARGETS = [("onnx", "onnx_cpu", "onnx", "soprano_lm_step.onnx"),
-           ("openvino", "openvino_cpu", "openvino", "soprano_lm_stateful.xml")]
-PLAIN = ("openvino-plain", "openvino_cpu", "openvino", "soprano_lm_step.xml")  # --plain: the IR of the ONNX step model
-PRECISIONS = ("fp32", "int8")
+from pipeline_lib import registry
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(target: tuple[str, str, str, str], precision: str, args: argparse.Namespace) -> tuple[Any, Any]:
+def targets(plain: bool) -> dict[str, tuple[str, str]]:
+    """label -> (backend, LM file stem): every registry backend with the LM the runtime picks (the stateful
+    one where the backend has it); --plain adds OpenVINO's IR of the ONNX step model."""
+    out = {b: (b, registry.STATEFUL_FILE if registry.backend(b).stateful_lm else registry.LM_FILE)
+           for b in registry.BACKENDS}
+    if plain:
+        out["openvino-plain"] = ("openvino", registry.LM_FILE)
+    return out
+
+
+def load(target: tuple[str, str], precision: str, args: argparse.Namespace) -> tuple[Any, Any]:
     """The LM backend and its spec, warmed up."""
     from pipeline_lib.runtime.backends import load_backends
     from pipeline_lib.runtime.generate import LMSpec
 
-    _, backend, folder, lm_file = target
-    lm_path = ROOT / folder / precision / "lm" / lm_file
+    name, stem = target
+    backend = registry.backend(name)
+    folder = ROOT / registry.target(name, precision).folder
+    lm_path = folder / registry.LM_DIR / f"{stem}{backend.suffix}"
     if not lm_path.is_file():
         sys.exit(f"{lm_path} is missing: run `dvc repro` first")
-    spec = LMSpec.from_json(lm_path.with_name(lm_path.stem + "_config.json"))
-    decoder = ROOT / folder / precision / "decoder" / f"soprano_decoder_preistft{lm_path.suffix}"
-    lm, _ = load_backends(backend, lm_path, decoder, args.threads)
+    spec = LMSpec.from_json(lm_path.with_name(lm_path.stem + registry.LM_CONFIG_SUFFIX))
+    decoder = folder / registry.DECODER_DIR / f"{registry.DECODER_FILE}{backend.suffix}"
+    lm, _ = load_backends(backend.runtime, lm_path, decoder, args.threads)
     step_ms(lm, spec, args, steps=20)  # warm-up
     return lm, spec
 
@@ -79,14 +88,14 @@ def main() -> None:
     ap.add_argument("--isolated", action="store_true", help="each model in a fresh process every round")
     ap.add_argument("--child", nargs=2, metavar=("LABEL", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    targets = {t[0]: t for t in TARGETS + ([PLAIN] if args.plain else [])}
+    labels = targets(args.plain)
     if args.child:  # --isolated: one model, one measurement, printed as JSON
         label, precision = args.child
-        lm, spec = load(targets[label], precision, args)
+        lm, spec = load(labels[label], precision, args)
         print(json.dumps({"ms": step_ms(lm, spec, args)}))
         return
-    keys = [(label, p) for label in targets for p in PRECISIONS]
-    runs = {} if args.isolated else {k: load(targets[k[0]], k[1], args) for k in keys}
+    keys = [(label, p) for label in labels for p in registry.PRECISIONS]
+    runs = {} if args.isolated else {k: load(labels[k[0]], k[1], args) for k in keys}
     ms: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     for r in range(args.rounds):
         for key in (keys if r % 2 == 0 else keys[::-1]):
@@ -104,9 +113,10 @@ def main() -> None:
     print(f"\nthreads {args.threads}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds, {how} (ms per decode step)")
     for (b, p), v in ms.items():
         print(f"  {b:9s} {p}: median {med[(b, p)]:.2f}, min {min(v):.2f}  [{' '.join(f'{x:.2f}' for x in v)}]")
-    for b in targets:
-        print(f"  {b} int8 over fp32: {med[(b, 'fp32')] / med[(b, 'int8')]:.2f}x")
-    for p in PRECISIONS:
+    for b in labels:
+        for p in registry.PRECISIONS[1:]:
+            print(f"  {b} {p} over fp32: {med[(b, 'fp32')] / med[(b, p)]:.2f}x")
+    for p in registry.PRECISIONS:
         ov, ort = ms[("openvino", p)], ms[("onnx", p)]
         wins = sum(a < b for a, b in zip(ov, ort))
         print(f"  {p}: OpenVINO / ONNX Runtime {med[('openvino', p)] / med[('onnx', p)]:.3f} (median), "

@@ -4,7 +4,7 @@ Every configuration the pipeline built (ONNX fp32 from the export stages; every 
 convert.precisions target of the convert stage, artifacts/<backend>/<precision>), at each of bench.threads, plus the torch
 reference at the same thread counts and upstream (soprano-tts, when installed) at `threads`: each in
 its own process. Headline figures at `threads` go to METRICS_JSON (DVC metrics); ENV_JSON records
-the machine, the library versions and when the sweep ran (pipeline_lib.report.Environment), for the
+the machine, the library versions and when the sweep ran (pipeline_lib.environment.Environment), for the
 report.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline_lib.bench.sweep import Settings, artifact_configs, headline, plan, run_sweep, thread_counts, to_frame
 from pipeline_lib.fsutil import atomic_file, write_json
-from pipeline_lib.report import Environment, utc_now
+from pipeline_lib.environment import Environment, utc_now
 from pipeline_lib.stage import load_params, stage_outputs
 
 log = logging.getLogger("stages.benchmark")

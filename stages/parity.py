@@ -6,12 +6,19 @@ from pathlib import Path
 
 from pipeline_lib.audio.istft import IstftConfig
 from pipeline_lib.errors import ParityError
-from pipeline_lib.export.decoder import DECODER_CONFIG, DECODER_ONNX
-from pipeline_lib.export.lm import LM_CONFIG, LM_ONNX
 from pipeline_lib.fsutil import write_json
 from pipeline_lib.model.decoder import load_decoder
 from pipeline_lib.model.lm import load_lm
-from pipeline_lib.parity import ParityReport, ParityThresholds, check_decoder, check_lm, format_report, ort_runner
+from pipeline_lib.parity import (
+    ParityReport,
+    ParityThresholds,
+    check_decoder,
+    check_lm,
+    format_report,
+    model_file,
+    ort_runner,
+)
+from pipeline_lib.registry import DECODER_CONFIG, DECODER_DIR, LM_CONFIG, LM_DIR
 from pipeline_lib.stage import load_params, stage_outputs
 
 if __name__ == "__main__":
@@ -22,9 +29,10 @@ if __name__ == "__main__":
         report = ParityReport()
         lm = load_lm(ckpt)
         decoder = load_decoder(ckpt / "decoder.pth", expected_input_channels=lm.cfg.hidden_size)
-        check_decoder(decoder, ort_runner(dec_dir / DECODER_ONNX), IstftConfig.from_json(dec_dir / DECODER_CONFIG), th, report)
+        run_decoder = ort_runner(model_file(dec_dir, DECODER_DIR))
+        check_decoder(decoder, run_decoder, IstftConfig.from_json(dec_dir / DECODER_CONFIG), th, report)
         stop_id = json.loads((lm_dir / LM_CONFIG).read_text())["special_tokens"]["stop"]
-        check_lm(lm, ort_runner(lm_dir / LM_ONNX), stop_id, th, report)
+        check_lm(lm, ort_runner(model_file(lm_dir, LM_DIR)), stop_id, th, report)
         print(format_report(report))
         if not report.passed:
             raise ParityError("; ".join(report.failures))

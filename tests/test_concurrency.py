@@ -31,8 +31,9 @@ TEXTS = [
 def openvino_dir(tiny_checkpoint, tiny_export, tmp_path_factory):
     """The tiny export with OpenVINO IRs: the decoder, and the stateful LM (what from_dir loads)."""
     pytest.importorskip("openvino")
-    from pipeline_lib.convert import convert_onnx_to_openvino
-    from pipeline_lib.openvino_stateful import STATEFUL_CONFIG, convert_lm_to_openvino_stateful, stateful_config
+    from pipeline_lib.convert import convert_lm_to_openvino_stateful, convert_onnx_to_openvino
+    from pipeline_lib.openvino_stateful import stateful_config
+    from pipeline_lib.registry import STATEFUL_CONFIG
 
     d = tmp_path_factory.mktemp("ov") / "m"
     shutil.copytree(tiny_export, d)

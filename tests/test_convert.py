@@ -15,23 +15,18 @@ import pytest
 import yaml
 
 from pipeline_lib.audio.istft import IstftConfig
-from pipeline_lib.convert import (
-    ConvertSettings,
-    compile_openvino,
-    convert_onnx_to_openvino,
-    convert_target,
-    load_openvino_model,
-    model_file,
-)
+from pipeline_lib.convert import ConvertSettings, convert_onnx_to_openvino, convert_target
 from pipeline_lib.errors import MissingBackendError, ModelFileError
 from pipeline_lib.export.decoder import DECODER_CONFIG, DECODER_ONNX
 from pipeline_lib.export.lm import LM_CONFIG, LM_ONNX
+from pipeline_lib.openvino_ir import compile_openvino, load_openvino_model
 from pipeline_lib.parity import (
     ParityThresholds,
     QuantParityThresholds,
     check_decoder,
     check_lm,
     check_quantized,
+    model_file,
     openvino_runner,
     ort_runner,
     runner_for,

@@ -3,7 +3,7 @@
 Upstream runs the checkpoint with transformers (greedy = temperature 0.001 + top_p 0.95 sampling,
 512 new tokens per sentence since a random LM never emits [STOP]) and its torch decoder; we run the
 exported ONNX files with `SopranoTTS.synthesize` (true greedy). The tiny checkpoint's LM head is
-sharpened (DESIGN.md), so both pick the same tokens and the audio must agree to 1e-3 of its peak.
+sharpened (docs/design.md), so both pick the same tokens and the audio must agree to 1e-3 of its peak.
 """
 
 from __future__ import annotations

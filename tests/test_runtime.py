@@ -673,7 +673,7 @@ def test_openvino_backend_rejects_bin_of_another_model(tiny_export, tmp_path):
 def test_openvino_compiles_with_f32_precision_and_our_dynamic_quant_group(tiny_export):
     """OpenVINO compiles in f32 (never bf16) with the dynamic quantisation group we measured fastest."""
     pytest.importorskip("openvino")
-    from pipeline_lib.convert import OV_DYNAMIC_QUANT_GROUP
+    from pipeline_lib.openvino_ir import OV_DYNAMIC_QUANT_GROUP
     from pipeline_lib.runtime.backends import OpenVinoDecoder, OpenVinoLM
 
     for backend in (OpenVinoLM(tiny_export / LM_ONNX, 1), OpenVinoDecoder(tiny_export / "soprano_decoder_preistft.onnx", 1)):
@@ -889,8 +889,9 @@ def test_openvino_static_decode_model_equals_dynamic(tiny_export):
 def tiny_stateful(tiny_checkpoint, tiny_export, tmp_path_factory):
     """A copy of the tiny export with OpenVINO IRs: the decoder, and the stateful LM with its config."""
     pytest.importorskip("openvino")
-    from pipeline_lib.convert import convert_onnx_to_openvino
-    from pipeline_lib.openvino_stateful import STATEFUL_CONFIG, convert_lm_to_openvino_stateful, stateful_config
+    from pipeline_lib.convert import convert_lm_to_openvino_stateful, convert_onnx_to_openvino
+    from pipeline_lib.openvino_stateful import stateful_config
+    from pipeline_lib.registry import STATEFUL_CONFIG
 
     d = tmp_path_factory.mktemp("stateful") / "m"
     shutil.copytree(tiny_export, d)

@@ -602,7 +602,9 @@ def openvino_folder(tiny_checkpoint: Path, tiny_export: Path, tmp_path_factory: 
     import shutil
 
     from pipeline_lib.convert import convert_onnx_to_openvino
-    from pipeline_lib.openvino_stateful import STATEFUL_CONFIG, convert_lm_to_openvino_stateful, stateful_config
+    from pipeline_lib.convert import convert_lm_to_openvino_stateful
+    from pipeline_lib.openvino_stateful import stateful_config
+    from pipeline_lib.registry import STATEFUL_CONFIG
 
     d = tmp_path_factory.mktemp("ovserve") / "m"
     shutil.copytree(tiny_export, d)

@@ -6,16 +6,15 @@ stage sweeps every backend x precision x thread count and writes one tidy CSV ro
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "COLUMNS", "PRECISIONS"]
+from pipeline_lib.registry import PRECISIONS  # here too for readers of pipeline_lib.bench.PRECISIONS (the server)
 
-BACKENDS = ("onnx", "openvino", "torch", "upstream")
-PRECISIONS = ("fp32", "int8")
+__all__ = ["COLUMNS", "PRECISIONS"]
 
 # The columns of one benchmark row, in CSV order. Times in seconds unless the name says ms / mb.
 COLUMNS = (
     "config",               # backend-precision-tN: a unique label
-    "backend",              # onnx | openvino | torch | upstream
-    "precision",            # fp32 | int8
+    "backend",              # registry.BENCH_BACKENDS: onnx | openvino | torch | upstream
+    "precision",            # registry.PRECISIONS: fp32 | int8
     "threads",
     "max_new_tokens",       # the requested (fixed) token count
     "num_tokens",           # tokens actually generated per synthesis (median over repeats)

@@ -11,17 +11,17 @@ import json
 import math
 from pathlib import Path
 
-from pipeline_lib.bench import BACKENDS, PRECISIONS
+from pipeline_lib.registry import BENCH_BACKENDS, PRECISIONS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", required=True, choices=BACKENDS,
+    p.add_argument("--backend", required=True, choices=BENCH_BACKENDS,
                    help="onnx / openvino: the runtime on exported files; torch: our torch reference "
                         "(--lm = checkpoint dir); upstream: the soprano-tts package (--lm = checkpoint dir)")
     p.add_argument("--lm", type=Path, help="LM model (folder or file); torch / upstream: the checkpoint directory")
     p.add_argument("--decoder", type=Path, help="decoder model (folder or file); torch: decoder.pth (default: LM/decoder.pth)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="label of the weights' precision (default: int8 when a path names int8, else fp32)")
+                   help="label of the precision (default: the one a path names, e.g. artifacts/onnx/int8, else fp32)")
     p.add_argument("--num_threads", "--num-threads", "--threads", dest="threads", type=int, default=1)
     p.add_argument("--num_tokens", "--num-tokens", "--max_new_tokens", "--max-new-tokens", dest="num_tokens",
                    type=int, default=128,
@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _precision(args: argparse.Namespace) -> str:
     if args.precision:
         return args.precision
-    paths = " ".join(str(p) for p in (args.lm, args.decoder) if p is not None).lower()
-    return "int8" if "int8" in paths else "fp32"
+    parts = [part.lower() for p in (args.lm, args.decoder) if p is not None for part in Path(p).parts]
+    return next((p for p in PRECISIONS if p != "fp32" and any(p in part for part in parts)), "fp32")
 
 
 def _fmt(v: object, unit: str = "", digits: int = 3) -> str:

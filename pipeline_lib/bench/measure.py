@@ -35,8 +35,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline_lib.bench import BACKENDS, COLUMNS, PRECISIONS
+from pipeline_lib import registry
+from pipeline_lib.bench import COLUMNS
 from pipeline_lib.errors import InputError, MissingBackendError, SopranoOnnxError
+from pipeline_lib.registry import BACKENDS, BENCH_BACKENDS, PRECISIONS
 
 log = logging.getLogger(__name__)
 NAN = float("nan")
@@ -91,8 +93,8 @@ class BenchConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise InputError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.backend not in BENCH_BACKENDS:
+            raise InputError(f"--backend {self.backend!r}: choose one of {', '.join(BENCH_BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         for name in ("threads", "num_tokens", "repeats"):
@@ -102,7 +104,7 @@ class BenchConfig:
             raise InputError(f"--batch {self.batch_size}: between 0 (off) and {len(BATCH_TEXTS)}")
         if self.backend != "upstream" and self.lm is None:
             raise InputError(f"--backend {self.backend} needs --lm")
-        if self.backend in ("onnx", "openvino") and self.decoder is None:
+        if self.backend in BACKENDS and self.decoder is None:
             raise InputError(f"--backend {self.backend} needs --decoder")
 
 
@@ -146,14 +148,14 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 
 def resolve_model_file(path: Path, stem: str | tuple[str, ...], backend: str) -> Path:
-    """A model file as given, or the one in a folder: for openvino an IR (.xml) first, then ONNX;
-    the `stem` names (the export's file names, in order of preference) first, then the folder's only
-    model file of that kind."""
+    """A model file as given, or the one in a folder: the backend's own kind first (openvino: an IR,
+    .xml), then ONNX; the `stem` names (the export's file names, in order of preference) first, then the
+    folder's only model file of that kind."""
     path = Path(path)
     if not path.is_dir():
         return path
     stems = (stem,) if isinstance(stem, str) else tuple(stem)
-    exts = (".xml", ".onnx") if backend == "openvino" else (".onnx",)
+    exts = tuple(dict.fromkeys((registry.backend(backend).suffix, ".onnx")))
     for ext in exts:
         for name in stems:
             if (path / f"{name}{ext}").is_file():
@@ -206,18 +208,18 @@ class _TimedLM:
 class RuntimeEngine:
     """The runtime on ONNX Runtime or OpenVINO files (pipeline_lib.runtime.SopranoTTS)."""
 
-    RUNTIME_BACKENDS = {"onnx": "onnx_cpu", "openvino": "openvino_cpu"}
-
     def __init__(self, cfg: BenchConfig) -> None:
         try:
-            from pipeline_lib.runtime.tts import DECODER_FILE, LM_FILE, STATEFUL_FILE, SopranoTTS
+            from pipeline_lib.runtime.tts import SopranoTTS
         except ImportError as exc:
             raise MissingBackendError(
                 f"--backend {cfg.backend}: the runtime (pipeline_lib.runtime.tts.SopranoTTS) cannot be imported: {exc}"
             ) from exc
-        lm = resolve_model_file(Path(cfg.lm), (STATEFUL_FILE, LM_FILE), cfg.backend)  # OpenVINO: stateful first
-        decoder = resolve_model_file(Path(cfg.decoder), DECODER_FILE, cfg.backend)
-        self.tts = SopranoTTS(lm, decoder, backend=self.RUNTIME_BACKENDS[cfg.backend], num_threads=cfg.threads)
+        backend = registry.backend(cfg.backend)
+        lm_stems = (registry.STATEFUL_FILE, registry.LM_FILE) if backend.stateful_lm else registry.LM_FILE  # stateful first
+        lm = resolve_model_file(Path(cfg.lm), lm_stems, cfg.backend)
+        decoder = resolve_model_file(Path(cfg.decoder), registry.DECODER_FILE, cfg.backend)
+        self.tts = SopranoTTS(lm, decoder, backend=backend.runtime, num_threads=cfg.threads)
         self.sample_rate = int(getattr(self.tts, "sample_rate", 32000))
         self.timed_lm = _TimedLM(self.tts.lm) if hasattr(self.tts, "lm") else None
         if self.timed_lm is not None:
@@ -488,9 +490,9 @@ class UpstreamEngine:
         return sum(_num_samples(a) for a in out) / self.sample_rate, wall
 
 
+# Every registry backend runs in the runtime; the references (registry.REFERENCES) have engines of their own.
 ENGINES: dict[str, Callable[[BenchConfig], Any]] = {
-    "onnx": RuntimeEngine,
-    "openvino": RuntimeEngine,
+    **{b: RuntimeEngine for b in BACKENDS},
     "torch": TorchEngine,
     "upstream": UpstreamEngine,
 }

@@ -19,20 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pipeline_lib import registry
 from pipeline_lib.bench import COLUMNS
 from pipeline_lib.errors import SopranoOnnxError
+from pipeline_lib.registry import BENCH_BACKENDS, DECODER_DIR, EXPORT_TARGET, LM_DIR
 
 log = logging.getLogger(__name__)
-
-# Where the pipeline puts each backend x precision (relative to the repository root): the first
-# candidate folder that exists is used. ONNX fp32 is the export stages' output; the convert stage
-# writes ONNX int8 and OpenVINO IR (fp32, int8), each as {lm,decoder}/ folders.
-MODEL_DIRS: dict[tuple[str, str], tuple[Path, ...]] = {
-    ("onnx", "fp32"): (Path("artifacts/export"), Path("artifacts/onnx/fp32")),
-    ("onnx", "int8"): (Path("artifacts/onnx/int8"), Path("artifacts/onnx_int8")),
-    ("openvino", "fp32"): (Path("artifacts/openvino/fp32"),),
-    ("openvino", "int8"): (Path("artifacts/openvino/int8"),),
-}
 
 
 @dataclass(frozen=True)
@@ -81,22 +73,19 @@ def thread_counts(values: Iterable[Any]) -> list[int]:
 
 
 def model_dirs(root: Path, backend: str, precision: str) -> tuple[Path, Path]:
-    """(LM folder, decoder folder) of an exported / converted backend x precision: the first candidate
-    base folder holding both (the first candidate when none does, for the error message)."""
-    try:
-        bases = [Path(root) / b for b in MODEL_DIRS[(backend, precision)]]
-    except KeyError:
-        raise ValueError(f"no model folders for backend {backend!r} at precision {precision!r}") from None
+    """(LM folder, decoder folder) of an exported / converted backend x precision: the first of its
+    base folders (registry.model_folders) holding both (the first when none does, for the error message)."""
+    bases = [Path(root) / b for b in registry.model_folders(backend, precision)]
     for base in bases:
-        if (base / "lm").is_dir() and (base / "decoder").is_dir():
-            return base / "lm", base / "decoder"
-    return bases[0] / "lm", bases[0] / "decoder"
+        if (base / LM_DIR).is_dir() and (base / DECODER_DIR).is_dir():
+            return base / LM_DIR, base / DECODER_DIR
+    return bases[0] / LM_DIR, bases[0] / DECODER_DIR
 
 
 def artifact_configs(backends: Sequence[str] | None, precisions: Sequence[str] | None) -> list[tuple[str, str]]:
     """The (backend, precision) pairs the pipeline builds: ONNX fp32 always (the export stages), then
     every convert.backends x convert.precisions target of the convert stage (None: no convert stage)."""
-    pairs = [("onnx", "fp32")]
+    pairs = [EXPORT_TARGET]
     pairs += [(str(b), str(p)) for b in backends or () for p in precisions or ()]
     return list(dict.fromkeys(pairs))
 
@@ -105,8 +94,8 @@ def plan(
     root: Path,
     checkpoint_dir: Path,
     threads: Sequence[int],
-    targets: Sequence[tuple[str, str]] = (("onnx", "fp32"),),
-    backends: Sequence[str] = ("onnx", "openvino", "torch", "upstream"),
+    targets: Sequence[tuple[str, str]] = (EXPORT_TARGET,),
+    backends: Sequence[str] = BENCH_BACKENDS,
     upstream_threads: int | None = None,
 ) -> list[Job]:
     """Every configuration of the benchmark stage: each (backend, precision) of `targets` (see
@@ -122,9 +111,9 @@ def plan(
         lm, dec = model_dirs(root, backend, precision)
         missing = [str(p) for p in (lm, dec) if not p.is_dir()]
         if missing:
+            build = "export_lm export_decoder" if (backend, precision) == EXPORT_TARGET else f"convert@{backend}-{precision}"
             raise SopranoOnnxError(
-                f"benchmark of {backend} {precision}: {', '.join(missing)} not found; build it first "
-                f"(dvc repro {'export_lm export_decoder' if precision == 'fp32' and backend == 'onnx' else f'convert@{backend}-{precision}'})."
+                f"benchmark of {backend} {precision}: {', '.join(missing)} not found; build it first (dvc repro {build})."
             )
         jobs += [Job(backend, precision, n, lm, dec) for n in threads]
     if "torch" in backends:

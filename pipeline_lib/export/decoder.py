@@ -15,10 +15,10 @@ from pipeline_lib.errors import ExportError
 from pipeline_lib.fsutil import write_json
 from pipeline_lib.model.decoder import SopranoSpectralDecoder, load_decoder
 from pipeline_lib.model.lm import LMConfig
+from pipeline_lib.registry import DECODER_CONFIG, DECODER_FILE
 
 log = logging.getLogger(__name__)
-DECODER_ONNX = "soprano_decoder_preistft.onnx"
-DECODER_CONFIG = "soprano_decoder_preistft_istft_config.json"
+DECODER_ONNX = f"{DECODER_FILE}.onnx"
 INPUT_NAME = "hidden_states"
 OUTPUT_NAME = "spectrum"
 

@@ -14,10 +14,10 @@ from pipeline_lib.errors import ExportError
 from pipeline_lib.export.onnx_io import DEFAULT_OPSET, constant_reshape_shapes, export_to_onnx, ort_session
 from pipeline_lib.fsutil import write_json
 from pipeline_lib.model.lm import LMConfig, SopranoLMStep, load_lm
+from pipeline_lib.registry import LM_CONFIG, LM_FILE, TOKENIZER_FILE, TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
-LM_ONNX = "soprano_lm_step.onnx"
-LM_CONFIG = "soprano_lm_step_config.json"
+LM_ONNX = f"{LM_FILE}.onnx"
 SPECIAL_TOKENS = ("[UNK]", "[TEXT]", "[START]", "[STOP]")
 KV_LAYOUT = ["batch", "num_kv_heads", "past_sequence", "head_dim"]
 
@@ -105,9 +105,9 @@ def export_lm(ckpt_dir: Path | str, out_dir: Path | str, opset: int = DEFAULT_OP
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_lm(ckpt_dir)
-    tokens = special_token_ids(ckpt_dir / "tokenizer.json")
+    tokens = special_token_ids(ckpt_dir / TOKENIZER_FILE)
     if tokens["stop"] >= model.cfg.vocab_size:
-        raise ExportError(f"{ckpt_dir / 'tokenizer.json'}: [STOP] id {tokens['stop']} >= vocab size {model.cfg.vocab_size}.")
+        raise ExportError(f"{ckpt_dir / TOKENIZER_FILE}: [STOP] id {tokens['stop']} >= vocab size {model.cfg.vocab_size}.")
     dyn: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
@@ -148,9 +148,6 @@ def export_lm(ckpt_dir: Path | str, out_dir: Path | str, opset: int = DEFAULT_OP
     return LMExport(onnx_path, config_path, err)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
 def copy_tokenizer_files(ckpt_dir: Path | str, out_dir: Path | str) -> list[Path]:
     """Copy the tokenizer beside the LM so the export folder is self-contained for the runtime."""
     import shutil
@@ -160,6 +157,6 @@ def copy_tokenizer_files(ckpt_dir: Path | str, out_dir: Path | str) -> list[Path
         src = Path(ckpt_dir) / name
         if src.is_file():
             copied.append(Path(shutil.copy2(src, Path(out_dir) / name)))
-        elif name == "tokenizer.json":
-            raise ExportError(f"{src}: not found; the runtime needs the checkpoint's tokenizer.json.")
+        elif name == TOKENIZER_FILE:
+            raise ExportError(f"{src}: not found; the runtime needs the checkpoint's {TOKENIZER_FILE}.")
     return copied

@@ -6,7 +6,9 @@ expose the input and output names of the loaded model so that the runtime can ch
 the exported JSON configs. Models are compiled once, at construction.
 
 Imports of onnxruntime / openvino happen here, lazily, so a missing package is a clear
-`MissingBackendError` with the install command.
+`MissingBackendError` with the install command. The backend names come from pipeline_lib.registry;
+OpenVINO's IR loading and compile settings from pipeline_lib.openvino_ir, which the conversion uses
+too (the runtime never imports the factory's conversion code).
 
 Thread safety and streams. Every backend object holds one lock, and each `run` (and
 `reset_state`) holds it for the whole call: calls from several threads are serialised, never
@@ -31,14 +33,14 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from pipeline_lib.convert import OV_CPU_CONFIG, load_openvino_model
 from pipeline_lib.cpuinfo import INT8_DOT_FEATURES, read_cpuinfo
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
+from pipeline_lib.openvino_ir import import_openvino, load_openvino_model, ov_cpu_config
+from pipeline_lib.registry import normalize_backend
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BACKENDS",
     "LMBackend",
     "DecoderBackend",
     "OrtLM",
@@ -51,22 +53,10 @@ __all__ = [
     "release_free_heap",
 ]
 
-BACKENDS = ("onnx_cpu", "openvino_cpu")
-_ALIASES = {"onnx": "onnx_cpu", "ort": "onnx_cpu", "onnxruntime": "onnx_cpu", "openvino": "openvino_cpu", "ov": "openvino_cpu"}
 HOW_TO_PRODUCE = (
     "produce the export folder with `soprano-onnx export --checkpoint CKPT --out DIR` "
     "or rebuild the pipeline with `dvc repro`"
 )
-
-
-def normalize_backend(name: str) -> str:
-    if not isinstance(name, str):
-        raise InputError(f"backend must be a string, one of {BACKENDS}; got {name!r}")
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} (aliases: onnx, openvino)")
-    return key
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -365,16 +355,6 @@ class OrtDecoder(_OrtBase, DecoderBackend):
             return self.session.run(self.output_names[:1], {self.input_names[0]: hidden})[0]
 
 
-def _import_openvino() -> Any:
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise MissingBackendError(
-            "backend 'openvino_cpu' needs OpenVINO, which is not installed: pip install 'soprano-onnx[openvino]'"
-        ) from exc
-    return ov
-
-
 def _port_name(port: Any) -> str:
     """A tensor may carry several names (e.g. the ONNX output name and an internal '/norm/Mul_output_0'):
     prefer the plain, graph-interface one."""
@@ -421,11 +401,11 @@ class _OpenVinoBase:
 
     def __init__(self, path: Path, num_threads: int) -> None:
         fix_malloc_mmap_threshold()
-        self._ov = _import_openvino()
+        self._ov = import_openvino("backend 'openvino_cpu'")
         self.path = path
         self._lock = threading.Lock()
         self._core = self._ov.Core()
-        self._config = {**OV_CPU_CONFIG, "INFERENCE_NUM_THREADS": int(num_threads)}
+        self._config = ov_cpu_config(threads=num_threads)
         self.model = self._read_model()
         note = openvino_int8_note(self.model)
         if note and note not in _NOTED:  # once per process (the LM and the decoder would repeat it)

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from pipeline_lib.errors import InputError
-
-BACKEND_CHOICES = {"onnx": "onnx_cpu", "openvino": "openvino_cpu", "onnx_cpu": "onnx_cpu", "openvino_cpu": "openvino_cpu"}
+from pipeline_lib.registry import BACKEND_CHOICES, DECODER_FILE, LM_FILE, TOKENIZER_FILE
 
 
 def positive_int(text: str) -> int:
@@ -38,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file instead")
     p.add_argument("-o", "--output", type=Path, required=True, help="output WAV file (16-bit PCM, mono)")
     p.add_argument("--model", type=Path, required=True,
-                   help="export folder (soprano_lm_step.onnx, soprano_decoder_preistft.onnx, JSON configs, tokenizer.json)")
+                   help=f"export folder ({LM_FILE}.onnx, {DECODER_FILE}.onnx, JSON configs, {TOKENIZER_FILE})")
     p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default="onnx", help="inference backend (default: onnx)")
     p.add_argument("--threads", type=positive_int, default=4, help="intra-op threads (default: 4)")
     p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are generated")

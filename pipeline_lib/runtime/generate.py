@@ -21,7 +21,7 @@
 * A stateful backend (`stateful` True: OpenVINO's stateful LM) keeps the keys and values itself:
   the prompts are prefilled in one left-padded call, and `StateCache` feeds only the attention mask
   and beam_idx (the rows that go on).
-* Hidden-state convention (DESIGN.md): for each generated token other than [STOP], the final-norm
+* Hidden-state convention (docs/design.md): for each generated token other than [STOP], the final-norm
   hidden state of the forward step that produced it; the first comes from the prompt's last
   position. So a row with n non-[STOP] tokens yields n hidden vectors.
 
@@ -42,6 +42,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from pipeline_lib.errors import InputError, ModelFileError
+from pipeline_lib.registry import KV_CACHE_INPUTS, KV_CACHE_STATE
 from pipeline_lib.runtime.backends import LMBackend
 from pipeline_lib.runtime.sampling import SamplingParams, select_tokens
 
@@ -79,7 +80,7 @@ class LMSpec:
     hidden_size: int
     vocab_size: int
     max_position_embeddings: int
-    stateful: bool = False  # the KV cache is the backend's state (config "kv_cache": "openvino_state")
+    stateful: bool = False  # the KV cache is the backend's state (config "kv_cache": registry.KV_CACHE_STATE)
     # Ids audio_token_first_id .. + audio_token_count - 1 are the audio tokens [0], [1], ... (None: the
     # config predates these fields; the tokenizer check then takes them from the tokenizer).
     audio_token_first_id: int | None = None
@@ -122,7 +123,7 @@ class LMSpec:
                 hidden_size=int(d["hidden_size"]),
                 vocab_size=int(d["vocab_size"]),
                 max_position_embeddings=int(d["max_position_embeddings"]),
-                stateful=d.get("kv_cache", "inputs") == "openvino_state",
+                stateful=d.get("kv_cache", KV_CACHE_INPUTS) == KV_CACHE_STATE,
                 audio_token_first_id=None if d.get("audio_token_first_id") is None else int(d["audio_token_first_id"]),
                 audio_token_count=None if d.get("audio_token_count") is None else int(d["audio_token_count"]),
             )

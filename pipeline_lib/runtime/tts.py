@@ -29,12 +29,22 @@ import numpy as np
 from pipeline_lib.audio.istft import IstftConfig, istft
 from pipeline_lib.cpuinfo import warn_if_oversubscribed
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
-from pipeline_lib.openvino_stateful import STATEFUL_FILE  # the LM with its KV cache in OpenVINO state
+from pipeline_lib import registry
+from pipeline_lib.registry import (
+    DECODER_CONFIG_SUFFIX,
+    DECODER_DIR,
+    DECODER_FILE,
+    LM_CONFIG_SUFFIX,
+    LM_DIR,
+    LM_FILE,
+    STATEFUL_FILE,
+    TOKENIZER_FILE,
+    normalize_backend,
+)
 from pipeline_lib.runtime.backends import (
     HOW_TO_PRODUCE,
     OpenVinoLM,
     load_backends,
-    normalize_backend,
     release_free_heap,
     require_file,
 )
@@ -50,11 +60,6 @@ from pipeline_lib.text import SPECIAL_TOKENS, SentencePrompt, fit_to_positions, 
 
 __all__ = ["SopranoTTS", "stream_context_tokens", "write_wav", "LM_FILE", "DECODER_FILE"]
 
-LM_FILE = "soprano_lm_step"
-DECODER_FILE = "soprano_decoder_preistft"
-LM_CONFIG_SUFFIX = "_config.json"
-DECODER_CONFIG_SUFFIX = "_istft_config.json"
-TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_BATCH_SIZE = 8
 # Upstream's decoder layout, used when the ISTFT config lacks the "decoder" section.
 _DEFAULT_DECODER = {"num_layers": 8, "dw_kernel": 3, "input_channels": 512}
@@ -288,7 +293,7 @@ class SopranoTTS:
         if tokenizer_path is None:
             candidates = [self.lm_path.with_name(TOKENIZER_FILE), self.decoder_path.with_name(TOKENIZER_FILE)]
             tokenizer_path = next((c for c in candidates if c.is_file()), candidates[0])
-        self.tokenizer_path = require_file(Path(tokenizer_path), "tokenizer.json")
+        self.tokenizer_path = require_file(Path(tokenizer_path), TOKENIZER_FILE)
         self.tokenizer = _load_tokenizer(self.tokenizer_path, self.spec)
 
         self.num_threads = num_threads
@@ -350,11 +355,13 @@ class SopranoTTS:
         d = Path(model_dir)
         if not d.is_dir():
             raise ModelFileError(f"{d}: model folder not found; {HOW_TO_PRODUCE}.")
-        lm_dir, dec_dir = (d / "lm", d / "decoder") if (d / "lm").is_dir() and (d / "decoder").is_dir() else (d, d)
-        if normalize_backend(kwargs.get("backend", "onnx_cpu")) == "openvino_cpu" and (dec_dir / f"{DECODER_FILE}.xml").is_file():
-            for lm_file in (STATEFUL_FILE, LM_FILE) if stateful else (LM_FILE,):
-                if (lm_dir / f"{lm_file}.xml").is_file():
-                    return cls(lm_dir / f"{lm_file}.xml", dec_dir / f"{DECODER_FILE}.xml", **kwargs)
+        lm_dir, dec_dir = (d / LM_DIR, d / DECODER_DIR) if (d / LM_DIR).is_dir() and (d / DECODER_DIR).is_dir() else (d, d)
+        backend = registry.backend(kwargs.get("backend", "onnx_cpu"))
+        ext = backend.suffix
+        if ext != ".onnx" and (dec_dir / f"{DECODER_FILE}{ext}").is_file():
+            for lm_file in (STATEFUL_FILE, LM_FILE) if stateful and backend.stateful_lm else (LM_FILE,):
+                if (lm_dir / f"{lm_file}{ext}").is_file():
+                    return cls(lm_dir / f"{lm_file}{ext}", dec_dir / f"{DECODER_FILE}{ext}", **kwargs)
         return cls(lm_dir / f"{LM_FILE}.onnx", dec_dir / f"{DECODER_FILE}.onnx", **kwargs)
 
     @staticmethod

@@ -1,0 +1,227 @@
+"""The names that the model factory and the runtime share: backends, precisions, targets (a backend x
+precision and the conversion that builds it), artifact folders and file names.
+
+A leaf: it imports the standard library and pipeline_lib.errors only, so that the runtime, the stages,
+the benchmark and the params check all read it without loading torch, onnxruntime or openvino. A
+target names its conversion as "module:function", imported when the convert stage calls it.
+
+    artifacts/export/{lm,decoder}/               the export stages' folders (= target onnx-fp32)
+    artifacts/<backend>/<precision>/lm/          LM_FILE (+ STATEFUL_FILE where the backend has one), its
+                                                 config, the tokenizer files
+    artifacts/<backend>/<precision>/decoder/     DECODER_FILE and its ISTFT config
+
+How to add a backend or a precision: docs/design.md, "The registry".
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline_lib.errors import InputError
+
+# --- file names (stems: a model is <stem>.onnx, or an OpenVINO IR <stem>.xml + <stem>.bin) -----------------
+
+LM_FILE = "soprano_lm_step"                # the LM step model: the KV cache as inputs and outputs
+STATEFUL_FILE = "soprano_lm_stateful"      # the LM with its KV cache in the backend's state (OpenVINO)
+DECODER_FILE = "soprano_decoder_preistft"  # the decoder up to its spectrum (no ISTFT inside)
+LM_CONFIG_SUFFIX = "_config.json"
+DECODER_CONFIG_SUFFIX = "_istft_config.json"
+LM_CONFIG = LM_FILE + LM_CONFIG_SUFFIX
+STATEFUL_CONFIG = STATEFUL_FILE + LM_CONFIG_SUFFIX
+DECODER_CONFIG = DECODER_FILE + DECODER_CONFIG_SUFFIX
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+# The LM config's "kv_cache": where the cache lives between calls.
+KV_CACHE_INPUTS = "inputs"           # the caller's arrays: past_* in, new_* out (the step model)
+KV_CACHE_STATE = "openvino_state"    # OpenVINO state variables (the stateful LM)
+
+# --- folders ---------------------------------------------------------------------------------------------
+
+ARTIFACTS = Path("artifacts")
+EXPORT_DIR = ARTIFACTS / "export"
+LM_DIR, DECODER_DIR = "lm", "decoder"
+
+
+@dataclass(frozen=True)
+class Model:
+    """One of the two exported models: its folder in an export or target, its file stem, its JSON config,
+    the files that travel with it, and the config block that names its model file ("file")."""
+
+    dir: str
+    file: str
+    config: str
+    extra_files: tuple[str, ...] = ()
+    file_block: tuple[str, ...] = ()  # keys from the config's top level to the block holding "file"
+
+    def block(self, config: dict) -> dict:
+        """The block of a parsed config that names the model file (and holds its "conversion" record)."""
+        for key in self.file_block:
+            config = config[key]
+        return config
+
+
+MODELS: dict[str, Model] = {
+    LM_DIR: Model(LM_DIR, LM_FILE, LM_CONFIG, TOKENIZER_FILES),
+    # The decoder's config is read strictly by IstftConfig, which skips its "onnx" and "decoder" blocks:
+    # the model file (and how it was converted) is described inside "onnx".
+    DECODER_DIR: Model(DECODER_DIR, DECODER_FILE, DECODER_CONFIG, (), ("onnx",)),
+}
+
+
+# --- backends ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An inference backend. `name`: the pipeline's (artifacts/<name>/, convert@<name>-..., benchmark rows,
+    conf/); `runtime`: SopranoTTS(backend=...) and `--backend` of the CLI; `suffix`: the model files its
+    targets hold; `stateful_lm`: its LM folders also hold STATEFUL_FILE."""
+
+    name: str
+    runtime: str
+    display: str
+    suffix: str
+    aliases: tuple[str, ...] = ()
+    stateful_lm: bool = False
+
+
+_BACKENDS = {b.name: b for b in (
+    Backend("onnx", "onnx_cpu", "ONNX Runtime", ".onnx", aliases=("ort", "onnxruntime")),
+    Backend("openvino", "openvino_cpu", "OpenVINO", ".xml", aliases=("ov",), stateful_lm=True),
+)}
+BACKENDS = tuple(_BACKENDS)                                 # pipeline names
+RUNTIME_BACKENDS = tuple(b.runtime for b in _BACKENDS.values())
+# The benchmark's references beside the backends (each in its own process; no artifacts of their own).
+REFERENCES = {"torch": "PyTorch reference", "upstream": "upstream soprano-tts"}
+BENCH_BACKENDS = (*BACKENDS, *REFERENCES)
+DISPLAY_NAMES = {**{b.name: b.display for b in _BACKENDS.values()}, **REFERENCES}
+# `--backend` of the CLI (speak, serve): pipeline or runtime name -> runtime name.
+BACKEND_CHOICES = {n: b.runtime for b in _BACKENDS.values() for n in (b.name, b.runtime)}
+
+
+def backend(name: str) -> Backend:
+    """The backend of a pipeline name, runtime name or alias (case and spaces ignored); an InputError
+    naming the choices otherwise."""
+    if isinstance(name, str):
+        key = name.strip().lower()
+        for b in _BACKENDS.values():
+            if key in (b.name, b.runtime, *b.aliases):
+                return b
+    raise InputError(f"unknown backend {name!r}: choose one of {', '.join(RUNTIME_BACKENDS)} "
+                     f"(or {', '.join(BACKENDS)}; aliases: {', '.join(a for b in _BACKENDS.values() for a in b.aliases)})")
+
+
+def normalize_backend(name: str) -> str:
+    """The runtime name ("onnx_cpu", "openvino_cpu") of any name `backend` accepts."""
+    return backend(name).runtime
+
+
+# --- precisions --------------------------------------------------------------------------------------------
+
+PARITY_REFERENCE = "reference"  # checked against the torch reference, the export's checks (ParityThresholds)
+PARITY_QUANTIZED = "quantized"  # checked against the fp32 export (QuantParityThresholds)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a target's precision means. `lm_weights` / `decoder_weights`: how its conversion stores each
+    model's weights (the two may differ); `inference`: the element type OpenVINO computes in
+    (INFERENCE_PRECISION_HINT, a compile setting: a precision may differ from fp32 by this alone);
+    `parity`: PARITY_REFERENCE or PARITY_QUANTIZED, with the limits in params parity.convert_<name>."""
+
+    name: str
+    lm_weights: str
+    decoder_weights: str
+    inference: str = "f32"
+    parity: str = PARITY_REFERENCE
+
+    def weights(self, model: str) -> str:
+        """The weight format of model LM_DIR or DECODER_DIR."""
+        return {LM_DIR: self.lm_weights, DECODER_DIR: self.decoder_weights}[model]
+
+    @property
+    def parity_key(self) -> str:
+        """The key of this precision's limits under params `parity` (conf/parity/default.yaml)."""
+        return f"convert_{self.name}"
+
+
+_PRECISIONS = {p.name: p for p in (
+    Precision("fp32", "fp32", "fp32"),
+    Precision("int8", "int8", "int8", parity=PARITY_QUANTIZED),
+)}
+PRECISIONS = tuple(_PRECISIONS)
+
+
+def precision(name: str) -> Precision:
+    if name not in _PRECISIONS:
+        raise InputError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}")
+    return _PRECISIONS[name]
+
+
+# --- targets: backend x precision, and the conversion that builds each -------------------------------------
+
+
+def _load(ref: str) -> Callable[..., Any]:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One convert stage (convert@<backend>-<precision>) and its folder. `convert`: "module:function" that
+    converts one exported ONNX model, called as function(src, dst_dir, model, precision, settings) -> the
+    config's "conversion" record (at least "file" and "method"); `convert_stateful` (backends with
+    stateful_lm): function(checkpoint_dir, dst_dir, precision, settings) -> the stateful LM's record.
+    `older_folders`: earlier layouts that the benchmark still reads."""
+
+    backend: str
+    precision: str
+    convert: str
+    convert_stateful: str | None = None
+    older_folders: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}-{self.precision}"
+
+    @property
+    def folder(self) -> Path:
+        """The convert stage's out, relative to the repository root."""
+        return ARTIFACTS / self.backend / self.precision
+
+    def converter(self) -> Callable[..., dict]:
+        return _load(self.convert)
+
+    def stateful_converter(self) -> Callable[..., dict] | None:
+        return _load(self.convert_stateful) if self.convert_stateful else None
+
+
+_CONVERT = "pipeline_lib.convert"
+TARGETS: dict[tuple[str, str], Target] = {(t.backend, t.precision): t for t in (
+    Target("onnx", "fp32", f"{_CONVERT}:link_export"),
+    Target("onnx", "int8", f"{_CONVERT}:onnx_quantized", older_folders=("artifacts/onnx_int8",)),
+    Target("openvino", "fp32", f"{_CONVERT}:openvino_ir", f"{_CONVERT}:openvino_stateful_ir"),
+    Target("openvino", "int8", f"{_CONVERT}:openvino_ir", f"{_CONVERT}:openvino_stateful_ir"),
+)}
+# The export stages' folders hold this target's models (its convert stage hard-links them).
+EXPORT_TARGET = ("onnx", "fp32")
+
+
+def target(backend_name: str, precision_name: str) -> Target:
+    t = TARGETS.get((backend_name, precision_name))
+    if t is None:
+        raise InputError(f"unknown target {backend_name}/{precision_name}: the targets are "
+                         f"{', '.join(t.label for t in TARGETS.values())} (backends {', '.join(BACKENDS)}, "
+                         f"precisions {', '.join(PRECISIONS)})")
+    return t
+
+
+def model_folders(backend_name: str, precision_name: str) -> tuple[Path, ...]:
+    """Base folders (each with lm/ and decoder/) holding a target's models, in the order to look in:
+    the export's for EXPORT_TARGET, then the target's own folder, then its older layouts."""
+    t = target(backend_name, precision_name)
+    export = (EXPORT_DIR,) if (t.backend, t.precision) == EXPORT_TARGET else ()
+    return (*export, t.folder, *(Path(p) for p in t.older_folders))
