@@ -143,40 +143,54 @@ def _check_thresholds(p: _Problems, key: str, values: Any, cls: type) -> None:
 def _check_convert(p: _Problems, convert: Mapping[str, Any]) -> None:
     import inspect
 
-    from pipeline_lib.convert import OV_INT8_MODES
+    from pipeline_lib.convert import OV_INT4_MODES, OV_INT8_MODES
     from pipeline_lib.quantize_ort import METHODS, quantize_onnx_int8
 
     backends, precisions = convert.get("backends"), convert.get("precisions")
     p.is_choice_list("convert.backends", backends, registry.BACKENDS)
     p.is_choice_list("convert.precisions", precisions, registry.PRECISIONS)
-    if isinstance(backends, list) and isinstance(precisions, list):
-        for b in backends:
-            for q in precisions:
-                if b in registry.BACKENDS and q in registry.PRECISIONS and (b, q) not in registry.TARGETS:
-                    p.add("convert.backends x convert.precisions",
-                          "targets registered in pipeline_lib.registry.TARGETS", f"{b}-{q}")
+    # A pair the registry lacks (onnx-bf16, openvino-int4) is no target: it is left out (convert.targets below).
     mode = (convert.get("openvino") or {}).get("int8_mode", "int8_asym")
     if mode not in OV_INT8_MODES:
         p.add("convert.openvino.int8_mode", f"one of {', '.join(OV_INT8_MODES)}", mode)
+    mode4 = (convert.get("openvino") or {}).get("int4_mode", "int4_sym")
+    if mode4 not in OV_INT4_MODES:
+        p.add("convert.openvino.int4_mode", f"one of {', '.join(OV_INT4_MODES)}", mode4)
+    p.is_int("convert.openvino.int4_group_size", (convert.get("openvino") or {}).get("int4_group_size", 128), 1)
     onnx = convert.get("onnx") or {}
     for name in onnx:
         if name not in registry.PRECISIONS:
             p.add("convert.onnx", f"keys that are precisions ({', '.join(registry.PRECISIONS)})", name)
-    int8 = onnx.get("int8") or {}
     kwargs = set(inspect.signature(quantize_onnx_int8).parameters) - {"onnx_path", "out_path"}
-    for model, settings in int8.items():
-        key = f"convert.onnx.int8.{model}"
-        if model not in registry.MODELS:
-            p.add("convert.onnx.int8", f"models {' and '.join(map(repr, registry.MODELS))}", model)
-            continue
-        if not isinstance(settings, Mapping):
-            p.add(key, "a mapping of quantize_onnx_int8 arguments", settings)
-            continue
-        unknown = sorted(set(settings) - kwargs)
-        if unknown:
-            p.add(key, f"only arguments of quantize_onnx_int8 ({', '.join(sorted(kwargs))})", unknown)
-        if settings.get("method", "dynamic") not in METHODS:
-            p.add(f"{key}.method", f"one of {', '.join(METHODS)}", settings.get("method"))
+    for prec_name, models in onnx.items():
+        for model, settings in (models or {}).items():
+            key = f"convert.onnx.{prec_name}.{model}"
+            if model not in registry.MODELS:
+                p.add(f"convert.onnx.{prec_name}", f"models {' and '.join(map(repr, registry.MODELS))}", model)
+                continue
+            if not isinstance(settings, Mapping):
+                p.add(key, "a mapping of quantize_onnx_int8 arguments", settings)
+                continue
+            unknown = sorted(set(settings) - kwargs)
+            if unknown:
+                p.add(key, f"only arguments of quantize_onnx_int8 ({', '.join(sorted(kwargs))})", unknown)
+            if settings.get("method", "dynamic") not in METHODS:
+                p.add(f"{key}.method", f"one of {', '.join(METHODS)}", settings.get("method"))
+    # dvc.yaml's convert / parity_convert stages run foreach over convert.targets: exactly the registered
+    # targets within backends x precisions (registry.target_labels), each with its backend and precision.
+    targets = convert.get("targets")
+    if isinstance(backends, list) and isinstance(precisions, list):
+        want = registry.target_labels([b for b in backends if b in registry.BACKENDS],
+                                      [q for q in precisions if q in registry.PRECISIONS])
+        have = list(targets) if isinstance(targets, Mapping) else targets
+        if have != want:
+            p.add("convert.targets", f"the registered targets of convert.backends x convert.precisions, in order: "
+                  f"{', '.join(want)}", have)
+        elif isinstance(targets, Mapping):
+            for label, item in targets.items():
+                b, _, q = str(label).partition("-")
+                if not isinstance(item, Mapping) or (item.get("backend"), item.get("precision")) != (b, q):
+                    p.add(f"convert.targets.{label}", f"{{backend: {b}, precision: {q}}}", item)
 
 
 def _check_bench(p: _Problems, bench: Mapping[str, Any]) -> None:

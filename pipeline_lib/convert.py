@@ -11,6 +11,8 @@ the export's file stem, the export's JSON config (``file`` pointing at the conve
     artifacts/openvino/int8/lm/soprano_lm_step.xml + .bin          NNCF int8 weight compression
     artifacts/openvino/<precision>/lm/soprano_lm_stateful.xml      the LM with its KV cache in OpenVINO state
     artifacts/onnx/int8/lm/soprano_lm_step.onnx                    ORT dynamic int8 (pipeline_lib.quantize_ort)
+    artifacts/onnx/int4/lm/soprano_lm_step.onnx                    ORT MatMulNBits 4-bit (decoder: int8)
+    artifacts/openvino/bf16/...                                    the fp32 IR, compiled in bf16 (its record says so)
     artifacts/onnx/fp32/lm/soprano_lm_step.onnx                    the export itself, hard-linked
 """
 
@@ -35,8 +37,11 @@ from pipeline_lib.registry import LM_DIR, MODELS, STATEFUL_CONFIG, STATEFUL_FILE
 log = logging.getLogger(__name__)
 
 NNCF_INSTALL = "pip install 'soprano-onnx[export]'"
-OV_WEIGHT_FORMATS = ("fp32", "int8")  # the weight formats (registry.Precision.weights) OpenVINO IR is written in
+OV_WEIGHT_FORMATS = ("fp32", "int8", "int4")  # the weight formats (registry.Precision.weights) OpenVINO IR is written in
 OV_INT8_MODES = ("int8_asym", "int8_sym")
+OV_INT4_MODES = ("int4_sym", "int4_asym")
+# int4: (NNCF mode, group size); data-free (no calibration set). conf/convert/default.yaml: openvino.int4_*.
+DEFAULT_INT4 = ("int4_sym", 128)
 
 
 def import_nncf() -> Any:
@@ -48,21 +53,29 @@ def import_nncf() -> Any:
     return nncf
 
 
-def _check_ov_weights(weight_format: str, int8_mode: str) -> None:
+def _check_ov_weights(weight_format: str, int8_mode: str, int4: tuple[str, int] = DEFAULT_INT4) -> None:
     if weight_format not in OV_WEIGHT_FORMATS:
         raise ValueError(f"weight_format {weight_format!r}: expected one of {OV_WEIGHT_FORMATS}")
     if int8_mode not in OV_INT8_MODES:
         raise ValueError(f"int8_mode {int8_mode!r}: expected one of {OV_INT8_MODES}")
+    if int4[0] not in OV_INT4_MODES or not (isinstance(int4[1], int) and int4[1] > 0):
+        raise ValueError(f"int4 {int4!r}: expected (one of {OV_INT4_MODES}, a group size > 0)")
 
 
-def compress_weights(model: Any, weight_format: str, int8_mode: str = "int8_asym") -> Any:
+def compress_weights(model: Any, weight_format: str, int8_mode: str = "int8_asym",
+                     int4: tuple[str, int] = DEFAULT_INT4) -> Any:
     """The ov.Model with its weights in ``weight_format``: fp32 as it is; int8 by NNCF weight compression
     (``int8_mode``), per output channel, every MatMul / Gather / Conv weight including the embedding and
     the logits head."""
-    _check_ov_weights(weight_format, int8_mode)
+    _check_ov_weights(weight_format, int8_mode, int4)
     if weight_format == "fp32":
         return model
     nncf = import_nncf()
+    if weight_format == "int4":
+        # Every MatMul 4-bit in groups of int4[1] input channels (ratio 1.0), data-free; NNCF keeps the
+        # embedding and the last MatMul (logits head) 8-bit (its backup mode).
+        return nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, int4[0].upper()),
+                                     group_size=int(int4[1]), ratio=1.0)
     return nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, int8_mode.upper()))
 
 
@@ -71,6 +84,7 @@ def convert_onnx_to_openvino(
     out_path: Path | str | None = None,
     weight_format: str = "fp32",
     int8_mode: str = "int8_asym",
+    int4: tuple[str, int] = DEFAULT_INT4,
 ) -> Path:
     """Convert an ONNX model to OpenVINO IR (.xml + .bin) and return the .xml path.
 
@@ -85,7 +99,7 @@ def convert_onnx_to_openvino(
     """
     ov = import_openvino()
     onnx_path = Path(onnx_path)
-    _check_ov_weights(weight_format, int8_mode)
+    _check_ov_weights(weight_format, int8_mode, int4)
     if not onnx_path.is_file():
         raise ModelFileError(f"{onnx_path}: ONNX model not found; run the export first (dvc repro export_lm export_decoder).")
     xml_path = Path(out_path) if out_path is not None else onnx_path.with_name(f"{onnx_path.stem}_{weight_format}.xml")
@@ -97,7 +111,7 @@ def convert_onnx_to_openvino(
         model = ov.convert_model(str(onnx_path))
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise ExportError(f"{onnx_path}: OpenVINO could not convert the model: {exc}") from exc
-    save_ir(compress_weights(model, weight_format, int8_mode), xml_path)
+    save_ir(compress_weights(model, weight_format, int8_mode, int4), xml_path)
     return xml_path
 
 
@@ -129,14 +143,15 @@ def convert_lm_to_openvino_stateful(
     out_path: Path | str,
     weight_format: str = "fp32",
     int8_mode: str = "int8_asym",
+    int4: tuple[str, int] = DEFAULT_INT4,
 ) -> Path:
     """Write the stateful LM IR (.xml + .bin) for a checkpoint folder; returns the .xml path.
     fp32 weights are kept fp32; int8: NNCF weight compression (`int8_mode`), as for the plain IR."""
-    _check_ov_weights(weight_format, int8_mode)
+    _check_ov_weights(weight_format, int8_mode, int4)
     if weight_format != "fp32":
         import_nncf()
     model = build_stateful_lm(ckpt_dir)
-    return save_ir(compress_weights(model, weight_format, int8_mode), Path(out_path))
+    return save_ir(compress_weights(model, weight_format, int8_mode, int4), Path(out_path))
 
 
 @dataclass
@@ -144,6 +159,8 @@ class ConvertSettings:
     """The ``convert`` params that shape the artifacts (conf/convert/default.yaml)."""
 
     openvino_int8_mode: str = "int8_asym"
+    openvino_int4_mode: str = DEFAULT_INT4[0]
+    openvino_int4_group_size: int = DEFAULT_INT4[1]
     # Keyword arguments of quantize_onnx_int8 per precision and model (convert.onnx.<precision>.<model>).
     onnx: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -152,6 +169,8 @@ class ConvertSettings:
         ov = dict(params.get("openvino", {}) or {})
         onnx = _plain(params.get("onnx", {}) or {})
         return cls(openvino_int8_mode=str(ov.get("int8_mode", "int8_asym")),
+                   openvino_int4_mode=str(ov.get("int4_mode", DEFAULT_INT4[0])),
+                   openvino_int4_group_size=int(ov.get("int4_group_size", DEFAULT_INT4[1])),
                    onnx={str(p): dict(models or {}) for p, models in dict(onnx).items()})
 
 
@@ -188,9 +207,14 @@ def onnx_quantized(src: Path, dst_dir: Path, model: str, precision: Precision, s
     params convert.onnx.<precision>.<model>."""
     from pipeline_lib.quantize_ort import quantize_onnx_int8
 
-    if precision.weights(model) != "int8":
-        raise ValueError(f"onnx_quantized: {model} weights {precision.weights(model)!r}; quantize_ort writes int8")
+    weights = precision.weights(model)
+    if weights not in ("int8", "int4"):
+        raise ValueError(f"onnx_quantized: {model} weights {weights!r}; quantize_ort writes int8 or int4")
     kwargs = dict((settings.onnx.get(precision.name) or {}).get(model) or {})
+    bits = int(kwargs.get("bits", 8)) if kwargs.get("method") == "matmul_nbits" else 8
+    if bits != int(weights[3:]):
+        raise ValueError(f"params convert.onnx.{precision.name}.{model} ({kwargs}) write {bits}-bit weights, but "
+                         f"precision {precision.name} stores {model} weights as {weights}")
     out = quantize_onnx_int8(src, dst_dir / src.name, **kwargs)
     return {"method": "onnxruntime.quantization", "settings": kwargs, "file": out.name}
 
@@ -198,14 +222,21 @@ def onnx_quantized(src: Path, dst_dir: Path, model: str, precision: Precision, s
 def _ov_method(weight_format: str, settings: ConvertSettings) -> str:
     if weight_format == "fp32":
         return "save_model(compress_to_fp16=False)"
+    if weight_format == "int4":
+        return (f"nncf.compress_weights mode={settings.openvino_int4_mode} group_size={settings.openvino_int4_group_size} "
+                "ratio=1.0 (data-free; embedding and logits head int8)")
     return f"nncf.compress_weights mode={settings.openvino_int8_mode} (per-channel int8 weights)"
+
+
+def _int4(settings: ConvertSettings) -> tuple[str, int]:
+    return settings.openvino_int4_mode, int(settings.openvino_int4_group_size)
 
 
 def openvino_ir(src: Path, dst_dir: Path, model: str, precision: Precision, settings: ConvertSettings) -> dict[str, Any]:
     """OpenVINO IR of the exported ONNX model, weights in the precision's format for this model."""
     weights = precision.weights(model)
     out = convert_onnx_to_openvino(src, dst_dir / f"{src.stem}.xml", weight_format=weights,
-                                   int8_mode=settings.openvino_int8_mode)
+                                   int8_mode=settings.openvino_int8_mode, int4=_int4(settings))
     method = _ov_method(weights, settings)
     return {"file": out.name, "weights_file": out.with_suffix(".bin").name,
             "method": ("openvino.convert_model + " if weights == "fp32" else "") + method,
@@ -216,7 +247,8 @@ def openvino_stateful_ir(ckpt_dir: Path, dst_dir: Path, precision: Precision, se
     """The stateful LM (pipeline_lib.openvino_stateful), converted from the checkpoint, LM weights in the
     precision's format."""
     weights = precision.lm_weights
-    xml = convert_lm_to_openvino_stateful(ckpt_dir, dst_dir / f"{STATEFUL_FILE}.xml", weights, settings.openvino_int8_mode)
+    xml = convert_lm_to_openvino_stateful(ckpt_dir, dst_dir / f"{STATEFUL_FILE}.xml", weights, settings.openvino_int8_mode,
+                                          _int4(settings))
     return {"source": str(ckpt_dir), "file": xml.name, "weights_file": xml.with_suffix(".bin").name,
             "method": "openvino.convert_model (PyTorch, SDPA) + make_stateful + " + _ov_method(weights, settings),
             "inference_precision_hint": precision.inference}

@@ -64,3 +64,18 @@ def warn_if_oversubscribed(num_threads: object, what: str = "num_threads") -> bo
         what, num_threads, cpus, "" if cpus == 1 else "s", cpus, what, cpus,
     )
     return True
+
+
+# bf16 arithmetic (OpenVINO INFERENCE_PRECISION_HINT "bf16"): AVX-512 BF16 or AMX BF16. Without either,
+# OpenVINO's CPU plugin quietly computes in f32 instead, so a "bf16" measurement would be an f32 one.
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def missing_bf16(cpuinfo: Path = CPUINFO) -> str | None:
+    """None where the CPU has a bf16 instruction set (BF16_FEATURES); else a sentence naming the missing
+    flags and the CPU, for errors and benchmark notes."""
+    name, flags = read_cpuinfo(cpuinfo)
+    if any(f in flags for f in BF16_FEATURES):
+        return None
+    return (f"this CPU ({name or 'unknown model'}) has none of the CPU flags {' / '.join(BF16_FEATURES)} "
+            "that bf16 inference needs (OpenVINO would silently compute in f32)")

@@ -29,3 +29,7 @@ class MissingBackendError(SopranoOnnxError, ImportError):
 
 class InputError(SopranoOnnxError, ValueError):
     """Bad user input (text, sampling parameters)."""
+
+
+class UnsupportedCpuError(ModelFileError):
+    """A model that this CPU cannot run as converted (a bf16 model without bf16 instructions)."""

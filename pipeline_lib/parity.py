@@ -240,7 +240,8 @@ def _stateful_runner(request: Any, outputs: list[Any]) -> Runner:
 
 @dataclass(frozen=True)
 class QuantParityThresholds:
-    """int8 against fp32 on the same inputs (conf/parity/default.yaml ``convert_int8`` says why these values)."""
+    """A quantised (or lower-precision) target against fp32 on the same inputs (conf/parity/default.yaml
+    ``convert_<precision>`` says why these values)."""
 
     seed: int = 0
     prompt_tokens: int = 24
@@ -248,6 +249,10 @@ class QuantParityThresholds:
     lm_hidden_cosine_min: float = 0.99
     lm_token_agreement_min: float = 0.95
     decoder_audio_snr_db_min: float = 20.0
+    # Optional limits (defaults that nothing misses); conf/parity sets them per precision.
+    lm_hidden_cosine_mean_min: float = 0.0
+    lm_free_running_agreement_min: float = 0.0   # share of the greedy sequence identical before the first departure
+    audio_log_mel_distance_max: float = 1.0e9    # dB, end to end: test LM + test decoder vs fp32 LM + fp32 decoder
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "QuantParityThresholds":
@@ -328,9 +333,12 @@ def check_quantized(
     the final hidden states (prefill positions and every step; min and mean), agreement of the test's greedy
     choice with the reference's, and - for information - how many tokens the test model's own free-running
     greedy decode shares with the reference before it first departs.
+    Free-running agreement: that count over ``decode_steps``.
     Decoder: the reference LM's hidden states of those tokens (the upstream convention: one per token)
-    through both decoders, NumPy ISTFT, audio SNR; skipped where the decoders are None (an LM checked
-    beside one whose decoder was).
+    through both decoders, NumPy ISTFT, audio SNR; then end to end, the test LM's hidden states of the
+    same tokens through the test decoder against the reference audio: log-mel distance (dB,
+    `log_mel_distance`) and SNR. Skipped where the decoders are None (an LM checked beside one whose
+    decoder was).
     """
     from pipeline_lib.audio.istft import istft
 
@@ -339,18 +347,19 @@ def check_quantized(
     ref, test = _LMStepper(ref_lm, lm_config), _LMStepper(test_lm, lm_config)
     r, t = ref.prefill(ids), test.prefill(ids)
     cos = [_cosine_rows(r["hidden_states"][0], t["hidden_states"][0])]
-    ref_tokens, agree, hidden = [], [], []
+    ref_tokens, agree, hidden, test_hidden = [], [], [], []
     for step in range(th.decode_steps):
         token = int(r["logits"][0, -1].argmax())
         ref_tokens.append(token)
         agree.append(token == int(t["logits"][0, -1].argmax()))
         hidden.append(r["hidden_states"][0, -1])
+        test_hidden.append(np.array(t["hidden_states"][0, -1]))
         if step + 1 < th.decode_steps:
             r, t = ref.step(token), test.step(token)
             cos.append(_cosine_rows(r["hidden_states"][0], t["hidden_states"][0]))
     cosines = np.concatenate(cos)
     report.check_min("lm_hidden_cosine_min", float(cosines.min()), th.lm_hidden_cosine_min)
-    report.metrics["lm_hidden_cosine_mean"] = float(cosines.mean())
+    report.check_min("lm_hidden_cosine_mean", float(cosines.mean()), th.lm_hidden_cosine_mean_min)
     report.check_min("lm_token_agreement", float(np.mean(agree)), th.lm_token_agreement_min)
     report.metrics["lm_greedy_steps"] = float(th.decode_steps)
 
@@ -365,6 +374,7 @@ def check_quantized(
         if step + 1 < th.decode_steps:
             out = free.step(token)
     report.metrics["lm_free_running_identical_tokens"] = float(same)
+    report.check_min("lm_free_running_agreement", same / max(th.decode_steps, 1), th.lm_free_running_agreement_min)
 
     # Decoder: the same hidden states through both.
     if ref_decoder is None or test_decoder is None:
@@ -375,7 +385,53 @@ def check_quantized(
     snr, rel = audio_metrics(ref_audio, test_audio)
     report.check_min("decoder_audio_snr_db", snr, th.decoder_audio_snr_db_min)
     report.metrics["decoder_audio_rel_max_abs"] = rel
+    # End to end on the same token sequence: the test LM's hidden states (teacher-forced on the reference's
+    # tokens) through the test decoder, against the reference's audio.
+    e2e = istft(test_decoder({"hidden_states": np.stack(test_hidden, -1)[None].astype(np.float32)})["spectrum"],
+                istft_config)
+    report.check_max("audio_log_mel_distance_db", log_mel_distance(ref_audio, e2e), th.audio_log_mel_distance_max)
+    report.metrics["audio_e2e_snr_db"] = float(audio_metrics(ref_audio, e2e)[0])
     return report
+
+
+def _mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """Slaney-style triangular mel filters (HTK mel scale), shape (n_mels, n_fft // 2 + 1)."""
+    def mel(f):
+        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+
+    def hz(m):
+        return 700.0 * (10.0 ** (np.asarray(m) / 2595.0) - 1.0)
+
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = hz(np.linspace(mel(0.0), mel(sample_rate / 2), n_mels + 2))
+    lower = (freqs[None] - edges[:-2, None]) / (edges[1:-1, None] - edges[:-2, None])
+    upper = (edges[2:, None] - freqs[None]) / (edges[2:, None] - edges[1:-1, None])
+    return np.maximum(0.0, np.minimum(lower, upper))
+
+
+def log_mel_distance(reference: np.ndarray, test: np.ndarray, sample_rate: int = 32000, n_fft: int = 1024,
+                     hop: int = 256, n_mels: int = 80, floor_db: float = -80.0) -> float:
+    """Mean absolute difference in dB of two signals' log-mel spectrograms (Hann window, power, floored
+    `floor_db` below the reference's peak): 0 for identical audio; ~1 dB is hard to hear, a broken model
+    lands at 10+."""
+    reference = np.asarray(reference, np.float64).reshape(-1)
+    test = np.asarray(test, np.float64).reshape(-1)
+    if reference.shape != test.shape:
+        raise ValueError(f"audio shapes differ: reference {reference.shape}, test {test.shape}")
+    if reference.size < n_fft:
+        pad = n_fft - reference.size
+        reference, test = np.pad(reference, (0, pad)), np.pad(test, (0, pad))
+    window = np.hanning(n_fft + 1)[:-1]
+    fb = _mel_filters(sample_rate, n_fft, n_mels)
+
+    def logmel(x: np.ndarray) -> np.ndarray:
+        frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * window
+        power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2
+        return 10.0 * np.log10(power @ fb.T + 1e-20)
+
+    a, b = logmel(reference), logmel(test)
+    floor = a.max() + floor_db
+    return float(np.mean(np.abs(np.maximum(a, floor) - np.maximum(b, floor))))
 
 
 def runner_for(path: Path, num_threads: int = 1, inference_precision: str = "f32") -> Runner:

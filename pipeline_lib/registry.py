@@ -151,6 +151,12 @@ class Precision:
 _PRECISIONS = {p.name: p for p in (
     Precision("fp32", "fp32", "fp32"),
     Precision("int8", "int8", "int8", parity=PARITY_QUANTIZED),
+    # The fp32 IR computed in bf16 (OpenVINO CPU, INFERENCE_PRECISION_HINT): needs AVX512-BF16 or AMX-BF16
+    # (pipeline_lib.cpuinfo.BF16_FEATURES); checked against fp32 like a quantised precision.
+    Precision("bf16", "fp32", "fp32", inference="bf16", parity=PARITY_QUANTIZED),
+    # 4-bit grouped LM weights (ONNX Runtime MatMulNBits, OpenVINO NNCF int4); the decoder keeps int8
+    # (conf/convert says why).
+    Precision("int4", "int4", "int8", parity=PARITY_QUANTIZED),
 )}
 PRECISIONS = tuple(_PRECISIONS)
 
@@ -205,6 +211,9 @@ TARGETS: dict[tuple[str, str], Target] = {(t.backend, t.precision): t for t in (
     Target("onnx", "int8", f"{_CONVERT}:onnx_quantized", older_folders=("artifacts/onnx_int8",)),
     Target("openvino", "fp32", f"{_CONVERT}:openvino_ir", f"{_CONVERT}:openvino_stateful_ir"),
     Target("openvino", "int8", f"{_CONVERT}:openvino_ir", f"{_CONVERT}:openvino_stateful_ir"),
+    Target("openvino", "bf16", f"{_CONVERT}:openvino_ir", f"{_CONVERT}:openvino_stateful_ir"),
+    Target("onnx", "int4", f"{_CONVERT}:onnx_quantized"),
+    Target("openvino", "int4", f"{_CONVERT}:openvino_ir", f"{_CONVERT}:openvino_stateful_ir"),
 )}
 # The export stages' folders hold this target's models (its convert stage hard-links them).
 EXPORT_TARGET = ("onnx", "fp32")
@@ -217,6 +226,12 @@ def target(backend_name: str, precision_name: str) -> Target:
                          f"{', '.join(t.label for t in TARGETS.values())} (backends {', '.join(BACKENDS)}, "
                          f"precisions {', '.join(PRECISIONS)})")
     return t
+
+
+def target_labels(backends: Any = BACKENDS, precisions: Any = PRECISIONS) -> list[str]:
+    """"<backend>-<precision>" of every registered target within backends x precisions, in that order:
+    the convert / parity_convert stages (params convert.targets, dvc.yaml foreach)."""
+    return [f"{b}-{p}" for b in backends for p in precisions if (b, p) in TARGETS]
 
 
 def model_folders(backend_name: str, precision_name: str) -> tuple[Path, ...]:

@@ -94,7 +94,11 @@ def main() -> None:
         lm, spec = load(labels[label], precision, args)
         print(json.dumps({"ms": step_ms(lm, spec, args)}))
         return
-    keys = [(label, p) for label in labels for p in registry.PRECISIONS]
+    # Registered targets only (no onnx-bf16); bf16 only where the CPU has it (else the runtime refuses it).
+    from pipeline_lib.cpuinfo import missing_bf16
+
+    keys = [(label, p) for label in labels for p in registry.PRECISIONS if (labels[label][0], p) in registry.TARGETS
+            and not (registry.precision(p).inference == "bf16" and missing_bf16())]
     runs = {} if args.isolated else {k: load(labels[k[0]], k[1], args) for k in keys}
     ms: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     for r in range(args.rounds):
@@ -115,8 +119,12 @@ def main() -> None:
         print(f"  {b:9s} {p}: median {med[(b, p)]:.2f}, min {min(v):.2f}  [{' '.join(f'{x:.2f}' for x in v)}]")
     for b in labels:
         for p in registry.PRECISIONS[1:]:
+            if (b, p) not in med or (b, "fp32") not in med:
+                continue
             print(f"  {b} {p} over fp32: {med[(b, 'fp32')] / med[(b, p)]:.2f}x")
     for p in registry.PRECISIONS:
+        if ("openvino", p) not in ms or ("onnx", p) not in ms:
+            continue
         ov, ort = ms[("openvino", p)], ms[("onnx", p)]
         wins = sum(a < b for a, b in zip(ov, ort))
         print(f"  {p}: OpenVINO / ONNX Runtime {med[('openvino', p)] / med[('onnx', p)]:.3f} (median), "

@@ -41,7 +41,8 @@ if __name__ == "__main__":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
         settings = LoadSettings(clients=tuple(int(c) for c in cfg.clients), max_requests=int(cfg.max_requests),
                                 level_s=float(cfg.level_s), drain_s=float(cfg.drain_s),
-                                max_new_tokens=int(cfg.max_new_tokens), warmup_requests=int(cfg.warmup_requests))
+                                max_new_tokens=int(cfg.max_new_tokens), warmup_requests=int(cfg.warmup_requests),
+                                idle_timeout_s=float(cfg.idle_timeout_s))
         specs = [ours_spec(model, threads, str(cfg.backend), response_format=str(cfg.response_format),
                            max_batch=int(cfg.max_batch), max_queue=int(cfg.max_queue))]
         if bool(cfg.upstream) and upstream_available():

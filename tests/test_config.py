@@ -26,3 +26,23 @@ def test_every_checkpoint_choice_composes(choice):
 
 def test_threads_override_is_top_level():
     assert compose(["threads=8"])["threads"] == 8
+
+
+def test_convert_targets_must_be_the_registered_pairs():
+    """dvc.yaml's convert stages run foreach over convert.targets: a stale list (a precision dropped from
+    convert.precisions, a pair the registry lacks) is named by the params check."""
+    from pipeline_lib.config import validate_params
+    from pipeline_lib.errors import InputError
+
+    params = compose()
+    validate_params(params)
+    stale = {**params, "convert": {**params["convert"], "precisions": ["fp32", "int8"]}}
+    with pytest.raises(InputError, match="convert.targets"):
+        validate_params(stale)
+    bad = dict(params["convert"]["targets"])
+    bad["onnx-bf16"] = {"backend": "onnx", "precision": "bf16"}
+    with pytest.raises(InputError, match="convert.targets"):
+        validate_params({**params, "convert": {**params["convert"], "targets": bad}})
+    wrong = {**params["convert"]["targets"], "onnx-int4": {"backend": "onnx", "precision": "int8"}}
+    with pytest.raises(InputError, match=r"convert.targets.onnx-int4"):
+        validate_params({**params, "convert": {**params["convert"], "targets": wrong}})

@@ -341,10 +341,164 @@ def test_failed_target_leaves_no_folder(tiny_export, tmp_path):
 
 def test_bad_arguments(tiny_export, tmp_path):
     with pytest.raises(ValueError, match="weight_format"):
-        convert_onnx_to_openvino(tiny_export / DECODER_ONNX, tmp_path / "d.xml", weight_format="int4")
+        convert_onnx_to_openvino(tiny_export / DECODER_ONNX, tmp_path / "d.xml", weight_format="int2")
+    with pytest.raises(ValueError, match="int4"):
+        convert_onnx_to_openvino(tiny_export / DECODER_ONNX, tmp_path / "d.xml", weight_format="int4",
+                                 int4=("int4_sym", 0))
     with pytest.raises(ValueError, match=r"\.xml"):
         convert_onnx_to_openvino(tiny_export / DECODER_ONNX, tmp_path / "d.bin")
     with pytest.raises(ModelFileError, match="missing.onnx"):
         convert_onnx_to_openvino(tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="unknown target"):
         convert_target("tensorrt", "fp32", tiny_export, tiny_export, tmp_path / "x")
+
+
+# --- bf16 (OpenVINO) and int4 (ONNX Runtime, OpenVINO) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def new_targets(tiny_checkpoint: Path, tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The targets beyond fp32 / int8 (registry: openvino-bf16, onnx-int4, openvino-int4), built as the convert stage does."""
+    settings = ConvertSettings.from_params(_conf("convert"))
+    root = tmp_path_factory.mktemp("converted_new")
+    out = {}
+    for backend, precision in (("onnx", "int4"), ("openvino", "bf16"), ("openvino", "int4")):
+        out[f"{backend}-{precision}"] = root / backend / precision
+        convert_target(backend, precision, tiny_export, tiny_export, out[f"{backend}-{precision}"], settings,
+                       tiny_checkpoint)
+    return out
+
+
+def _no_bf16_cpu(monkeypatch) -> None:
+    import pipeline_lib.cpuinfo as cpuinfo
+
+    monkeypatch.setattr(cpuinfo, "read_cpuinfo", lambda *a, **k: ("Old CPU", {"avx2", "fma", "avx512f"}))
+
+
+def _quant_check(folder: Path, precision: str, tiny_export: Path, lm_config: dict, th: QuantParityThresholds | None = None):
+    from pipeline_lib import registry
+
+    inference = registry.precision(precision).inference
+    th = th or QuantParityThresholds.from_mapping(_conf("parity")[f"convert_{precision}"])
+    return check_quantized(
+        ort_runner(tiny_export / LM_ONNX), runner_for(model_file(folder / "lm", "lm"), inference_precision=inference),
+        ort_runner(tiny_export / DECODER_ONNX),
+        runner_for(model_file(folder / "decoder", "decoder"), inference_precision=inference),
+        lm_config, IstftConfig.from_json(tiny_export / DECODER_CONFIG), th,
+    )
+
+
+def test_int4_lm_is_matmul_nbits_and_within_its_limits(new_targets, tiny_export, lm_config):
+    import onnx
+
+    folder = new_targets["onnx-int4"]
+    lm = model_file(folder / "lm", "lm")
+    ops = {n.op_type for n in onnx.load(str(lm), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    dec_ops = {n.op_type for n in onnx.load(str(model_file(folder / "decoder", "decoder"))).graph.node}
+    assert "MatMulNBits" not in dec_ops  # the decoder keeps int8 (conf/convert says why)
+    conversion = json.loads((folder / "lm" / LM_CONFIG).read_text())["conversion"]
+    assert conversion["settings"]["bits"] == 4 and conversion["precision"] == "int4"
+    assert lm.stat().st_size < 0.4 * (tiny_export / LM_ONNX).stat().st_size  # the fp32 embedding is most of the rest
+    report = _quant_check(folder, "int4", tiny_export, lm_config)
+    assert report.passed, report.failures
+    assert all(np.isfinite(v) for v in report.metrics.values()), report.metrics
+    for key in ("lm_hidden_cosine_min", "lm_hidden_cosine_mean", "lm_token_agreement", "lm_free_running_agreement",
+                "decoder_audio_snr_db", "audio_log_mel_distance_db"):
+        assert key in report.metrics
+
+
+def test_int4_settings_must_write_4_bits(tiny_export, tmp_path):
+    settings = ConvertSettings.from_params(_conf("convert"))
+    settings.onnx["int4"]["lm"] = {"method": "dynamic"}
+    with pytest.raises(ValueError, match="int4"):
+        convert_target("onnx", "int4", tiny_export, tiny_export, tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_record_and_parity(new_targets, tiny_export, lm_config):
+    from pipeline_lib.cpuinfo import missing_bf16
+
+    folder = new_targets["openvino-bf16"]
+    for which, cfg_name in (("lm", LM_CONFIG), ("decoder", DECODER_CONFIG)):
+        cfg = json.loads((folder / which / cfg_name).read_text())
+        conversion = cfg["conversion"] if which == "lm" else cfg["onnx"]["conversion"]
+        assert conversion["inference_precision_hint"] == "bf16"
+    assert "f32" in _const_types(model_file(folder / "lm", "lm"))  # the fp32 IR: bf16 is a compile setting
+    why = missing_bf16()
+    if why:
+        pytest.skip(f"bf16 parity needs AVX512-BF16 / AMX-BF16: {why}")
+    from pipeline_lib.runtime.backends import OpenVinoDecoder
+
+    dec = OpenVinoDecoder(model_file(folder / "decoder", "decoder"), 1)
+    assert dec.inference_precision == "bf16"
+    assert str(dec.compiled.get_property("INFERENCE_PRECISION_HINT")).lower() in ("bf16", "<type: 'bfloat16'>")
+    report = _quant_check(folder, "bf16", tiny_export, lm_config)
+    assert report.passed, report.failures
+    assert all(np.isfinite(v) for v in report.metrics.values()), report.metrics
+    assert report.metrics["lm_hidden_cosine_min"] < 1.0  # it does compute in bf16
+
+
+def test_bf16_model_is_refused_on_a_cpu_without_bf16(new_targets, monkeypatch):
+    from pipeline_lib.errors import UnsupportedCpuError
+    from pipeline_lib.runtime.backends import OpenVinoDecoder, OpenVinoLM
+
+    _no_bf16_cpu(monkeypatch)
+    folder = new_targets["openvino-bf16"]
+    with pytest.raises(UnsupportedCpuError, match=r"avx512_bf16 / amx_bf16.*Old CPU|Old CPU.*avx512_bf16 / amx_bf16") as err:
+        OpenVinoDecoder(model_file(folder / "decoder", "decoder"), 1)
+    assert "openvino/fp32" in str(err.value)
+    with pytest.raises(UnsupportedCpuError, match="bf16"):
+        OpenVinoLM(_stateful(folder), 1)
+
+
+def test_benchmark_skips_bf16_without_bf16_flags(tmp_path, monkeypatch):
+    import math
+
+    import pipeline_lib.bench.sweep as sweep
+    from pipeline_lib.bench.sweep import Settings, artifact_configs, plan, run_job
+
+    _no_bf16_cpu(monkeypatch)
+    monkeypatch.setattr(sweep, "upstream_available", lambda: False)
+    for base in ("artifacts/export", "artifacts/openvino/fp32", "artifacts/openvino/bf16", "artifacts/onnx/int4"):
+        for part in ("lm", "decoder"):
+            (tmp_path / base / part).mkdir(parents=True)
+    targets = artifact_configs(["onnx", "openvino"], ["fp32", "bf16", "int4"])
+    # no onnx-bf16
+    assert targets == [("onnx", "fp32"), ("onnx", "int4"), ("openvino", "fp32"), ("openvino", "bf16"),
+                       ("openvino", "int4")]
+    jobs = plan(tmp_path, tmp_path / "ckpt", [1, 2], targets[:-1], backends=["onnx", "openvino"])
+    # New precisions run at `threads` (the last count) only.
+    assert [j.label for j in jobs] == ["onnx-fp32-t1", "onnx-fp32-t2", "onnx-int4-t2", "openvino-fp32-t1",
+                                       "openvino-fp32-t2", "openvino-bf16-t2"]
+    bf16 = jobs[-1]
+    assert bf16.skip and "avx512_bf16" in bf16.skip and all(j.skip is None for j in jobs[:-1])
+    row = run_job(bf16, Settings(), tmp_path)
+    assert row["config"] == "openvino-bf16-t2" and math.isnan(row["xrt"]) and "skipped" in row["note"]
+
+
+def test_headline_and_report_take_a_skipped_row():
+    import math
+
+    from pipeline_lib.bench import COLUMNS
+    from pipeline_lib.bench.sweep import headline
+
+    skipped = {c: math.nan for c in COLUMNS} | {"config": "openvino-bf16-t2", "backend": "openvino",
+                                                  "precision": "bf16", "threads": 2, "note": "skipped: no bf16"}
+    ok = {c: 1.0 for c in COLUMNS} | {"config": "onnx-fp32-t2", "backend": "onnx", "precision": "fp32", "threads": 2,
+                                      "max_new_tokens": 64, "note": ""}
+    m = headline([skipped, ok], 2)
+    assert m["num_tokens"] == 64 and m["xrt"]["openvino_bf16"] is None and m["best_xrt"] == {"onnx": 1.0}
+
+
+def test_openvino_int4_has_4bit_weights_and_is_within_its_limits(new_targets, tiny_export, lm_config):
+    folder = new_targets["openvino-int4"]
+    lm_types = _const_types(model_file(folder / "lm", "lm"))
+    assert {"u4", "i4"} & lm_types, lm_types
+    assert {"u4", "i4"} & _const_types(_stateful(folder))
+    assert not {"u4", "i4"} & _const_types(model_file(folder / "decoder", "decoder"))  # decoder int8
+    conversion = json.loads((folder / "lm" / LM_CONFIG).read_text())["conversion"]
+    assert "int4_sym" in conversion["method"] and "group_size=128" in conversion["method"]
+    report = _quant_check(folder, "int4", tiny_export, lm_config)
+    assert report.passed, report.failures
+    assert all(np.isfinite(v) for v in report.metrics.values()), report.metrics

@@ -103,7 +103,24 @@ def _closure(start: Path, module_level: bool = False, stop: tuple[str, ...] = ()
 
 
 def _stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    """dvc.yaml's stages, a foreach stage as its `do` body (what each of its instances runs)."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: (stage["do"] if "foreach" in stage else stage) for name, stage in stages.items()}
+
+
+def test_convert_stages_are_the_registered_targets():
+    """convert@ / parity_convert@ run foreach over params convert.targets, which is exactly the registry's
+    targets within convert.backends x convert.precisions (no onnx-bf16), named <backend>-<precision>."""
+    from pipeline_lib import registry
+
+    raw = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["convert"]
+    for name in ("convert", "parity_convert"):
+        assert raw[name]["foreach"] == "${convert.targets}", name
+    want = registry.target_labels(params["backends"], params["precisions"])
+    assert list(params["targets"]) == want
+    assert "onnx-bf16" not in want and {"openvino-bf16", "onnx-int4"} <= set(want)
+    assert all(params["targets"][t] == dict(zip(("backend", "precision"), t.split("-"))) for t in want)
 
 
 def _script(stage: dict) -> Path:
@@ -235,7 +252,7 @@ def test_every_target_names_a_conversion_and_a_known_precision():
     for name in registry.PRECISIONS:
         p = registry.precision(name)
         assert p.parity in (registry.PARITY_REFERENCE, registry.PARITY_QUANTIZED)
-        assert {p.weights(m) for m in registry.MODELS} <= {"fp32", "int8"}, name
+        assert {p.weights(m) for m in registry.MODELS} <= {"fp32", "int8", "int4"}, name
     assert registry.EXPORT_TARGET in registry.TARGETS
 
 

@@ -9,7 +9,9 @@ A level is C clients in a closed loop: each posts a request (`POST /v1/audio/spe
 TEXTS in turn, one or two sentences each), reads the streamed body and posts the next. A client
 starts no new request once `max_requests` have been started or `level_s` has passed; requests in
 flight then run to their end, for at most `drain_s` more, after which they are cut (counted in `cut`,
-not as errors; their latencies so far enter the percentiles as lower bounds).
+not as errors; their latencies so far enter the percentiles as lower bounds). Each level starts
+on an idle server (`wait_idle`, at most `idle_timeout_s`): upstream's server finishes every request
+it took, even one whose client has gone.
 
 Random weights never emit [STOP]: every sentence runs to `max_new_tokens` tokens, the same for both
 servers (ours: the request's `max_new_tokens`; upstream: its generate() held to it). So a complete
@@ -147,10 +149,11 @@ class Target:
 class LoadSettings:
     clients: tuple[int, ...] = CLIENT_LEVELS
     max_requests: int = 96          # per level
-    level_s: float = 15.0           # per level: no new requests after this
-    drain_s: float = 10.0           # per level: requests still running this long after level_s are cut
+    level_s: float = 12.0           # per level: no new requests after this
+    drain_s: float = 8.0            # per level: requests still running this long after level_s are cut
     max_new_tokens: int = 64
     warmup_requests: int = 2        # per server, one after another before the first level, not counted
+    idle_timeout_s: float = 15.0    # per level: wait at most this long for the server to go idle before it
     request_timeout_s: float = 120.0
     texts: tuple[str, ...] = TEXTS
 
@@ -387,10 +390,9 @@ async def warm_up(target: Target, settings: LoadSettings, geometry: AudioGeometr
 
 
 IDLE_CPU_PERCENT = 15.0  # of one core: a server below this is doing no synthesis
-IDLE_TIMEOUT_S = 45.0  # per level; bounds the stage's time when the machine is busy
 
 
-def wait_idle(pid: int, timeout_s: float = IDLE_TIMEOUT_S, interval_s: float = 0.5) -> float:
+def wait_idle(pid: int, timeout_s: float, interval_s: float = 0.5) -> float:
     """Wait until the process (and its threads) uses under IDLE_CPU_PERCENT of a core for two
     intervals in a row; the seconds waited. A server that finishes requests whose clients have gone
     (upstream's: its handler blocks its event loop, so it cannot notice) would otherwise carry that
@@ -422,7 +424,7 @@ def run_levels(target: Target, settings: LoadSettings, geometry: AudioGeometry) 
         for c in settings.clients:
             waited = 0.0
             if target.pid is not None:
-                waited = await asyncio.to_thread(wait_idle, target.pid)
+                waited = await asyncio.to_thread(wait_idle, target.pid, settings.idle_timeout_s)
                 if waited > 2.0:
                     log.info("%s: waited %.1f s for the server to finish earlier work", target.name, waited)
             level = await run_level(target, int(c), settings, geometry, first_text=first)
@@ -661,8 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=list(CLIENT_LEVELS))
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     p.add_argument("--max-requests", dest="max_requests", type=int, default=96)
-    p.add_argument("--level-s", dest="level_s", type=float, default=15.0)
-    p.add_argument("--drain-s", dest="drain_s", type=float, default=10.0)
+    p.add_argument("--level-s", dest="level_s", type=float, default=12.0)
+    p.add_argument("--drain-s", dest="drain_s", type=float, default=8.0)
+    p.add_argument("--idle-timeout-s", dest="idle_timeout_s", type=float, default=15.0)
     p.add_argument("--upstream-level-s", dest="upstream_level_s", type=float, default=None)
     p.add_argument("--upstream-drain-s", dest="upstream_drain_s", type=float, default=None)
     p.add_argument("--warmup-requests", dest="warmup_requests", type=int, default=2)
@@ -677,7 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     settings = LoadSettings(clients=tuple(a.clients), max_requests=a.max_requests, level_s=a.level_s,
-                            drain_s=a.drain_s, max_new_tokens=a.max_new_tokens, warmup_requests=a.warmup_requests)
+                            drain_s=a.drain_s, max_new_tokens=a.max_new_tokens, warmup_requests=a.warmup_requests,
+                            idle_timeout_s=a.idle_timeout_s)
     upstream = dataclasses.replace(settings, level_s=a.upstream_level_s or settings.level_s,
                                    drain_s=a.upstream_drain_s if a.upstream_drain_s is not None else settings.drain_s)
     specs = []

@@ -37,6 +37,7 @@ class Job:
     lm: Path
     decoder: Path | None = None
     optional: bool = False  # a failure becomes a row with a note instead of an error (the upstream oracle)
+    skip: str | None = None  # not run on this machine: a row of NaN with this note (bf16 without bf16 flags)
 
     @property
     def label(self) -> str:
@@ -84,9 +85,10 @@ def model_dirs(root: Path, backend: str, precision: str) -> tuple[Path, Path]:
 
 def artifact_configs(backends: Sequence[str] | None, precisions: Sequence[str] | None) -> list[tuple[str, str]]:
     """The (backend, precision) pairs the pipeline builds: ONNX fp32 always (the export stages), then
-    every convert.backends x convert.precisions target of the convert stage (None: no convert stage)."""
+    every convert.backends x convert.precisions target of the convert stage that the registry has (no
+    onnx-bf16; None: no convert stage)."""
     pairs = [EXPORT_TARGET]
-    pairs += [(str(b), str(p)) for b in backends or () for p in precisions or ()]
+    pairs += [(str(b), str(p)) for b in backends or () for p in precisions or () if (str(b), str(p)) in registry.TARGETS]
     return list(dict.fromkeys(pairs))
 
 
@@ -115,12 +117,30 @@ def plan(
             raise SopranoOnnxError(
                 f"benchmark of {backend} {precision}: {', '.join(missing)} not found; build it first (dvc repro {build})."
             )
-        jobs += [Job(backend, precision, n, lm, dec) for n in threads]
+        counts = threads if precision in FULL_SWEEP_PRECISIONS else list(threads)[-1:]
+        skip = skip_reason(backend, precision)
+        jobs += [Job(backend, precision, n, lm, dec, skip=skip) for n in counts]
     if "torch" in backends:
         jobs += [Job("torch", "fp32", n, ckpt, ckpt / "decoder.pth") for n in threads]
     if "upstream" in backends and upstream_available():
         jobs.append(Job("upstream", "fp32", int(upstream_threads or threads[-1]), ckpt, optional=True))
     return jobs
+
+
+# Precisions benchmarked at every bench.threads count; the others (bf16, int4) only at the last (`threads`),
+# which keeps the benchmark stage's added time to 2 configurations x 3 passes (~2 minutes on 2 cores).
+FULL_SWEEP_PRECISIONS = ("fp32", "int8")
+
+
+def skip_reason(backend: str, precision: str) -> str | None:
+    """Why a target cannot be benchmarked on this machine (a bf16 model without bf16 CPU flags), or None."""
+    if registry.precision(precision).inference == "bf16":
+        from pipeline_lib.cpuinfo import missing_bf16
+
+        why = missing_bf16()
+        if why:
+            return f"skipped: {why}"
+    return None
 
 
 def upstream_available() -> bool:
@@ -156,6 +176,11 @@ def job_env(threads: int) -> dict[str, str]:
 def run_job(job: Job, settings: Settings, workdir: Path) -> dict[str, Any]:
     """Run one configuration in a fresh process; its JSON row (NaN for nulls)."""
     json_path = workdir / f"{job.label}.json"
+    if job.skip:
+        log.warning("bench %s %s", job.label, job.skip)
+        row = {c: math.nan for c in COLUMNS}
+        row.update(config=job.label, backend=job.backend, precision=job.precision, threads=job.threads, note=job.skip)
+        return row
     argv = job_argv(job, settings, json_path)
     log.info("bench %s", job.label)
     start = time.perf_counter()
@@ -260,7 +285,8 @@ def headline(rows: Sequence[dict[str, Any]], threads: int) -> dict[str, Any]:
 
     at = [r for r in rows if int(r["threads"]) == int(threads)]
     by_config = {f"{r['backend']}_{r['precision']}": r for r in at}
-    fixed = [r["max_new_tokens"] for r in rows if r["backend"] != "upstream"]
+    fixed = [r["max_new_tokens"] for r in rows if r["backend"] != "upstream"
+             and not (isinstance(r.get("max_new_tokens"), float) and math.isnan(r["max_new_tokens"]))]  # skipped rows: NaN
     metrics: dict[str, Any] = {"threads": int(threads), "num_tokens": int(fixed[0]) if fixed else None}
     for key in ("xrt", "rtf", "speedup_vs_torch", "per_token_median_ms", "first_chunk_ms", "batch8_xrt", "peak_rss_mb"):
         metrics[key] = {name: clean(r[key]) for name, r in by_config.items()}

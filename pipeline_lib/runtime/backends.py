@@ -33,9 +33,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from pipeline_lib.cpuinfo import INT8_DOT_FEATURES, read_cpuinfo
-from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
+from pipeline_lib.cpuinfo import INT8_DOT_FEATURES, missing_bf16, read_cpuinfo
+from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError, UnsupportedCpuError
 from pipeline_lib.openvino_ir import import_openvino, load_openvino_model, ov_cpu_config
+from pipeline_lib import registry
 from pipeline_lib.registry import normalize_backend
 
 log = logging.getLogger(__name__)
@@ -392,6 +393,38 @@ def openvino_int8_note(model: Any, flags: set[str] | None = None) -> str | None:
             "backend='onnx_cpu' with the ONNX int8 files is likely faster here; fp32 models are not affected.")
 
 
+def conversion_inference_precision(path: Path) -> str:
+    """The OpenVINO inference precision ("f32", "bf16") that the conversion record of a model file names
+    ("inference_precision_hint" in the JSON config beside it: <stem>_config.json for an LM,
+    <stem>_istft_config.json for a decoder); "f32" where there is no such record."""
+    import json
+
+    for suffix in (registry.LM_CONFIG_SUFFIX, registry.DECODER_CONFIG_SUFFIX):
+        cfg_path = Path(path).with_name(Path(path).stem + suffix)
+        if not cfg_path.is_file():
+            continue
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            continue
+        for block in (cfg, cfg.get("onnx") if isinstance(cfg, dict) else None):
+            conv = block.get("conversion") if isinstance(block, dict) else None
+            if isinstance(conv, dict) and conv.get("inference_precision_hint"):
+                return str(conv["inference_precision_hint"])
+    return "f32"
+
+
+def require_bf16(path: Path) -> None:
+    """UnsupportedCpuError unless this CPU computes bf16 (pipeline_lib.cpuinfo.BF16_FEATURES): a bf16
+    model never silently runs in f32."""
+    why = missing_bf16()
+    if why is not None:
+        raise UnsupportedCpuError(
+            f"{path}: converted for bf16 inference, but {why}. Use the fp32 (artifacts/openvino/fp32) or int8 "
+            "(artifacts/openvino/int8) model on this machine, or run this one on a CPU with AVX512-BF16 or AMX."
+        )
+
+
 class _OpenVinoBase:
     """Fixes glibc's mmap threshold (fix_malloc_mmap_threshold, process-wide), as ONNX Runtime's
     low_memory mode does, but here for speed: with glibc's dynamic threshold, OpenVINO's per-call
@@ -405,7 +438,10 @@ class _OpenVinoBase:
         self.path = path
         self._lock = threading.Lock()
         self._core = self._ov.Core()
-        self._config = ov_cpu_config(threads=num_threads)
+        self.inference_precision = conversion_inference_precision(path)
+        if self.inference_precision == "bf16":
+            require_bf16(path)
+        self._config = ov_cpu_config(self.inference_precision, threads=num_threads)
         self.model = self._read_model()
         note = openvino_int8_note(self.model)
         if note and note not in _NOTED:  # once per process (the LM and the decoder would repeat it)
