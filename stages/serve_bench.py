@@ -1,7 +1,7 @@
 """Stage serve_bench: CHECKPOINT_DIR MODEL_DIR CSV PLOT METRICS_JSON -> the server under load.
 
 Our server (`soprano-onnx serve --model MODEL_DIR`) and upstream's (`soprano.server` on CHECKPOINT_DIR,
-when soprano-tts is installed), each in its own process with `threads` threads, one after the other,
+when soprano-tts is installed), each in its own process with `serve_bench.threads` threads, one after the other,
 under each of serve_bench.clients concurrent clients (pipeline_lib.bench.serve_load): one CSV row per
 server x level, the plot (x real time and p95 time to first audio against clients) and headline
 metrics. max_new_tokens is fixed per sentence (random weights never emit [STOP]).
@@ -36,7 +36,7 @@ if __name__ == "__main__":
     ckpt, model, csv_path, plot_path, metrics_path = (Path(a) for a in sys.argv[1:])
     params = load_params()
     cfg = params.serve_bench
-    threads = int(params.threads)
+    threads = int(cfg.threads)
     with stage_outputs("serve_bench", csv_path, plot_path, metrics_path):
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
         settings = LoadSettings(clients=tuple(int(c) for c in cfg.clients), max_requests=int(cfg.max_requests),

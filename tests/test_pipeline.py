@@ -50,6 +50,10 @@ def fresh_clone(tmp_path_factory):
     for key, value in (("num_tokens", 16), ("repeats", 1), ("warmup_tokens", 4), ("batch_size", 2), ("upstream_repeats", 1),
                        ("passes", 1)):
         bench.write_text(re.sub(rf"^{key}: \S+", f"{key}: {value}", bench.read_text(), flags=re.M))
+    serve = dest / "conf/serve_bench/default.yaml"
+    for key, value in (("clients", "[1, 2]"), ("max_new_tokens", 16), ("max_requests", 2), ("level_s", 3), ("drain_s", 5),
+                       ("upstream_level_s", 3), ("upstream_drain_s", 5), ("idle_timeout_s", 5), ("warmup_requests", 1)):
+        serve.write_text(re.sub(rf"^{key}:[^#\n]*", f"{key}: {value} ", serve.read_text(), flags=re.M))
     (dest / "params.yaml").write_text(yaml.safe_dump(compose(conf_dir=dest / "conf"), sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"]):
@@ -66,7 +70,8 @@ def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
     for path in ("artifacts/checkpoints/tiny/model.safetensors", "artifacts/export/decoder/soprano_decoder_preistft.onnx",
                  "artifacts/export/lm/soprano_lm_step.onnx", "artifacts/export/lm/tokenizer.json", "metrics/parity.json",
                  "artifacts/openvino/int8/lm/soprano_lm_step.xml", "artifacts/onnx/int8/lm/soprano_lm_step.onnx",
-                 "reports/bench.csv", "reports/bench_env.json", "reports/report.md", "reports/xrt_by_backend.png"):
+                 "reports/bench.csv", "reports/bench_env.json", "reports/report.md", "reports/xrt_by_backend.png",
+                 "reports/serve.csv", "metrics/serve.json"):
         assert (repo / path).is_file(), path
 
     second = _run(["dvc", "repro"], repo, env)

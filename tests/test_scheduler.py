@@ -229,7 +229,7 @@ def test_slot_cache_rows_join_leave_and_grow():
     c = SlotCache(names, capacity=3, kv_heads=1, head_dim=2, bucket=4)
     row = lambda n, v: [np.full((1, 1, n, 2), v, np.float32), np.full((1, 1, n, 2), -v, np.float32)]  # noqa: E731
     c.add(row(2, 1.0))
-    assert (c.used, c.width, c.rows) == (2, 4, 1)
+    assert (c.used, c.width, c.rows, c.slots) == (2, 4, 1, 1)
     c.add(row(3, 2.0))  # longer than used: columns are prepended for row 0
     assert c.feed()["attention_mask"].tolist() == [[0, 1, 1, 0, 1], [1, 1, 1, 0, 1]]  # width 4 + the new token
     assert c.mask[:2, :3].tolist() == [[0, 1, 1], [1, 1, 1]] and c.arrays[0][0, 0, 1:3, 0].tolist() == [1.0, 1.0]
@@ -238,4 +238,13 @@ def test_slot_cache_rows_join_leave_and_grow():
     assert c.remove(0) == 1  # the last row moves into slot 0
     assert c.rows == 1 and c.mask[0, :4].tolist() == [1, 1, 1, 1] and c.arrays[0][0, 0, 0, 0] == 2.0
     assert c.feed()["past_key_0"].shape == (1, 1, 8, 2)
-    assert c.remove(0) is None and c.rows == 0 and c.used == 0
+    c.add(row(1, 3.0))  # into the free slot, right-aligned at the last used column
+    assert (c.rows, c.slots) == (2, 2) and c.mask[1, :4].tolist() == [0, 0, 0, 1] and c.arrays[1][1, 0, 3, 0] == -3.0
+    c.add(row(1, 4.0))  # no free slot: slots double, up to the capacity (3)
+    assert (c.rows, c.slots) == (3, 3) and c.arrays[0][1, 0, 3, 0] == 3.0 and c.arrays[0][2, 0, 3, 0] == 4.0
+    assert c.mask[0, :4].tolist() == [1, 1, 1, 1] and c.arrays[0][0, 0, 0, 0] == 2.0  # the other rows kept
+    with pytest.raises(RuntimeError, match="full"):
+        c.add(row(1, 5.0))
+    for _ in range(3):
+        c.remove(0)
+    assert c.rows == 0 and c.used == 0 and c.slots == 0 and c.arrays == []

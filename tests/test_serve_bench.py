@@ -204,7 +204,8 @@ def test_report_section_renders_the_table_and_the_ratios(tmp_path):
     sl.to_frame(rows).to_csv(csv, index=False, float_format="%.6g")
     bench = {c: math.nan for c in BENCH_COLUMNS}
     bench.update(config="onnx-int8-t2", backend="onnx", precision="int8", threads=2, max_new_tokens=64, num_tokens=64,
-                 xrt=9.0, rtf=1 / 9.0, audio_s=4.0, wall_s=4 / 9.0, first_chunk_ms=80.0, note="fixed")
+                 xrt=9.0, rtf=1 / 9.0, audio_s=4.0, wall_s=4 / 9.0, first_chunk_ms=80.0, note="fixed",
+                 prefill_s=0.01, decode_s=0.3, lm_s=0.31, decoder_s=0.1, istft_s=0.01, other_s=0.02)
     bench_csv = tmp_path / "bench.csv"
     pd.DataFrame([bench], columns=list(BENCH_COLUMNS)).to_csv(bench_csv, index=False)
     (tmp_path / "bench.json").write_text("{}")

@@ -214,8 +214,8 @@ class _NullObserver:
 
 
 class SlotCache:
-    """The running batch's KV cache: arrays [capacity, kv_heads, width, head_dim] per past input,
-    whose first `rows` rows are the batch, fed as views of those rows (so a row can join or leave
+    """The running batch's KV cache: arrays [slots, kv_heads, width, head_dim] per past input,
+    whose first `rows` rows are the batch (slots double as rows join, up to `capacity`), fed as views of those rows (so a row can join or leave
     without copying the others). All rows share `used` columns, left-padded (attention_mask 0 where
     a row has no token); the width grows in steps of `bucket` columns, and leading columns no row
     attends to are dropped when it grows. A row that leaves is replaced by the last row (one
@@ -227,27 +227,29 @@ class SlotCache:
         self.capacity, self.kv_heads, self.head_dim, self.bucket = capacity, kv_heads, head_dim, bucket
         self.rows = 0
         self.used = 0
+        self.slots = 0
         self.arrays: list[np.ndarray] = []
-        self.mask = np.zeros((capacity, 1), dtype=np.int64)
+        self.mask = np.zeros((0, 1), dtype=np.int64)
         self._views: dict[str, np.ndarray] | None = None
 
     @property
     def width(self) -> int:
         return self.mask.shape[1] - 1
 
-    def _realloc(self, used: int, shift: int, first: int = 0) -> None:
+    def _realloc(self, used: int, shift: int, first: int = 0, slots: int | None = None) -> None:
         """New arrays holding columns [first, self.used) of the current ones at [shift, shift + ...),
-        with room for `used` columns and one more."""
+        with room for `used` columns and one more, and for `slots` rows (default: as now)."""
         width = -(-(used + 1) // self.bucket) * self.bucket
+        self.slots = slots if slots is not None else self.slots
         keep = self.used - first
         arrays = []
         for i in range(len(self.past_names)):
-            a = np.zeros((self.capacity, self.kv_heads, width, self.head_dim), dtype=np.float32)
+            a = np.zeros((self.slots, self.kv_heads, width, self.head_dim), dtype=np.float32)
             if self.arrays and keep > 0:
                 a[: self.rows, :, shift:shift + keep] = self.arrays[i][: self.rows, :, first:self.used]
                 self.arrays[i] = None  # type: ignore[call-overload] - freed layer by layer
             arrays.append(a)
-        mask = np.zeros((self.capacity, width + 1), dtype=np.int64)
+        mask = np.zeros((self.slots, width + 1), dtype=np.int64)
         if keep > 0:
             mask[: self.rows, shift:shift + keep] = self.mask[: self.rows, first:self.used]
         mask[:, width] = 1  # the new token's column
@@ -261,9 +263,10 @@ class SlotCache:
             raise RuntimeError("SlotCache is full")
         if self.rows == 0:
             self.arrays, self.used = [], 0
-            self._realloc(n, 0)
-        elif n > self.used:
-            self._realloc(n, n - self.used)
+            self._realloc(n, 0, slots=1)
+        elif n > self.used or self.rows == self.slots:  # a longer prompt, or no free slot: move once
+            self._realloc(max(n, self.used), max(0, n - self.used),
+                          slots=min(self.capacity, 2 * self.slots) if self.rows == self.slots else None)
         r, start = self.rows, self.used - n
         for a, k in zip(self.arrays, kv):
             a[r] = 0.0
@@ -288,8 +291,8 @@ class SlotCache:
         self.rows -= 1
         self._views = None
         if self.rows == 0:  # idle: give the memory back
-            self.arrays, self.used = [], 0
-            self.mask = np.zeros((self.capacity, 1), dtype=np.int64)
+            self.arrays, self.used, self.slots = [], 0, 0
+            self.mask = np.zeros((0, 1), dtype=np.int64)
         return moved
 
     def feed(self) -> dict[str, np.ndarray]:
@@ -363,7 +366,7 @@ class BatchScheduler:
         self,
         tts: Any,
         *,
-        max_batch: int = 8,
+        max_batch: int = 16,
         max_queue: int = 64,
         observer: SchedulerObserver | None = None,
         first_chunk: int = 1,
