@@ -248,3 +248,56 @@ def test_slot_cache_rows_join_leave_and_grow():
     for _ in range(3):
         c.remove(0)
     assert c.rows == 0 and c.used == 0 and c.slots == 0 and c.arrays == []
+
+
+def test_a_consumer_whose_event_loop_closed_disturbs_no_other_job(tts):
+    """An async consumer gives up (wait_for times out) and its event loop closes while its job is still
+    queued; the job is then cancelled. The other job, and the worker, go on."""
+    import asyncio
+
+    sched = BatchScheduler(tts, max_batch=1).start()
+    try:
+        busy = sched.submit(SpeechRequest(" ".join(f"Sentence {i} of the busy job." for i in range(4)), max_new_tokens=12))
+        queued = [sched.submit(SpeechRequest(TEXTS[3], max_new_tokens=8)) for _ in range(2)]
+
+        async def give_up(job):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(job.__aiter__().__anext__(), 0.01)
+
+        for job in queued:
+            asyncio.run(give_up(job))  # each run closes its loop, leaving a waiter behind
+            job.cancel()
+        assert len(busy.audio()) > 0
+        later = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=8))
+        assert len(later.audio()) > 0
+        assert sched._thread.is_alive()
+    finally:
+        sched.close()
+
+
+def test_one_token_requests_are_refused_and_idle_batches_hold_no_cache(openvino_tts):
+    import gc
+    import weakref
+
+    held = []
+
+    class Watch(_Steps):
+        def on_step(self, rows, queued, tokens, seconds):
+            super().on_step(rows, queued, tokens, seconds)
+            if rows and sched._cache.arrays:
+                held.append(weakref.ref(sched._cache.arrays[0]))
+
+    sched = BatchScheduler(openvino_tts, max_batch=4, observer=Watch())
+    with pytest.raises(InputError, match="max_new_tokens 1 .*audio needs at least two"):
+        sched.submit(SpeechRequest(TEXTS[0], max_new_tokens=1))
+    sched.start()
+    try:
+        for job in [sched.submit(SpeechRequest(t, max_new_tokens=10)) for t in TEXTS[:3]]:
+            job.audio()
+        deadline = time.monotonic() + 10
+        while sched.active_rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gc.collect()
+        assert held and all(ref() is None for ref in held)  # the OpenVINO context let go of the arrays
+    finally:
+        sched.close()

@@ -639,3 +639,11 @@ def test_openvino_server_batches_on_the_step_ir_and_equals_the_runtime(openvino_
     for (status, body), text in zip(got, texts):
         assert status == 200
         assert_greedy_equal(pcm(body), tts.synthesize(text, max_new_tokens=TOKENS)["audio"])
+
+
+def test_an_empty_body_and_a_request_that_gives_no_audio_are_400s(url: str) -> None:
+    r = httpx.post(f"{url}/v1/audio/speech", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "body is empty" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/audio/speech", json=speech(max_new_tokens=1, response_format="mp3"))
+    assert r.status_code == 400 and "audio needs at least two" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "max_new_tokens"

@@ -140,7 +140,10 @@ class SpeechJob:
             waiters, self._waiters = self._waiters, []
             self._cond.notify_all()
         for loop, fut in waiters:
-            loop.call_soon_threadsafe(_wake, fut)
+            try:
+                loop.call_soon_threadsafe(_wake, fut)
+            except RuntimeError:  # that consumer's event loop is closed: nobody waits there any more
+                pass
 
     # -- consumer side ---------------------------------------------------------------------------
     @property
@@ -194,7 +197,12 @@ class SpeechJob:
             if fut is None:
                 yield item
             else:
-                await fut
+                try:
+                    await fut
+                finally:  # woken, or the consumer gave up (cancelled): no stale waiter stays behind
+                    with self._cond:
+                        if (loop, fut) in self._waiters:
+                            self._waiters.remove((loop, fut))
 
     def audio(self) -> np.ndarray:
         """Block until the job ends; all its audio (raises the job's error)."""
@@ -421,6 +429,11 @@ class BatchScheduler:
         params = request.params
         seed = validate_seed(request.seed)
         validate_max_new_tokens(request.max_new_tokens, self.tts.spec.max_position_embeddings)
+        if request.max_new_tokens < 2:
+            raise InputError(
+                f"max_new_tokens {request.max_new_tokens} gives each sentence one hidden vector, and audio needs at "
+                "least two: ask for 2 or more"
+            )
         _, ids = self.tts.prepare([request.text])
         job = SpeechJob(request, self.tts.sample_rate)
         job._ids = ids
@@ -428,6 +441,8 @@ class BatchScheduler:
         with self._lock:
             if self._closing:
                 raise SchedulerClosedError("the server is shutting down: it takes no new requests")
+            if self._thread is not None and not self._thread.is_alive():
+                raise SchedulerClosedError("the scheduler's worker has stopped: restart the server")
             if self.queue_depth >= self.max_queue:
                 raise QueueFullError(
                     f"{self.queue_depth} requests are already waiting (max_queue {self.max_queue}); retry later",
@@ -466,8 +481,21 @@ class BatchScheduler:
                 try:
                     self._iteration(lm)
                 except BaseException as exc:  # noqa: BLE001 - a fault of the batch as a whole: its jobs end with it
-                    for job in list(self._jobs):
-                        self._end_job(job, exc)
+                    self._fail_batch(lm, exc)
+
+    def _fail_batch(self, lm: Any, exc: BaseException) -> None:
+        """Every job in the batch ends with `exc`; the batch starts afresh. Never raises: the worker
+        must outlive any one failure."""
+        self.rows = []
+        self._cache = SlotCache(self.tts.spec.past_names, self.max_batch, self.tts.spec.num_kv_heads,
+                                self.tts.spec.head_dim, _kv_bucket())
+        for job in list(self._jobs):
+            try:
+                self._jobs.remove(job)
+                job._finish(exc)
+            except BaseException:  # noqa: BLE001, S110 - one job's consumer must not stop the others
+                pass
+        _release(lm)
 
     def _iteration(self, lm: Any) -> None:
         for job in [j for j in self._jobs if j.cancelled]:
@@ -492,6 +520,8 @@ class BatchScheduler:
                 self._end_job(r.job, exc)
         for r in [r for r in self.rows if r.finished]:
             self._drop_row(r)
+        if not self.rows:
+            _release(lm)  # idle: the context lets go of the batch's cache arrays
         if self.rows:
             feed = self._cache.feed()
             feed["input_ids"] = np.array([[r.token] for r in self.rows], dtype=np.int64)
@@ -504,7 +534,9 @@ class BatchScheduler:
                 r.last_hidden = np.array(hidden[i, -1], dtype=np.float32)
                 r.next_pos += 1
             self.steps += 1
-        self.observer.on_step(len(self.rows), self.queue_depth, sampled, time.perf_counter() - t0)
+        self.observer.on_step(sampled, self.queue_depth, sampled, time.perf_counter() - t0)
+        if not self.rows:
+            self.observer.on_step(0, self.queue_depth, 0, 0.0)  # the batch is empty now
 
     def _admit(self, lm: Any) -> None:
         while len(self.rows) < self.max_batch:
@@ -625,6 +657,13 @@ class BatchScheduler:
         if job in self._jobs:
             self._jobs.remove(job)
         job._finish(error)
+
+
+def _release(lm: Any) -> None:
+    """Let the backend context drop the arrays it still holds from the last batch (if it can)."""
+    release = getattr(lm, "release", None)
+    if release is not None:
+        release()
 
 
 def _kv_bucket() -> int:

@@ -187,7 +187,9 @@ def _load_tts(s: Settings) -> Any:
     kwargs: dict[str, Any] = {"backend": s.backend}
     if s.threads is not None:
         kwargs["num_threads"] = s.threads
-    return SopranoTTS.from_dir(Path(s.model), stateful=False, **kwargs)  # type: ignore[arg-type]
+    # static_decode_width: OpenVINO's fixed-shape one-row model serves only single-row steps at one
+    # width, which the batch's cache rarely has; it would hold a second copy of the weights.
+    return SopranoTTS.from_dir(Path(s.model), stateful=False, static_decode_width=None, **kwargs)  # type: ignore[arg-type]
 
 
 def _decoder_config(decoder: Path) -> Path | None:
@@ -435,6 +437,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if kind == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", err.get("msg"))
         return ApiError(400, f"the request body is not valid JSON ({detail}): send a JSON object", code="invalid_json")
+    if kind == "missing" and param is None:
+        return ApiError(400, "the request body is empty: send a JSON object with the speech parameters "
+                        "(model, input, voice)", code="missing_required_parameter")
     if kind == "missing":
         return ApiError(400, f"missing required parameter: {param!r}", param=param, code="missing_required_parameter")
     if kind == "extra_forbidden":

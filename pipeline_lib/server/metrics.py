@@ -38,7 +38,8 @@ class ServerMetrics:
         self.step_rows = Histogram("soprano_scheduler_step_rows", "Rows per decode step", buckets=_ROW_BUCKETS,
                                    registry=r)
         self.tokens = Counter("soprano_tokens", "Audio tokens generated", registry=r)
-        self.decode_seconds = Counter("soprano_decode_seconds", "Seconds spent in decode steps", registry=r)
+        self.decode_seconds = Counter("soprano_decode_seconds",
+                                      "Seconds spent in the scheduler's steps (sampling, LM step, decoder windows)", registry=r)
         self.first_audio = Histogram("soprano_time_to_first_audio_seconds",
                                      "Seconds from a request's submission to its first audio",
                                      buckets=_FIRST_AUDIO_BUCKETS, registry=r)
@@ -51,7 +52,8 @@ class ServerMetrics:
     # SchedulerObserver
     def on_step(self, rows: int, queued: int, tokens: int, seconds: float) -> None:
         self.rows.set(rows)
-        self.step_rows.observe(rows)
+        if rows > 0:  # rows == 0: the batch just emptied (no step ran)
+            self.step_rows.observe(rows)
         self.tokens.inc(max(0, tokens))
         self.decode_seconds.inc(max(0.0, seconds))
 
