@@ -378,7 +378,7 @@ class BatchScheduler:
         max_queue: int = 64,
         observer: SchedulerObserver | None = None,
         first_chunk: int = 1,
-        chunk_growth: int = 4,
+        chunk_growth: int = 8,
         max_chunk: int = 64,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("first_chunk", first_chunk),
