@@ -363,7 +363,8 @@ class BatchScheduler:
     * each row's audio is decoded in the runtime's lossless streaming windows as its tokens arrive:
       the first window as soon as the decoder's receptive field allows (`first_chunk` tokens plus
       the stream context), later windows `chunk_growth` times larger, up to `max_chunk` tokens, so
-      that the context decoded twice is a small part of the work; a job's sentences are emitted
+      that the context decoded twice is a small part of the work; first windows go at once, later
+      ones one per step, most urgent first (see _decode_windows); a job's sentences are emitted
       in order (a later sentence's audio waits for the earlier ones).
 
     The LM must take its KV cache as inputs (ONNX, or OpenVINO's plain step IR
@@ -513,11 +514,7 @@ class BatchScheduler:
             tokens = _select(logits, seen, group[0].params, gens)
             for r, tok in zip(group, tokens):
                 self._take_token(r, int(tok))
-        for r in [r for r in self.rows]:
-            try:
-                self._decode_ready(r)
-            except Exception as exc:  # noqa: BLE001 - this job's failure only
-                self._end_job(r.job, exc)
+        self._decode_windows()
         for r in [r for r in self.rows if r.finished]:
             self._drop_row(r)
         if not self.rows:
@@ -585,19 +582,56 @@ class BatchScheduler:
             r.finished = True
         r.logits = None
 
-    def _decode_ready(self, r: _Row) -> None:
-        """Decode the windows whose samples are exact by now (all of them once the row ended)."""
+    def _decode_windows(self) -> None:
+        """The decoder's work between two decode steps. At once: every row's first window (time to
+        first audio) and the rest of every row that ended (it leaves the batch). Of the later windows
+        that are due, one per step: the row whose listener has the least audio left to play, so
+        that a long window of one row does not hold back another row's first chunk (later windows
+        carry seconds of audio, so they can wait a step)."""
+        later = []
+        for r in list(self.rows):
+            try:
+                if r.finished or r.emitted == 0:
+                    self._decode_ready(r)
+                elif self._due(r):
+                    later.append(r)
+            except Exception as exc:  # noqa: BLE001 - this job's failure only
+                self._end_job(r.job, exc)
+        if later:
+            r = min(later, key=self._audio_ahead_s)
+            try:
+                self._decode_ready(r, limit=1)
+            except Exception as exc:  # noqa: BLE001 - this job's failure only
+                self._end_job(r.job, exc)
+
+    def _due(self, r: _Row) -> bool:
+        """Block j is exact once token j + 1 + ctx exists: the row's next window can be decoded."""
+        return r.n - 1 - self.tts.stream_context - r.emitted >= r.chunk
+
+    def _audio_ahead_s(self, r: _Row) -> float:
+        """Seconds of the job's audio sent but not yet played (if played from its first chunk on);
+        infinite for a sentence that waits behind an earlier one of its job."""
+        job = r.job
+        if r.index != job._next_emit or job.first_audio_at is None:
+            return float("inf")
+        return job.samples / job.sample_rate - (time.perf_counter() - job.first_audio_at)
+
+    def _decode_ready(self, r: _Row, limit: int | None = None) -> None:
+        """Decode the row's windows whose samples are exact by now (at most `limit` of them; all of
+        the rest once the row ended)."""
         ctx = self.tts.stream_context
         if r.finished:
             if r.n - 1 > r.emitted:
                 self._emit(r, self._window(r, r.emitted, r.n - 1, r.n - 1))
                 r.emitted = r.n - 1
             return
-        while r.n - 1 - ctx - r.emitted >= r.chunk:  # block j is exact once token j + 1 + ctx exists
+        done = 0
+        while self._due(r) and (limit is None or done < limit):
             end = r.emitted + r.chunk
             self._emit(r, self._window(r, r.emitted, end, end + ctx))
             r.emitted = end
             r.chunk = min(self.max_chunk, r.chunk * self.chunk_growth)
+            done += 1
 
     def _window(self, r: _Row, start: int, end: int, last: int) -> np.ndarray:
         """Sample blocks [start, end) from a window of hidden vectors [max(0, start - ctx), last]."""
