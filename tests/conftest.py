@@ -31,3 +31,25 @@ def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     export_lm(tiny_checkpoint, out)
     copy_tokenizer_files(tiny_checkpoint, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino(tiny_checkpoint: Path, tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny export with OpenVINO IRs as the convert stage writes them: the decoder, the step LM
+    (KV cache as inputs, soprano_lm_step.xml) and the stateful LM beside it (what from_dir prefers)."""
+    import json
+    import shutil
+
+    pytest.importorskip("openvino")
+    from pipeline_lib.convert import convert_lm_to_openvino_stateful, convert_onnx_to_openvino
+    from pipeline_lib.openvino_stateful import stateful_config
+    from pipeline_lib.registry import STATEFUL_CONFIG
+
+    d = tmp_path_factory.mktemp("openvino") / "tiny"
+    shutil.copytree(tiny_export, d)
+    convert_onnx_to_openvino(d / "soprano_decoder_preistft.onnx", d / "soprano_decoder_preistft.xml")
+    convert_onnx_to_openvino(d / "soprano_lm_step.onnx", d / "soprano_lm_step.xml")
+    xml = convert_lm_to_openvino_stateful(tiny_checkpoint, d / "soprano_lm_stateful.xml")
+    step_cfg = json.loads((d / "soprano_lm_step_config.json").read_text())
+    (d / STATEFUL_CONFIG).write_text(json.dumps(stateful_config(step_cfg, {"file": xml.name})))
+    return d

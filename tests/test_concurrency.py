@@ -4,9 +4,7 @@ runs on a context of its own (IO binding / infer request, KV state), so results 
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import threading
 
 import numpy as np
@@ -27,28 +25,11 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def openvino_dir(tiny_checkpoint, tiny_export, tmp_path_factory):
-    """The tiny export with OpenVINO IRs: the decoder, and the stateful LM (what from_dir loads)."""
-    pytest.importorskip("openvino")
-    from pipeline_lib.convert import convert_lm_to_openvino_stateful, convert_onnx_to_openvino
-    from pipeline_lib.openvino_stateful import stateful_config
-    from pipeline_lib.registry import STATEFUL_CONFIG
-
-    d = tmp_path_factory.mktemp("ov") / "m"
-    shutil.copytree(tiny_export, d)
-    convert_onnx_to_openvino(d / "soprano_decoder_preistft.onnx", d / "soprano_decoder_preistft.xml")
-    xml = convert_lm_to_openvino_stateful(tiny_checkpoint, d / "soprano_lm_stateful.xml")
-    step_cfg = json.loads((d / "soprano_lm_step_config.json").read_text())
-    (d / STATEFUL_CONFIG).write_text(json.dumps(stateful_config(step_cfg, {"file": xml.name})))
-    return d
-
-
 @pytest.fixture(scope="module", params=["onnx_cpu", "openvino_cpu"])
 def engine(request, tiny_export):
     """(tts, solo audio per text, solo stream chunks per text) for one backend."""
     if request.param == "openvino_cpu":
-        tts = SopranoTTS.from_dir(request.getfixturevalue("openvino_dir"), backend="openvino_cpu", num_threads=2)
+        tts = SopranoTTS.from_dir(request.getfixturevalue("tiny_openvino"), backend="openvino_cpu", num_threads=2)
         assert tts.lm.stateful  # the stateful LM: its KV cache lives in the infer request
     else:
         tts = SopranoTTS.from_dir(tiny_export, num_threads=2)

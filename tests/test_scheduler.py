@@ -3,8 +3,6 @@ leave a running batch, cancellation, overload, failures stay with their job, dra
 
 from __future__ import annotations
 
-import shutil
-import threading
 import time
 
 import numpy as np
@@ -57,15 +55,9 @@ def tts(tiny_export):
 
 
 @pytest.fixture(scope="module")
-def openvino_tts(tiny_export, tmp_path_factory):
+def openvino_tts(tiny_openvino):
     """OpenVINO on the plain step IR (KV cache as inputs), as the server runs it."""
-    pytest.importorskip("openvino")
-    from pipeline_lib.convert import convert_onnx_to_openvino
-
-    d = tmp_path_factory.mktemp("ovplain") / "m"
-    shutil.copytree(tiny_export, d)
-    convert_onnx_to_openvino(d / "soprano_decoder_preistft.onnx", d / "soprano_decoder_preistft.xml")
-    convert_onnx_to_openvino(d / "soprano_lm_step.onnx", d / "soprano_lm_step.xml")
+    d = tiny_openvino
     return SopranoTTS(d / "soprano_lm_step.xml", d / "soprano_decoder_preistft.xml", backend="openvino_cpu", num_threads=2)
 
 

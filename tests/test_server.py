@@ -594,32 +594,10 @@ def test_fuzz_unicode_inputs_leave_the_server_up(url: str) -> None:
     assert statuses.get(200, 0) > 20 and statuses.get(400, 0) > 20, statuses
 
 
-@pytest.fixture(scope="module")
-def openvino_folder(tiny_checkpoint: Path, tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny export with OpenVINO IRs as the convert stage writes them: the decoder, the step LM
-    (KV cache as inputs) and the stateful LM beside it."""
-    pytest.importorskip("openvino")
-    import shutil
-
-    from pipeline_lib.convert import convert_onnx_to_openvino
-    from pipeline_lib.convert import convert_lm_to_openvino_stateful
-    from pipeline_lib.openvino_stateful import stateful_config
-    from pipeline_lib.registry import STATEFUL_CONFIG
-
-    d = tmp_path_factory.mktemp("ovserve") / "m"
-    shutil.copytree(tiny_export, d)
-    convert_onnx_to_openvino(d / "soprano_decoder_preistft.onnx", d / "soprano_decoder_preistft.xml")
-    convert_onnx_to_openvino(d / "soprano_lm_step.onnx", d / "soprano_lm_step.xml")
-    xml = convert_lm_to_openvino_stateful(tiny_checkpoint, d / "soprano_lm_stateful.xml")
-    step_cfg = json.loads((d / "soprano_lm_step_config.json").read_text())
-    (d / STATEFUL_CONFIG).write_text(json.dumps(stateful_config(step_cfg, {"file": xml.name})))
-    return d
-
-
-def test_openvino_server_batches_on_the_step_ir_and_equals_the_runtime(openvino_folder: Path, tts: Any) -> None:
+def test_openvino_server_batches_on_the_step_ir_and_equals_the_runtime(tiny_openvino: Path, tts: Any) -> None:
     """With --backend openvino the server loads the step IR (the stateful LM cannot take rows into a
     running batch), and greedy audio of concurrent requests equals the ONNX runtime's."""
-    app = create_app(Settings(model=openvino_folder, backend="openvino", threads=2))
+    app = create_app(Settings(model=tiny_openvino, backend="openvino", threads=2))
     texts = [TEXT, "A second request, in flight at the same time.", "And a third one."]
     with running(app) as u:
         wait_ready(u)
