@@ -29,7 +29,8 @@ from typing import Any, AsyncIterator, Iterator, Protocol, Sequence
 import numpy as np
 
 from pipeline_lib.errors import InputError, SopranoOnnxError
-from pipeline_lib.runtime.sampling import SamplingParams
+from pipeline_lib.runtime.generate import KV_BUCKET, validate_max_new_tokens
+from pipeline_lib.runtime.sampling import SamplingParams, row_generators, select_tokens, validate_seed
 
 __all__ = [
     "SpeechRequest",
@@ -422,9 +423,6 @@ class BatchScheduler:
 
     def submit(self, request: SpeechRequest) -> SpeechJob:
         """Queue `request` (validated here, in the caller's thread); its job."""
-        from pipeline_lib.runtime.generate import validate_max_new_tokens
-        from pipeline_lib.runtime.sampling import row_generators, validate_seed
-
         if not isinstance(request.text, str):
             raise InputError(f"text must be a str, got {type(request.text).__name__}")
         params = request.params
@@ -468,8 +466,7 @@ class BatchScheduler:
     # -- the worker ------------------------------------------------------------------------------
     def _work(self) -> None:
         tts = self.tts
-        spec = tts.spec
-        self._cache = SlotCache(spec.past_names, self.max_batch, spec.num_kv_heads, spec.head_dim, _kv_bucket())
+        self._cache = self._new_cache()
         with tts.lm.stream() as lm:
             while True:
                 with self._lock:
@@ -488,8 +485,7 @@ class BatchScheduler:
         """Every job in the batch ends with `exc`; the batch starts afresh. Never raises: the worker
         must outlive any one failure."""
         self.rows = []
-        self._cache = SlotCache(self.tts.spec.past_names, self.max_batch, self.tts.spec.num_kv_heads,
-                                self.tts.spec.head_dim, _kv_bucket())
+        self._cache = self._new_cache()
         for job in list(self._jobs):
             try:
                 self._jobs.remove(job)
@@ -511,7 +507,7 @@ class BatchScheduler:
             logits = np.stack([r.logits for r in group])
             seen = np.stack([r.seen for r in group])
             gens = None if group[0].params.greedy else [r.gen for r in group]
-            tokens = _select(logits, seen, group[0].params, gens)
+            tokens = select_tokens(logits, seen, group[0].params, gens)
             for r, tok in zip(group, tokens):
                 self._take_token(r, int(tok))
         self._decode_windows()
@@ -655,13 +651,21 @@ class BatchScheduler:
             self.observer.on_first_audio(job.first_audio_at - job.submitted_at)
         self.observer.on_audio(len(audio) / job.sample_rate)
 
-    def _drop_row(self, r: _Row) -> None:
-        """A finished row leaves the batch; its job moves on to its next sentence's audio."""
+    def _new_cache(self) -> SlotCache:
+        spec = self.tts.spec
+        return SlotCache(spec.past_names, self.max_batch, spec.num_kv_heads, spec.head_dim, KV_BUCKET)
+
+    def _remove_row(self, r: _Row) -> None:
+        """Take `r` out of the batch: the last row moves into its slot (SlotCache.remove)."""
         i = self.rows.index(r)
         moved = self._cache.remove(i)
         if moved is not None:
             self.rows[i] = self.rows[moved]
         self.rows.pop()
+
+    def _drop_row(self, r: _Row) -> None:
+        """A finished row leaves the batch; its job moves on to its next sentence's audio."""
+        self._remove_row(r)
         job = r.job
         job._active -= 1
         job._finished_rows[r.index] = r
@@ -682,11 +686,7 @@ class BatchScheduler:
     def _end_job(self, job: SpeechJob, error: BaseException | None) -> None:
         """Finish `job` (with `error`, if given) and take its rows out of the batch."""
         for r in [x for x in self.rows if x.job is job]:
-            i = self.rows.index(r)
-            moved = self._cache.remove(i)
-            if moved is not None:
-                self.rows[i] = self.rows[moved]
-            self.rows.pop()
+            self._remove_row(r)
         job._active = 0
         if job in self._jobs:
             self._jobs.remove(job)
@@ -700,21 +700,9 @@ def _release(lm: Any) -> None:
         release()
 
 
-def _kv_bucket() -> int:
-    from pipeline_lib.runtime.generate import KV_BUCKET
-
-    return KV_BUCKET
-
-
 def _by_params(rows: list[_Row]) -> list[list[_Row]]:
     """Rows grouped by sampling settings (greedy rows together), in batch order within a group."""
     groups: dict[SamplingParams, list[_Row]] = {}
     for r in rows:
         groups.setdefault(r.params, []).append(r)
     return list(groups.values())
-
-
-def _select(logits: np.ndarray, seen: np.ndarray, params: SamplingParams, gens: list[Any] | None) -> np.ndarray:
-    from pipeline_lib.runtime.sampling import select_tokens
-
-    return select_tokens(logits, seen, params, gens)
