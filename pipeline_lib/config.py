@@ -209,6 +209,18 @@ def _check_bench(p: _Problems, bench: Mapping[str, Any]) -> None:
     if not isinstance(bench.get("stream", True), bool):
         p.add("bench.stream", "true or false", bench.get("stream"))
     p.is_choice_list("bench.backends", bench.get("backends"), registry.BENCH_BACKENDS)
+    pairs = bench.get("pairs", [])
+    if not isinstance(pairs, (list, tuple)) and not type(pairs).__name__ == "ListConfig":
+        p.add("bench.pairs", "a list of LM+DECODER target pairs, e.g. [onnx-int4+openvino-int8]", pairs)
+    else:
+        for i, label in enumerate(pairs):
+            try:
+                c = registry.choice(str(label)) if isinstance(label, str) else None
+            except InputError:
+                c = None
+            if c is None or c.lm == c.decoder:
+                p.add(f"bench.pairs[{i}]", "LM+DECODER, two targets such as onnx-int4+openvino-int8 (targets: "
+                      f"{', '.join(t.label for t in registry.TARGETS.values())})", label)
     text = bench.get("text")
     if text is not None and not (isinstance(text, str) and text.strip()):
         p.add("bench.text", "null (the default text) or a non-empty string", text)

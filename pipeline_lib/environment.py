@@ -20,7 +20,7 @@ from pipeline_lib.errors import InputError
 LIBRARIES = ("numpy", "onnxruntime", "openvino", "torch", "nncf", "transformers")
 # The vector extensions that change int8 / fp32 kernels (and int8 accuracy: without VNNI, ONNX Runtime's
 # u8 x s8 products saturate; see conf/convert/default.yaml), as /proc/cpuinfo names them.
-CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def cpu_model(cpuinfo: Path = CPUINFO) -> str:
@@ -75,12 +75,23 @@ class Environment:
     # Where these facts come from: "benchmark" (recorded by the run that measured the figures) or
     # "report" (read where and when the report was built).
     origin: str = "report"
+    # Which of CPU_FEATURES the CPU has (None in records written before this field: see features()).
+    cpu_flags: list[str] | None = None
+
+    def features(self) -> set[str]:
+        """The CPU's CPU_FEATURES: cpu_flags, else the list in parentheses of `cpu` (older records)."""
+        if self.cpu_flags is not None:
+            return set(self.cpu_flags)
+        inside = self.cpu.rsplit("(", 1)[-1].rstrip(")") if self.cpu.endswith(")") else ""
+        return {f.strip() for f in inside.split(",") if f.strip() in CPU_FEATURES}
 
     @classmethod
     def here(cls, date: str | None = None, origin: str = "report") -> "Environment":
         logical, physical = core_counts()
+        flags = read_cpuinfo()[1]
         return cls(cpu=cpu_model(), logical_cpus=logical, physical_cores=physical, python=platform.python_version(),
-                   libraries=library_versions(), date=date or utc_now(), origin=origin)
+                   libraries=library_versions(), date=date or utc_now(), origin=origin,
+                   cpu_flags=[f for f in CPU_FEATURES if f in flags] if flags else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

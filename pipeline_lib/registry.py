@@ -240,3 +240,78 @@ def model_folders(backend_name: str, precision_name: str) -> tuple[Path, ...]:
     t = target(backend_name, precision_name)
     export = (EXPORT_DIR,) if (t.backend, t.precision) == EXPORT_TARGET else ()
     return (*export, t.folder, *(Path(p) for p in t.older_folders))
+
+
+# --- choices: which target each model comes from -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The LM of target `lm` with the decoder of target `decoder` (the two may differ in backend and
+    precision, e.g. an ONNX Runtime int4 LM with an OpenVINO bf16 decoder). `label`: the target's label
+    when both are one target ("onnx-int8"), else "<lm label>+<decoder label>" ("onnx-int4+openvino-bf16")."""
+
+    lm: Target
+    decoder: Target
+
+    @property
+    def label(self) -> str:
+        return self.lm.label if self.lm == self.decoder else f"{self.lm.label}+{self.decoder.label}"
+
+    @property
+    def backend(self) -> str:
+        """The pipeline backend name(s) for tables: "onnx", or "onnx+openvino" for a mixed pair."""
+        return self.lm.backend if self.lm.backend == self.decoder.backend else f"{self.lm.backend}+{self.decoder.backend}"
+
+    @property
+    def precision(self) -> str:
+        """"int8", or "int4+bf16" where the two models' precisions differ."""
+        return self.lm.precision if self.lm.precision == self.decoder.precision else f"{self.lm.precision}+{self.decoder.precision}"
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return (self.lm,) if self.lm == self.decoder else (self.lm, self.decoder)
+
+
+def _target_of_label(label: str, what: str) -> Target:
+    for t in TARGETS.values():
+        if t.label == label.strip().lower():
+            return t
+    raise InputError(f"{what} {label!r} is not a target: choose one of {', '.join(t.label for t in TARGETS.values())}, "
+                     "or a pair LM+DECODER such as onnx-int4+openvino-bf16")
+
+
+def choice(spec: str | Choice) -> Choice:
+    """A Choice from "<backend>-<precision>" (both models of that target) or "<lm target>+<decoder target>";
+    an InputError naming the targets otherwise."""
+    if isinstance(spec, Choice):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputError(f"model choice {spec!r}: expected a target such as onnx-int8, or LM+DECODER such as "
+                         "onnx-int4+openvino-bf16")
+    parts = spec.split("+")
+    if len(parts) > 2:
+        raise InputError(f"model choice {spec!r}: at most two targets, LM+DECODER")
+    lm = _target_of_label(parts[0], "LM target" if len(parts) == 2 else "target")
+    dec = _target_of_label(parts[1], "decoder target") if len(parts) == 2 else lm
+    return Choice(lm, dec)
+
+
+def folders_under(root: str | Path, backend_name: str, precision_name: str) -> tuple[Path, ...]:
+    """model_folders of a target, under `root` instead of artifacts/ (root: the artifacts/ folder after
+    `dvc repro`, or any folder laid out like it, e.g. by `soprano-onnx convert --out ROOT/<backend>/<precision>`)."""
+    out = []
+    for p in model_folders(backend_name, precision_name):
+        rel = p.relative_to(ARTIFACTS) if p.is_relative_to(ARTIFACTS) else p
+        out.append(Path(root) / rel)
+    return tuple(out)
+
+
+def model_dir_under(root: str | Path, backend_name: str, precision_name: str, model: str) -> Path | None:
+    """The folder holding `model` (LM_DIR or DECODER_DIR) of a target under `root`: the first of
+    folders_under that has it; None where none does."""
+    for base in folders_under(root, backend_name, precision_name):
+        if (base / model / f"{MODELS[model].file}{backend(backend_name).suffix}").is_file() or \
+                (base / model / f"{MODELS[model].file}.onnx").is_file():
+            return base / model
+    return None

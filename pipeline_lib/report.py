@@ -20,7 +20,9 @@ from typing import Any, Iterable, Mapping, Sequence
 # Environment and its helpers live in pipeline_lib.environment (the benchmark stage records one); the
 # report reads them, and they stay importable from here.
 from pipeline_lib.environment import ENV_JSON, Environment, cpu_model, utc_now  # noqa: F401
-from pipeline_lib.registry import BACKENDS, DISPLAY_NAMES, PRECISIONS, REFERENCES
+from pipeline_lib import recommend, registry
+from pipeline_lib.errors import InputError
+from pipeline_lib.registry import BACKENDS, DISPLAY_NAMES, PRECISIONS, REFERENCES, TARGETS
 
 RANDOM_WEIGHTS_LINE = "**Random weights: audio is noise, timings are valid.**"
 XRT_PNG = "xrt_by_backend.png"
@@ -211,6 +213,7 @@ def build_markdown(
             "x real time per backend, and int8 over fp32 x real time per backend.", "",
             headline_tables(bench_metrics), ""]
 
+    out += recommendation_lines(rows, parity, env, threads)
     out += upstream_lines(rows)
     out += per_token_lines(rows)
     out += ["## Real-time factor by backend, precision and threads", "",
@@ -236,6 +239,78 @@ def build_markdown(
     out += ["## Plots", ""]
     out += [f"![x real time by backend and threads]({images[0]})", "", f"![per-stage time breakdown]({images[1]})", ""]
     return "\n".join(out)
+
+
+def _choice_label(row: Mapping[str, Any]) -> str:
+    """A benchmark row's registry.Choice label: its config without the thread suffix."""
+    return str(row.get("config", "")).rsplit("-t", 1)[0]
+
+
+def quality_passed(parity: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """{target label: verdict} for every registered target: "passed" where its parity_convert metrics are
+    there and checked (the stage fails on a missed threshold, so metrics mean passed), else why not."""
+    out = {}
+    for t in TARGETS.values():
+        m = parity.get(f"{t.backend}_{t.precision}")
+        if m is None:
+            out[t.label] = "no parity metrics"
+        elif any(k.startswith("skipped") for k in m):
+            out[t.label] = "not checked on this CPU (" + ", ".join(k for k in m if k.startswith("skipped")) + ")"
+        else:
+            out[t.label] = "passed"
+    return out
+
+
+def recommendation_lines(rows: Sequence[Mapping[str, Any]], parity: Mapping[str, Mapping[str, Any]],
+                         env: Environment, threads: Any) -> list[str]:
+    """Per objective (pipeline_lib.recommend.OBJECTIVES): the fastest configuration at `threads` whose
+    models all passed quality, and what the runtime's precision="auto" rule picks for the benchmark
+    machine's CPU class among the configurations benchmarked here; whether the two agree."""
+    if threads is None:
+        return []
+    verdicts = quality_passed(parity)
+    at = [dict(r, choice=_choice_label(r)) for r in rows
+          if r["backend"] not in REFERENCES and int(r["threads"]) == int(threads)]
+    passed = []
+    for r in at:
+        try:
+            c = registry.choice(r["choice"])
+        except InputError:
+            continue
+        if all(verdicts.get(t.label) == "passed" for t in c.targets):
+            passed.append(c.label)
+    if not passed:
+        return []
+    flags = env.features()
+    cls = recommend.cpu_class(flags)
+    table = []
+    for objective in recommend.OBJECTIVES:
+        key = {"stream": "xrt", "first_chunk": "first_chunk_ms", "batch": "batch8_xrt"}[objective]
+        best = recommend.fastest(at, objective, passed)
+        measured = {r["choice"]: r for r in at}
+        rule_pick = next((c.label for c in recommend.rule(cls, objective)
+                          if c.label in passed and recommend.runnable(c, flags) is None), None)
+        if best is None:
+            continue
+        if rule_pick is None:
+            verdict = "the rule names none of the configurations measured here"
+        elif rule_pick == best["choice"]:
+            verdict = "agree"
+        else:
+            other = measured.get(rule_pick, {}).get(key)
+            verdict = f"differ: the rule's pick measured {fmt(other)}"
+        table.append([recommend.OBJECTIVE_NAMES[objective], best["choice"], fmt(best[key]), rule_pick or "-", verdict])
+    excluded = sorted(f"{label} ({why})" for label, why in verdicts.items() if why != "passed")
+    return [f"## Recommendation (threads = {fmt(threads)})", "",
+            f"For the benchmark's machine ({env.cpu}; CPU class `{cls}` in pipeline_lib.recommend): the fastest "
+            "configuration whose models all passed their quality checks (parity_convert: hidden-state cosine, "
+            "teacher-forced top-1, decoder SNR, log-mel distance against fp32), per objective, beside what "
+            "`SopranoTTS.from_dir(ROOT, precision=\"auto\", objective=...)` and `soprano-onnx speak --precision auto` "
+            "pick on a CPU of this class from the same configurations. A pair LM+DECODER takes the LM of the first "
+            "target and the decoder of the second. One run on a shared machine is one sample: close figures can "
+            "swap places between runs.", "",
+            md_table(["objective", "fastest measured", "figure", "rule for this CPU class", "verdict"], table), "",
+            "Not in the running: " + ("; ".join(excluded) if excluded else "none") + ".", ""]
 
 
 # (what, CSV column, higher is better, target ratio to upstream): the performance targets of the

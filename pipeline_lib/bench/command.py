@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline_lib.registry import BENCH_BACKENDS, PRECISIONS
+from pipeline_lib.registry import BACKENDS, BENCH_BACKENDS, PRECISIONS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", type=Path, help="decoder model (folder or file); torch: decoder.pth (default: LM/decoder.pth)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="label of the precision (default: the one a path names, e.g. artifacts/onnx/int8, else fp32)")
+    p.add_argument("--decoder_backend", "--decoder-backend", choices=BACKENDS, default=None,
+                   help="run the decoder on this backend instead of --backend's (a pair such as onnx-int4+openvino-int8)")
+    p.add_argument("--decoder_precision", "--decoder-precision", choices=PRECISIONS, default=None,
+                   help="label of the decoder's precision where it differs from --precision")
     p.add_argument("--num_threads", "--num-threads", "--threads", dest="threads", type=int, default=1)
     p.add_argument("--num_tokens", "--num-tokens", "--max_new_tokens", "--max-new-tokens", dest="num_tokens",
                    type=int, default=128,
@@ -90,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         warmup_tokens=args.warmup_tokens,
         stream=args.stream,
         batch_size=args.batch_size,
+        decoder_backend=args.decoder_backend,
+        decoder_precision=args.decoder_precision,
     )
     row = measure(cfg)
     print(format_row(row))

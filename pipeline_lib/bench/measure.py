@@ -91,10 +91,32 @@ class BenchConfig:
     warmup_tokens: int = 16
     stream: bool = True
     batch_size: int = 8
+    # The decoder's backend and precision where they differ from the LM's (a registry.Choice pair such as
+    # onnx-int4+openvino-int8); None: the LM's.
+    decoder_backend: str | None = None
+    decoder_precision: str | None = None
+
+    @property
+    def pair(self) -> bool:
+        return (self.decoder_backend or self.backend) != self.backend or \
+            (self.decoder_precision or self.precision) != self.precision
+
+    @property
+    def label(self) -> str:
+        """The config column: <backend>-<precision>-t<threads>, or <lm target>+<decoder target>-t<threads>."""
+        if not self.pair:
+            return config_label(self.backend, self.precision, self.threads)
+        dec = f"{self.decoder_backend or self.backend}-{self.decoder_precision or self.precision}"
+        return f"{self.backend}-{self.precision}+{dec}-t{self.threads}"
 
     def __post_init__(self) -> None:
         if self.backend not in BENCH_BACKENDS:
             raise InputError(f"--backend {self.backend!r}: choose one of {', '.join(BENCH_BACKENDS)}")
+        if self.pair:
+            if self.backend not in BACKENDS or (self.decoder_backend or self.backend) not in BACKENDS:
+                raise InputError(f"--decoder_backend: a decoder of its own needs runtime backends ({', '.join(BACKENDS)})")
+            if (self.decoder_precision or self.precision) not in PRECISIONS:
+                raise InputError(f"--decoder_precision {self.decoder_precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         for name in ("threads", "num_tokens", "repeats"):
@@ -217,9 +239,11 @@ class RuntimeEngine:
             ) from exc
         backend = registry.backend(cfg.backend)
         lm_stems = (registry.STATEFUL_FILE, registry.LM_FILE) if backend.stateful_lm else registry.LM_FILE  # stateful first
+        dec_backend = registry.backend(cfg.decoder_backend or cfg.backend)
         lm = resolve_model_file(Path(cfg.lm), lm_stems, cfg.backend)
-        decoder = resolve_model_file(Path(cfg.decoder), registry.DECODER_FILE, cfg.backend)
-        self.tts = SopranoTTS(lm, decoder, backend=backend.runtime, num_threads=cfg.threads)
+        decoder = resolve_model_file(Path(cfg.decoder), registry.DECODER_FILE, dec_backend.name)
+        self.tts = SopranoTTS(lm, decoder, backend=backend.runtime, num_threads=cfg.threads,
+                              decoder_backend=dec_backend.runtime)
         self.sample_rate = int(getattr(self.tts, "sample_rate", 32000))
         self.timed_lm = _TimedLM(self.tts.lm) if hasattr(self.tts, "lm") else None
         if self.timed_lm is not None:
@@ -505,7 +529,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
     start = time.perf_counter()
     engine = ENGINES[cfg.backend](cfg)
     load_s = time.perf_counter() - start
-    log.info("%s %s t%d: loaded in %.2f s", cfg.backend, cfg.precision, cfg.threads, load_s)
+    log.info("%s: loaded in %.2f s", cfg.label, load_s)
 
     # Warm-up: a short synthesis, so first-call allocations stay out of the timings (every engine,
     # upstream included: its generate() is held to the requested token count).
@@ -566,9 +590,11 @@ def summarize(
         note = f"fixed {tokens} tokens; random weights never emit [STOP]"
     row: dict[str, Any] = {c: NAN for c in COLUMNS}
     row.update(
-        config=config_label(cfg.backend, cfg.precision, cfg.threads),
-        backend=cfg.backend,
-        precision=cfg.precision,
+        config=cfg.label,
+        backend=cfg.backend if not cfg.pair or cfg.decoder_backend in (None, cfg.backend)
+        else f"{cfg.backend}+{cfg.decoder_backend}",
+        precision=cfg.precision if not cfg.pair or cfg.decoder_precision in (None, cfg.precision)
+        else f"{cfg.precision}+{cfg.decoder_precision}",
         threads=cfg.threads,
         max_new_tokens=max_new,
         num_tokens=tokens,

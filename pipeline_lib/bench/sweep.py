@@ -38,10 +38,31 @@ class Job:
     decoder: Path | None = None
     optional: bool = False  # a failure becomes a row with a note instead of an error (the upstream oracle)
     skip: str | None = None  # not run on this machine: a row of NaN with this note (bf16 without bf16 flags)
+    # A pair (registry.Choice): the decoder's target where it differs from the LM's; None: the LM's.
+    decoder_backend: str | None = None
+    decoder_precision: str | None = None
+
+    @property
+    def pair(self) -> bool:
+        return self.decoder_backend is not None or self.decoder_precision is not None
 
     @property
     def label(self) -> str:
+        if self.pair:
+            return (f"{self.backend}-{self.precision}+{self.decoder_backend or self.backend}-"
+                    f"{self.decoder_precision or self.precision}-t{self.threads}")
         return f"{self.backend}-{self.precision}-t{self.threads}"
+
+    @property
+    def row_backend(self) -> str:
+        """The CSV's backend: the LM's, or "<lm>+<decoder>" where they differ (as measure.summarize writes)."""
+        dec = self.decoder_backend or self.backend
+        return self.backend if dec == self.backend else f"{self.backend}+{dec}"
+
+    @property
+    def row_precision(self) -> str:
+        dec = self.decoder_precision or self.precision
+        return self.precision if dec == self.precision else f"{self.precision}+{dec}"
 
 
 @dataclass(frozen=True)
@@ -99,12 +120,16 @@ def plan(
     targets: Sequence[tuple[str, str]] = (EXPORT_TARGET,),
     backends: Sequence[str] = BENCH_BACKENDS,
     upstream_threads: int | None = None,
+    pairs: Sequence[str] = (),
+    pair_threads: int | None = None,
 ) -> list[Job]:
     """Every configuration of the benchmark stage: each (backend, precision) of `targets` (see
     artifact_configs) whose backend is in `backends`, at every thread count (a missing artifact is an
     error), the torch reference at every thread count, and upstream once, at `upstream_threads`
     (default: the last thread count), when installed (its generate() is held to num_tokens, token for
-    token with ours, and it is slow, so it runs once)."""
+    token with ours, and it is slow, so it runs once). `pairs`: registry.Choice labels of an LM and a decoder
+    from different targets ("onnx-int4+openvino-int8"), each at `pair_threads` (default: the last thread
+    count), from the targets' folders under root (a missing one is an error)."""
     ckpt = Path(checkpoint_dir)
     jobs: list[Job] = []
     for backend, precision in targets:
@@ -120,6 +145,17 @@ def plan(
         counts = threads if precision in FULL_SWEEP_PRECISIONS else list(threads)[-1:]
         skip = skip_reason(backend, precision)
         jobs += [Job(backend, precision, n, lm, dec, skip=skip) for n in counts]
+    for label in pairs:
+        c = registry.choice(label)
+        lm, _ = model_dirs(root, c.lm.backend, c.lm.precision)
+        _, dec = model_dirs(root, c.decoder.backend, c.decoder.precision)
+        missing = [str(p) for p in (lm, dec) if not p.is_dir()]
+        if missing:
+            raise SopranoOnnxError(f"benchmark of {c.label} (bench.pairs): {', '.join(missing)} not found; build it "
+                                   f"first (dvc repro {' '.join('convert@' + t.label for t in c.targets)}).")
+        skip = skip_reason(c.lm.backend, c.lm.precision) or skip_reason(c.decoder.backend, c.decoder.precision)
+        jobs.append(Job(c.lm.backend, c.lm.precision, int(pair_threads or threads[-1]), lm, dec, skip=skip,
+                        decoder_backend=c.decoder.backend, decoder_precision=c.decoder.precision))
     if "torch" in backends:
         jobs += [Job("torch", "fp32", n, ckpt, ckpt / "decoder.pth") for n in threads]
     if "upstream" in backends and upstream_available():
@@ -156,6 +192,9 @@ def job_argv(job: Job, settings: Settings, json_path: Path) -> list[str]:
             "--warmup_tokens", str(settings.warmup_tokens), "--batch", str(settings.batch_size), "--json", str(json_path)]
     if job.decoder is not None:
         argv += ["--decoder", str(job.decoder)]
+    if job.pair:
+        argv += ["--decoder_backend", job.decoder_backend or job.backend,
+                 "--decoder_precision", job.decoder_precision or job.precision]
     if settings.text:
         argv += ["--text", settings.text]
     if not settings.stream:
@@ -179,7 +218,8 @@ def run_job(job: Job, settings: Settings, workdir: Path) -> dict[str, Any]:
     if job.skip:
         log.warning("bench %s %s", job.label, job.skip)
         row = {c: math.nan for c in COLUMNS}
-        row.update(config=job.label, backend=job.backend, precision=job.precision, threads=job.threads, note=job.skip)
+        row.update(config=job.label, backend=job.row_backend, precision=job.row_precision, threads=job.threads,
+                   note=job.skip)
         return row
     argv = job_argv(job, settings, json_path)
     log.info("bench %s", job.label)
@@ -196,7 +236,7 @@ def run_job(job: Job, settings: Settings, workdir: Path) -> dict[str, Any]:
         if job.optional:
             log.warning("bench %s failed (optional, kept as a note): %s", job.label, failure)
             row = {c: math.nan for c in COLUMNS}
-            row.update(config=job.label, backend=job.backend, precision=job.precision, threads=job.threads,
+            row.update(config=job.label, backend=job.row_backend, precision=job.row_precision, threads=job.threads,
                        note=f"failed: {failure.splitlines()[-1] if failure.strip() else failure}")
             return row
         raise SopranoOnnxError(f"benchmark {job.label} failed ({' '.join(argv)}): {failure}")

@@ -631,16 +631,24 @@ def load_backends(
     num_threads: int,
     low_memory: bool = True,
     static_decode_width: int | None = OpenVinoLM.STATIC_DECODE_WIDTH,
+    decoder_backend: str | None = None,
 ) -> tuple[LMBackend, DecoderBackend]:
-    """Compile both models with `backend` ('onnx_cpu' or 'openvino_cpu'); checks that the files exist.
-    low_memory: ONNX Runtime's memory settings (see _ort_session); OpenVINO ignores it.
-    static_decode_width: OpenVINO's fixed-shape one-row decode model (see OpenVinoLM); ONNX Runtime
-    ignores it."""
+    """Compile the LM with `backend` and the decoder with `decoder_backend` (default: `backend`), each
+    'onnx_cpu' or 'openvino_cpu'; checks that the files exist. low_memory: ONNX Runtime's memory settings
+    (see _ort_session); OpenVINO ignores it. static_decode_width: OpenVINO's fixed-shape one-row decode
+    model (see OpenVinoLM); ONNX Runtime ignores it."""
     backend = normalize_backend(backend)
+    decoder_backend = normalize_backend(decoder_backend) if decoder_backend is not None else backend
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise InputError(f"num_threads must be an int >= 1, got {num_threads!r}")
     require_file(lm_path, "LM step model")
     require_file(decoder_path, "decoder model")
-    if backend == "onnx_cpu":
-        return OrtLM(lm_path, num_threads, low_memory), OrtDecoder(decoder_path, num_threads, low_memory)
-    return OpenVinoLM(lm_path, num_threads, static_decode_width), OpenVinoDecoder(decoder_path, num_threads)
+    for name, path, which in ((backend, lm_path, "LM"), (decoder_backend, decoder_path, "decoder")):
+        if name == "onnx_cpu" and path.suffix != ".onnx":
+            raise InputError(f"{path}: ONNX Runtime runs .onnx files, not {path.suffix or 'this file'}; give the "
+                             f"{which} the backend 'openvino_cpu' or pass its .onnx file")
+    lm = (OrtLM(lm_path, num_threads, low_memory) if backend == "onnx_cpu"
+          else OpenVinoLM(lm_path, num_threads, static_decode_width))
+    decoder = (OrtDecoder(decoder_path, num_threads, low_memory) if decoder_backend == "onnx_cpu"
+               else OpenVinoDecoder(decoder_path, num_threads))
+    return lm, decoder

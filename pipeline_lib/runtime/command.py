@@ -38,7 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output WAV file (16-bit PCM, mono)")
     p.add_argument("--model", type=Path, required=True,
                    help=f"export folder ({LM_FILE}.onnx, {DECODER_FILE}.onnx, JSON configs, {TOKENIZER_FILE})")
-    p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default="onnx", help="inference backend (default: onnx)")
+    p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default=None,
+                   help="inference backend (default: onnx; with --precision it comes from the precision)")
+    p.add_argument("--precision", default=None,
+                   help="with a ROOT folder as --model (artifacts/ after dvc repro, or <backend>/<precision>/ folders "
+                        "from `soprano-onnx convert`): 'auto' (the fastest for this CPU, logged with the reason), a "
+                        "target such as onnx-int8, or LM+DECODER such as onnx-int4+openvino-bf16")
+    p.add_argument("--objective", choices=("stream", "first_chunk", "batch"), default=None,
+                   help="what --precision auto optimises (default: first_chunk with --stream, else stream)")
     p.add_argument("--threads", type=positive_int, default=4, help="intra-op threads (default: 4)")
     p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are generated")
     p.add_argument("--chunk-size", type=positive_int, default=1, help="tokens per streamed chunk (with --stream)")
@@ -100,8 +107,20 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, "-o/--output")
     if args.max_new_tokens == 1:  # 0 and > 512: the library's own range error
         raise no_audio_error(1)
+    if args.precision is not None and args.backend is not None:
+        raise InputError("--precision names the backends (e.g. onnx-int4+openvino-bf16); leave --backend out")
+    if args.objective is not None and args.precision != "auto":
+        raise InputError("--objective only applies to --precision auto")
     start = time.perf_counter()
-    tts = SopranoTTS.from_dir(args.model, backend=BACKEND_CHOICES[args.backend], num_threads=args.threads)
+    if args.precision is not None:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        objective = args.objective or ("first_chunk" if args.stream else "stream")
+        tts = SopranoTTS.from_dir(args.model, precision=args.precision, objective=objective, num_threads=args.threads)
+        print(f"models: {tts.choice.label} (LM {tts.lm_path}, decoder {tts.decoder_path})")
+    else:
+        tts = SopranoTTS.from_dir(args.model, backend=BACKEND_CHOICES[args.backend or "onnx"], num_threads=args.threads)
     load_s = time.perf_counter() - start
     sampling = dict(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

@@ -17,6 +17,7 @@ tokens of context on each side, enough that every emitted sample equals the full
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -27,8 +28,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline_lib.audio.istft import IstftConfig, istft
-from pipeline_lib.cpuinfo import warn_if_oversubscribed
-from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
+from pipeline_lib.cpuinfo import read_cpuinfo, warn_if_oversubscribed
+from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError, UnsupportedCpuError
 from pipeline_lib import registry
 from pipeline_lib.registry import (
     DECODER_CONFIG_SUFFIX,
@@ -59,6 +60,8 @@ from pipeline_lib.runtime.sampling import SamplingParams, row_generators, valida
 from pipeline_lib.text import SPECIAL_TOKENS, SentencePrompt, fit_to_positions, prepare_prompts
 
 __all__ = ["SopranoTTS", "stream_context_tokens", "write_wav", "LM_FILE", "DECODER_FILE"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
 # Upstream's decoder layout, used when the ISTFT config lacks the "decoder" section.
@@ -227,6 +230,24 @@ def _check_names(kind: str, path: Path, config: Path, expected: Sequence[str], f
         )
 
 
+def _lm_file(lm_dir: Path, backend: registry.Backend, stateful: bool, dec_dir: Path | None = None) -> Path:
+    """The LM file of a folder for `backend`: its IR (stateful first, unless `stateful` is False) where the
+    backend has one and the folder holds it (and, when dec_dir is given, the decoder's IR too, so that an
+    export folder with ONNX files only is run from ONNX), else the ONNX step model."""
+    ext = backend.suffix
+    if ext != ".onnx" and (dec_dir is None or (dec_dir / f"{DECODER_FILE}{ext}").is_file()):
+        for lm_file in (STATEFUL_FILE, LM_FILE) if stateful and backend.stateful_lm else (LM_FILE,):
+            if (lm_dir / f"{lm_file}{ext}").is_file():
+                return lm_dir / f"{lm_file}{ext}"
+    return lm_dir / f"{LM_FILE}.onnx"
+
+
+def _decoder_file(dec_dir: Path, backend: registry.Backend) -> Path:
+    """The decoder file of a folder for `backend`: its IR where present, else the ONNX model."""
+    ir = dec_dir / f"{DECODER_FILE}{backend.suffix}"
+    return ir if backend.suffix != ".onnx" and ir.is_file() else dec_dir / f"{DECODER_FILE}.onnx"
+
+
 class SopranoTTS:
     """Soprano text-to-speech on CPU from exported models.
 
@@ -249,6 +270,9 @@ class SopranoTTS:
     `static_decode_width` (openvino_cpu only; default 640, None: off): one-row decode steps run on a
     second compilation of the LM with fixed input shapes at this cache width, which is faster than
     OpenVINO's dynamic shapes but holds a second copy of the weights (see backends.OpenVinoLM).
+    `backend` runs the LM; `decoder_backend` (default: `backend`) runs the decoder, so the two models can
+    come from different backends and precisions (e.g. an ONNX Runtime int4 LM with an OpenVINO bf16
+    decoder; see from_dir's `precision`).
     """
 
     def __init__(
@@ -268,8 +292,10 @@ class SopranoTTS:
         decoder_batch_size: int | None = None,
         warm_up: bool = True,
         static_decode_width: int | None = OpenVinoLM.STATIC_DECODE_WIDTH,
+        decoder_backend: str | None = None,
     ) -> None:
         self.backend = normalize_backend(backend)
+        self.decoder_backend = normalize_backend(decoder_backend) if decoder_backend is not None else self.backend
         self.lm_path, self.decoder_path = Path(lm_path), Path(decoder_path)
         require_file(self.lm_path, "LM step model")
         require_file(self.decoder_path, "decoder model")
@@ -300,7 +326,8 @@ class SopranoTTS:
         warn_if_oversubscribed(num_threads)
         self.low_memory = bool(low_memory)
         self.lm, self.decoder = load_backends(
-            self.backend, self.lm_path, self.decoder_path, num_threads, self.low_memory, static_decode_width
+            self.backend, self.lm_path, self.decoder_path, num_threads, self.low_memory, static_decode_width,
+            self.decoder_backend,
         )
         _check_names("input", self.lm_path, lm_cfg, self.spec.input_names, self.lm.input_names)
         _check_names("output", self.lm_path, lm_cfg, self.spec.output_names, self.lm.output_names)
@@ -330,6 +357,7 @@ class SopranoTTS:
         self.samples_per_token = self.istft_config.samples_per_token
         self.stream_context = stream_context_tokens(self.decoder_dims, self.istft_config)
         self.last_timings: dict[str, float] = {}
+        self.choice: registry.Choice | None = None  # set by from_dir(precision=...)
         if warm_up:
             self.warm_up()
 
@@ -345,24 +373,69 @@ class SopranoTTS:
         self._release_heap()
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, *, stateful: bool = True, **kwargs: Any) -> SopranoTTS:
+    def from_dir(cls, model_dir: str | Path, *, stateful: bool = True, precision: str | None = None,
+                 objective: str = "stream", **kwargs: Any) -> SopranoTTS:
         """An export folder: soprano_lm_step.onnx, soprano_decoder_preistft.onnx, their JSON configs
         and tokenizer.json; or a pipeline folder with lm/ and decoder/ subfolders (artifacts/export,
         artifacts/<backend>/<precision>). With backend "openvino_cpu", .xml IR files are preferred, and
         of the LM the stateful one (soprano_lm_stateful.xml, KV cache in OpenVINO state) where present,
         unless `stateful` is False: then the step IR that takes the cache as inputs
-        (soprano_lm_step.xml), which a batching server needs (see runtime.scheduler)."""
+        (soprano_lm_step.xml), which a batching server needs (see runtime.scheduler).
+
+        With `precision`, model_dir is a ROOT holding <backend>/<precision>/{lm,decoder} (the artifacts/
+        folder after `dvc repro`, or `soprano-onnx convert --out ROOT/<backend>/<precision>` outputs), and
+        precision names which: a target ("onnx-int8": both models), a pair "LM+DECODER"
+        ("onnx-int4+openvino-bf16": each model from its own target and backend), or "auto": the first of
+        pipeline_lib.recommend's rule for this CPU's features and `objective` ("stream", "first_chunk",
+        "batch") that ROOT holds and this CPU runs, logged with the reason. The backends then come from the
+        choice; a `backend` argument is an error."""
+        if precision is not None:
+            return cls._from_root(Path(model_dir), precision, objective, stateful, kwargs)
         d = Path(model_dir)
         if not d.is_dir():
             raise ModelFileError(f"{d}: model folder not found; {HOW_TO_PRODUCE}.")
         lm_dir, dec_dir = (d / LM_DIR, d / DECODER_DIR) if (d / LM_DIR).is_dir() and (d / DECODER_DIR).is_dir() else (d, d)
         backend = registry.backend(kwargs.get("backend", "onnx_cpu"))
-        ext = backend.suffix
-        if ext != ".onnx" and (dec_dir / f"{DECODER_FILE}{ext}").is_file():
-            for lm_file in (STATEFUL_FILE, LM_FILE) if stateful and backend.stateful_lm else (LM_FILE,):
-                if (lm_dir / f"{lm_file}{ext}").is_file():
-                    return cls(lm_dir / f"{lm_file}{ext}", dec_dir / f"{DECODER_FILE}{ext}", **kwargs)
-        return cls(lm_dir / f"{LM_FILE}.onnx", dec_dir / f"{DECODER_FILE}.onnx", **kwargs)
+        lm = _lm_file(lm_dir, backend, stateful, dec_dir)
+        # both models of one kind: IR files where both are there, else the ONNX files
+        decoder = _decoder_file(dec_dir, backend) if lm.suffix == backend.suffix else dec_dir / f"{DECODER_FILE}.onnx"
+        return cls(lm, decoder, **kwargs)
+
+    @classmethod
+    def _from_root(cls, root: Path, precision: str, objective: str, stateful: bool, kwargs: dict) -> SopranoTTS:
+        from pipeline_lib import recommend
+
+        if "backend" in kwargs or "decoder_backend" in kwargs:
+            raise InputError("from_dir(precision=...) takes the backends from the precision (e.g. "
+                             "'onnx-int4+openvino-bf16'); leave backend and decoder_backend out")
+        if not root.is_dir():
+            raise ModelFileError(f"{root}: model folder not found; {HOW_TO_PRODUCE}.")
+        if precision == "auto":
+            chosen = recommend.pick(root, objective)
+            log.info("precision auto: %s", chosen.reason)
+            choice = chosen.choice
+        else:
+            recommend.check_objective(objective)
+            choice = registry.choice(precision)
+            _, flags = read_cpuinfo()
+            why_not = recommend.runnable(choice, flags) if flags else None
+            if why_not:
+                raise UnsupportedCpuError(f"precision {choice.label}: {why_not}; pick another precision or "
+                                          "precision='auto'")
+        dirs = {}
+        for which, t in ((LM_DIR, choice.lm), (DECODER_DIR, choice.decoder)):
+            found = registry.model_dir_under(root, t.backend, t.precision, which)
+            if found is None:
+                looked = ", ".join(str(p / which) for p in registry.folders_under(root, t.backend, t.precision))
+                raise ModelFileError(f"{root}: no {which} of {t.label} ({looked}); build it with `dvc repro "
+                                     f"convert@{t.label}` or `soprano-onnx convert --backend {t.backend} --precision "
+                                     f"{t.precision} --out {root / t.backend / t.precision}`.")
+            dirs[which] = found
+        lm_b, dec_b = registry.backend(choice.lm.backend), registry.backend(choice.decoder.backend)
+        tts = cls(_lm_file(dirs[LM_DIR], lm_b, stateful, dirs[DECODER_DIR]), _decoder_file(dirs[DECODER_DIR], dec_b),
+                  backend=lm_b.runtime, decoder_backend=dec_b.runtime, **kwargs)
+        tts.choice = choice
+        return tts
 
     @staticmethod
     def _positive_int(name: str, v: Any) -> int:

@@ -1,0 +1,182 @@
+"""Which converted models to run on this CPU: the rule behind `precision="auto"` and the report's
+recommendation.
+
+The rule is a table: for each CPU class (what its instruction sets allow: AMX, AVX-512 BF16, VNNI, plain
+AVX2) and each objective (one stream's speed, the first chunk's latency, a batch's throughput), the
+model choices (pipeline_lib.registry.Choice labels) in order of preference, fastest first, as measured by
+the benchmark stage on a CPU of that class; docs/design.md ("Recommendation") gives the measurements
+behind each row. `pick` takes the first choice of the row whose models are present under ROOT and can
+run on this CPU (bf16 needs AVX512-BF16 or AMX-BF16), and says why.
+
+The report (pipeline_lib.report) names the measured fastest configuration that passed quality on the
+benchmark's machine beside what this rule picks for that machine's class, so a row that a new
+measurement contradicts shows up there.
+
+A leaf below the runtime: it imports the registry, cpuinfo and errors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pipeline_lib import registry
+from pipeline_lib.cpuinfo import BF16_FEATURES, read_cpuinfo
+from pipeline_lib.errors import InputError, ModelFileError
+
+# What the user wants most. "stream": one synthesis's x real time (speak, infer); "first_chunk": the
+# latency of a stream's first audio; "batch": x real time of eight sentences at once (infer_batch, a server).
+OBJECTIVES = ("stream", "first_chunk", "batch")
+OBJECTIVE_NAMES = {"stream": "single stream (x real time)", "first_chunk": "streaming first chunk (ms)",
+                   "batch": "batch of 8 (x real time)"}
+
+# CPU classes, most capable first; a CPU belongs to the first whose flags it has (any one of them).
+CPU_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("amx", ("amx_bf16", "amx_int8")),
+    ("avx512_bf16", ("avx512_bf16",)),
+    ("vnni", ("avx512_vnni", "avx_vnni")),
+    ("avx2", ("avx2",)),
+    ("baseline", ()),
+)
+
+# Preference per class and objective (fastest measured first; later entries are what to use when the
+# earlier ones were not built). Measurements: docs/design.md, "Recommendation".
+RULES: dict[str, dict[str, tuple[str, ...]]] = {
+    # Xeon with AMX (issue measurements, 2 threads): 4-bit ONNX Runtime LM + OpenVINO bf16 decoder for one
+    # stream; OpenVINO int8 for the first chunk and for batches.
+    "amx": {
+        "stream": ("onnx-int4+openvino-bf16", "onnx-int4", "openvino-int8", "onnx-int8", "onnx-fp32"),
+        "first_chunk": ("openvino-int8", "onnx-int4+openvino-bf16", "onnx-int4", "onnx-int8", "onnx-fp32"),
+        "batch": ("openvino-int8", "openvino-bf16", "onnx-int4", "onnx-int8", "onnx-fp32"),
+    },
+    # AVX-512 BF16 and VNNI without AMX (AMD Zen 5): ONNX Runtime's 4-bit LM is the fastest LM, OpenVINO's
+    # int8 decoder the fastest decoder; OpenVINO int8 for batches.
+    "avx512_bf16": {
+        "stream": ("onnx-int4+openvino-int8", "onnx-int4", "openvino-int8", "onnx-int8", "onnx-fp32"),
+        "first_chunk": ("onnx-int4+openvino-int8", "onnx-int4", "openvino-int8", "onnx-int8", "onnx-fp32"),
+        "batch": ("openvino-int8", "onnx-int4", "onnx-int8", "onnx-fp32"),
+    },
+    # VNNI without bf16: not measured; the avx512_bf16 order, which uses no bf16.
+    "vnni": {
+        "stream": ("onnx-int4+openvino-int8", "onnx-int4", "openvino-int8", "onnx-int8", "onnx-fp32"),
+        "first_chunk": ("onnx-int4+openvino-int8", "onnx-int4", "openvino-int8", "onnx-int8", "onnx-fp32"),
+        "batch": ("openvino-int8", "onnx-int4", "onnx-int8", "onnx-fp32"),
+    },
+    # AVX2 only (AMD Zen 3): OpenVINO computes int8 weights in f32 here; ONNX Runtime's integer kernels win.
+    "avx2": {
+        "stream": ("onnx-int4", "onnx-int8", "openvino-int8", "onnx-fp32"),
+        "first_chunk": ("onnx-int4", "onnx-int8", "openvino-int8", "onnx-fp32"),
+        "batch": ("onnx-int4", "onnx-int8", "openvino-int8", "onnx-fp32"),
+    },
+    "baseline": {
+        "stream": ("onnx-int8", "onnx-fp32"),
+        "first_chunk": ("onnx-int8", "onnx-fp32"),
+        "batch": ("onnx-int8", "onnx-fp32"),
+    },
+}
+
+
+def cpu_class(flags: Iterable[str]) -> str:
+    """The first of CPU_CLASSES whose flags the CPU has (any one of them); "baseline" otherwise."""
+    flags = set(flags)
+    for name, needs in CPU_CLASSES:
+        if not needs or flags & set(needs):
+            return name
+    return "baseline"
+
+
+def runnable(choice: registry.Choice, flags: Iterable[str]) -> str | None:
+    """None where this CPU can run both models of `choice`; else why not (a bf16 model without bf16 flags)."""
+    flags = set(flags)
+    for t in choice.targets:
+        if registry.precision(t.precision).inference == "bf16" and not flags & set(BF16_FEATURES):
+            return f"{t.label} computes in bf16 and this CPU has none of {' / '.join(BF16_FEATURES)}"
+    return None
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise InputError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    return objective
+
+
+def rule(cls: str, objective: str) -> tuple[registry.Choice, ...]:
+    """The choices of RULES for a CPU class and objective, in order of preference."""
+    return tuple(registry.choice(label) for label in RULES[cls][check_objective(objective)])
+
+
+def present(root: Path, choice: registry.Choice) -> bool:
+    """Both models of `choice` are under `root` (registry.model_dir_under)."""
+    return (registry.model_dir_under(root, choice.lm.backend, choice.lm.precision, registry.LM_DIR) is not None
+            and registry.model_dir_under(root, choice.decoder.backend, choice.decoder.precision,
+                                         registry.DECODER_DIR) is not None)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What `pick` chose and why (a sentence for logs and the report)."""
+
+    choice: registry.Choice
+    cpu_class: str
+    objective: str
+    reason: str
+
+
+def pick(root: str | Path, objective: str = "stream", flags: Iterable[str] | None = None,
+         cpu_name: str | None = None) -> Pick:
+    """The first choice of RULES[cpu_class(flags)][objective] whose models are under `root` and run on this
+    CPU. flags / cpu_name: this CPU's (/proc/cpuinfo) unless given. A ModelFileError naming what was looked
+    for when none is present."""
+    check_objective(objective)
+    if flags is None:
+        cpu_name, flags = read_cpuinfo()
+    flags = set(flags)
+    cls = cpu_class(flags)
+    root = Path(root)
+    passed: list[str] = []
+    for c in rule(cls, objective):
+        why_not = runnable(c, flags)
+        if why_not is None and present(root, c):
+            skipped = f"; skipped before it: {'; '.join(passed)}" if passed else ""
+            reason = (f"CPU {cpu_name or 'unknown'} is of class {cls}; for {OBJECTIVE_NAMES[objective]} the rule's "
+                      f"order is {', '.join(x.label for x in rule(cls, objective))}; picked {c.label}{skipped}")
+            return Pick(c, cls, objective, reason)
+        passed.append(f"{c.label} ({why_not or 'not built under ' + str(root)})")
+    raise ModelFileError(
+        f"{root}: none of the models that precision='auto' picks from on this CPU (class {cls}, objective {objective}) "
+        f"is there: {'; '.join(passed)}. Pass the artifacts/ folder of `dvc repro`, or a folder with "
+        "<backend>/<precision>/{lm,decoder} from `soprano-onnx convert --out ROOT/<backend>/<precision>`.")
+
+
+def available(root: str | Path, flags: Iterable[str] | None = None) -> list[registry.Choice]:
+    """Every single-target choice present under `root` that runs on this CPU (for messages and tests)."""
+    if flags is None:
+        flags = read_cpuinfo()[1]
+    flags = set(flags)
+    out = []
+    for t in registry.TARGETS.values():
+        c = registry.Choice(t, t)
+        if runnable(c, flags) is None and present(Path(root), c):
+            out.append(c)
+    return out
+
+
+def fastest(rows: Sequence[dict], objective: str, passed: Iterable[str]) -> dict | None:
+    """The benchmark row (pipeline_lib.bench.COLUMNS) fastest for `objective` among rows whose config
+    label (without the thread suffix) is in `passed`: highest xrt / batch8_xrt, lowest first_chunk_ms."""
+    key, higher = {"stream": ("xrt", True), "first_chunk": ("first_chunk_ms", False),
+                   "batch": ("batch8_xrt", True)}[check_objective(objective)]
+    ok = set(passed)
+    best = None
+    for r in rows:
+        v = r.get(key)
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        if v != v or str(r.get("choice") or "") not in ok:
+            continue
+        if best is None or (v > float(best[key]) if higher else v < float(best[key])):
+            best = r
+    return best
