@@ -1,4 +1,4 @@
-"""`soprano-onnx` command line: export, speak, bench."""
+"""`soprano-onnx` command line: export, convert, speak, bench, serve."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pipeline_lib.errors import SopranoOnnxError
 # Each subcommand lives beside the code it drives: (module, add_arguments, run).
 SUBCOMMANDS = {
     "export": ("pipeline_lib.export.command", "Export a checkpoint (local directory or hub id) to a self-contained ONNX folder."),
+    "convert": ("pipeline_lib.convert_command", "Convert an export folder into one backend x precision target folder (lm/, decoder/) for the runtime."),
     "speak": ("pipeline_lib.runtime.command", "Synthesise speech from text with exported models."),
     "bench": ("pipeline_lib.bench.command", "Benchmark one backend configuration (RTF, per-stage times, memory)."),
     "serve": ("pipeline_lib.server.command", "Serve an OpenAI-compatible speech API (POST /v1/audio/speech) over HTTP."),

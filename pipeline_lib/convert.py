@@ -14,10 +14,15 @@ the export's file stem, the export's JSON config (``file`` pointing at the conve
     artifacts/onnx/int4/lm/soprano_lm_step.onnx                    ORT MatMulNBits 4-bit (decoder: int8)
     artifacts/openvino/bf16/...                                    the fp32 IR, compiled in bf16 (its record says so)
     artifacts/onnx/fp32/lm/soprano_lm_step.onnx                    the export itself, hard-linked
+
+`convert_target` builds a target's folder as a whole (the convert stage's out); `convert_into` writes the
+same into a folder given (also `soprano-onnx convert`: pipeline_lib.convert_command); `read_export` checks
+the export that both read before anything is converted.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -154,24 +159,48 @@ def convert_lm_to_openvino_stateful(
     return save_ir(compress_weights(model, weight_format, int8_mode, int4), Path(out_path))
 
 
+# The values of conf/convert/default.yaml (the measurements behind each are there), so that ConvertSettings()
+# converts as the convert stage does wherever conf/ is not at hand (`soprano-onnx convert` from an installed
+# package). tests/test_convert_command.py keeps the two equal.
+DEFAULT_OV_INT8_MODE = "int8_sym"
+DEFAULT_ONNX: dict[str, dict[str, dict[str, Any]]] = {
+    "int8": {
+        "lm": {"method": "dynamic", "op_types": ["MatMul"], "weight_type": "quint8", "per_channel": True,
+               "reduce_range": False},
+        "decoder": {"method": "dynamic", "op_types": ["MatMul"], "weight_type": "qint8", "per_channel": True,
+                    "reduce_range": False},
+    },
+    "int4": {
+        "lm": {"method": "matmul_nbits", "bits": 4, "block_size": 128, "accuracy_level": 4},
+        "decoder": {"method": "dynamic", "op_types": ["MatMul"], "weight_type": "qint8", "per_channel": True,
+                    "reduce_range": False},
+    },
+}
+
+
 @dataclass
 class ConvertSettings:
-    """The ``convert`` params that shape the artifacts (conf/convert/default.yaml)."""
+    """The ``convert`` params that shape the artifacts. The defaults are conf/convert/default.yaml's values
+    (DEFAULT_OV_INT8_MODE, DEFAULT_INT4, DEFAULT_ONNX): ``ConvertSettings()`` converts as the convert stage
+    does; the stage reads its params.yaml (`from_params`)."""
 
-    openvino_int8_mode: str = "int8_asym"
+    openvino_int8_mode: str = DEFAULT_OV_INT8_MODE
     openvino_int4_mode: str = DEFAULT_INT4[0]
     openvino_int4_group_size: int = DEFAULT_INT4[1]
     # Keyword arguments of quantize_onnx_int8 per precision and model (convert.onnx.<precision>.<model>).
-    onnx: dict[str, dict[str, Any]] = field(default_factory=dict)
+    onnx: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ONNX))
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "ConvertSettings":
+        """The settings of params ``convert`` (a mapping or OmegaConf node); a key it lacks keeps the default
+        (``onnx``: as a whole)."""
         ov = dict(params.get("openvino", {}) or {})
-        onnx = _plain(params.get("onnx", {}) or {})
-        return cls(openvino_int8_mode=str(ov.get("int8_mode", "int8_asym")),
-                   openvino_int4_mode=str(ov.get("int4_mode", DEFAULT_INT4[0])),
-                   openvino_int4_group_size=int(ov.get("int4_group_size", DEFAULT_INT4[1])),
-                   onnx={str(p): dict(models or {}) for p, models in dict(onnx).items()})
+        default = cls()
+        onnx = _plain(params.get("onnx"))
+        return cls(openvino_int8_mode=str(ov.get("int8_mode", default.openvino_int8_mode)),
+                   openvino_int4_mode=str(ov.get("int4_mode", default.openvino_int4_mode)),
+                   openvino_int4_group_size=int(ov.get("int4_group_size", default.openvino_int4_group_size)),
+                   onnx=default.onnx if onnx is None else {str(p): dict(models or {}) for p, models in dict(onnx).items()})
 
 
 def _plain(v: Any) -> Any:
@@ -258,6 +287,58 @@ def _files(info: Mapping[str, Any], folder: Path) -> list[Path]:
     return [folder / info["file"]] + ([folder / info["weights_file"]] if "weights_file" in info else [])
 
 
+EXPORT_HOW = "export it first: soprano-onnx export --checkpoint CKPT --out DIR, or dvc repro export_lm export_decoder"
+
+
+@dataclass
+class ExportModel:
+    """One model of an export folder, as `read_export` found it: its folder, its parsed JSON config and the
+    fp32 ONNX file that the config names."""
+
+    dir: Path
+    config_path: Path
+    config: dict[str, Any]
+    src: Path
+
+
+def read_export(lm_dir: Path | str, decoder_dir: Path | str) -> dict[str, ExportModel]:
+    """The two exported models (registry.MODELS order: LM_DIR, DECODER_DIR) that a conversion reads, checked
+    without converting anything: each folder holds its JSON config, the config names an fp32 ONNX file
+    (not one that is already converted) that is there, and the LM folder carries the tokenizer. A
+    ModelFileError names the first missing or wrong file and how to make it. The two folders may be one
+    (a flat export folder)."""
+    sources = {LM_DIR: Path(lm_dir), registry.DECODER_DIR: Path(decoder_dir)}
+    found: dict[str, ExportModel] = {}
+    for which, spec in MODELS.items():
+        src_dir = sources[which]
+        cfg_path = src_dir / spec.config
+        if not cfg_path.is_file():
+            raise ModelFileError(f"{cfg_path}: export config not found, so {src_dir} holds no exported {which}; "
+                                 f"{EXPORT_HOW}.")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            block = spec.block(cfg)
+            name = block["file"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelFileError(f"{cfg_path}: not an export config (no model file named in it: {exc!r}); "
+                                 f"{EXPORT_HOW}.") from exc
+        src = src_dir / name
+        done = block.get("conversion") or {}
+        if src.suffix != ".onnx" or done.get("precision", "fp32") != "fp32":
+            raise ModelFileError(f"{cfg_path}: names {name}, a model already converted ({done.get('backend', src.suffix)} "
+                                 f"{done.get('precision', '')}); convert from the fp32 ONNX export instead "
+                                 "(the folder `soprano-onnx export` wrote, or artifacts/export).")
+        if not src.is_file():
+            raise ModelFileError(f"{src}: the ONNX model named by {cfg_path.name} is missing; re-run the export "
+                                 f"({EXPORT_HOW}).")
+        for extra in spec.extra_files:
+            if extra == registry.TOKENIZER_FILE and not (src_dir / extra).is_file():
+                raise ModelFileError(f"{src_dir / extra}: not found; the LM folder must carry the tokenizer "
+                                     f"({EXPORT_HOW}).")
+        found[which] = ExportModel(src_dir, cfg_path, cfg, src)
+    return found
+
+
 def convert_target(
     backend: str,
     precision: str,
@@ -268,11 +349,37 @@ def convert_target(
     checkpoint_dir: Path | str | None = None,
 ) -> dict[str, Any]:
     """Build ``out_dir/{lm,decoder}`` for one target (registry.TARGETS) from the export folders; return
-    its figures.
+    its figures (`convert_into`). The whole ``out_dir`` appears at once (atomic rename) or not at all,
+    replacing whatever was there: the convert stage's out."""
+    with atomic_dir(out_dir) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the runtime folder should read like any other
+        return convert_into(backend, precision, decoder_dir, lm_dir, tmp, settings, checkpoint_dir)
+
+
+def convert_into(
+    backend: str,
+    precision: str,
+    decoder_dir: Path | str,
+    lm_dir: Path | str,
+    folder: Path | str,
+    settings: ConvertSettings | None = None,
+    checkpoint_dir: Path | str | None = None,
+) -> dict[str, Any]:
+    """Write one target (registry.TARGETS: its converter, registry.target(...).converter()) into ``folder``
+    (which exists and holds no lm/ or decoder/): ``folder/{lm,decoder}`` each get the converted model, the
+    export's JSON config (``file`` pointing at the converted model, a ``conversion`` record beside it) and,
+    for the LM, the tokenizer files. Returns the figures: per model (``lm``, ``decoder``) seconds, bytes
+    and source_bytes.
 
     For a backend with a stateful LM (OpenVINO) and ``checkpoint_dir``, the LM folder also gets the
     stateful LM, converted from the checkpoint, with its own config; the runtime prefers it (figures key
-    ``lm_stateful``). The whole ``out_dir`` appears at once (atomic rename) or not at all.
+    ``lm_stateful``). Without ``checkpoint_dir`` the LM folder holds the step model only.
+
+    The target, the checkpoint folder and the export (`read_export`) are checked before anything is
+    converted. ``folder`` is not cleaned up on failure: callers write into a temporary folder
+    (`convert_target`: fsutil.atomic_dir; `soprano-onnx convert`: fsutil.atomic_files).
     """
     target = registry.target(backend, precision)
     prec = registry.precision(precision)
@@ -282,43 +389,31 @@ def convert_target(
                              "is converted from the checkpoint: run the fetch stage first (dvc repro fetch).")
     settings = settings or ConvertSettings()
     convert = target.converter()
-    sources = {LM_DIR: Path(lm_dir), registry.DECODER_DIR: Path(decoder_dir)}
+    export = read_export(lm_dir, decoder_dir)
+    folder = Path(folder)
     figures: dict[str, Any] = {}
-    with atomic_dir(out_dir) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the runtime folder should read like any other
-        for which, spec in MODELS.items():
-            src_dir = sources[which]
-            cfg_path = src_dir / spec.config
-            if not cfg_path.is_file():
-                raise ModelFileError(f"{cfg_path}: export config not found; run the export stages first.")
-            cfg = json.loads(cfg_path.read_text())
-            src = src_dir / spec.block(cfg)["file"]
-            if not src.is_file():
-                raise ModelFileError(f"{src}: the ONNX model named by {cfg_path.name} is missing; re-run the export.")
-            dst = tmp / which
-            dst.mkdir()
-            log.info("%s %s: converting %s", which, target.label, src)
-            start = time.perf_counter()
-            info = {"backend": backend, "precision": precision, "source": src.name,
-                    **convert(src, dst, which, prec, settings)}
-            info["seconds"] = round(time.perf_counter() - start, 3)
-            info["bytes"] = sum(f.stat().st_size for f in _files(info, dst))
-            info["source_bytes"] = src.stat().st_size
-            block = spec.block(cfg)
-            block["file"], block["conversion"] = info["file"], info
-            write_json(dst / spec.config, cfg)
-            for name in spec.extra_files:
-                if (src_dir / name).is_file():
-                    shutil.copy2(src_dir / name, dst / name)
-                elif name == registry.TOKENIZER_FILE:
-                    raise ModelFileError(f"{src_dir / name}: not found; the LM folder must carry the tokenizer.")
-            log.info("%s %s: %.1f MB -> %.1f MB in %.1f s", which, target.label, info["source_bytes"] / 1e6,
-                     info["bytes"] / 1e6, info["seconds"])
-            figures[which] = {k: info[k] for k in ("seconds", "bytes", "source_bytes")}
-            if which == LM_DIR and stateful is not None:
-                figures["lm_stateful"] = _convert_stateful(stateful, Path(checkpoint_dir), dst, target, prec, settings, cfg)
+    for which, spec in MODELS.items():
+        src_dir, cfg, src = export[which].dir, export[which].config, export[which].src
+        dst = folder / which
+        dst.mkdir()
+        log.info("%s %s: converting %s", which, target.label, src)
+        start = time.perf_counter()
+        info = {"backend": backend, "precision": precision, "source": src.name,
+                **convert(src, dst, which, prec, settings)}
+        info["seconds"] = round(time.perf_counter() - start, 3)
+        info["bytes"] = sum(f.stat().st_size for f in _files(info, dst))
+        info["source_bytes"] = src.stat().st_size
+        block = spec.block(cfg)
+        block["file"], block["conversion"] = info["file"], info
+        write_json(dst / spec.config, cfg)
+        for name in spec.extra_files:
+            if (src_dir / name).is_file():
+                shutil.copy2(src_dir / name, dst / name)
+        log.info("%s %s: %.1f MB -> %.1f MB in %.1f s", which, target.label, info["source_bytes"] / 1e6,
+                 info["bytes"] / 1e6, info["seconds"])
+        figures[which] = {k: info[k] for k in ("seconds", "bytes", "source_bytes")}
+        if which == LM_DIR and stateful is not None:
+            figures["lm_stateful"] = _convert_stateful(stateful, Path(checkpoint_dir), dst, target, prec, settings, cfg)
     return figures
 
 

@@ -428,8 +428,8 @@ class SopranoTTS:
             if found is None:
                 looked = ", ".join(str(p / which) for p in registry.folders_under(root, t.backend, t.precision))
                 raise ModelFileError(f"{root}: no {which} of {t.label} ({looked}); build it with `dvc repro "
-                                     f"convert@{t.label}` or `soprano-onnx convert --backend {t.backend} --precision "
-                                     f"{t.precision} --out {root / t.backend / t.precision}`.")
+                                     f"convert@{t.label}` or `soprano-onnx convert --export EXPORT_DIR --backend {t.backend} "
+                                     f"--precision {t.precision} --out {root / t.backend / t.precision}`.")
             dirs[which] = found
         lm_b, dec_b = registry.backend(choice.lm.backend), registry.backend(choice.decoder.backend)
         tts = cls(_lm_file(dirs[LM_DIR], lm_b, stateful, dirs[DECODER_DIR]), _decoder_file(dirs[DECODER_DIR], dec_b),
