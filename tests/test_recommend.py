@@ -245,3 +245,28 @@ def test_report_names_the_fastest_that_passed_and_the_rule():
     assert "| single stream (x real time) | onnx-int4 | 14 | onnx-int4 | agree |" in text
     assert "| batch of 8 (x real time) | onnx-int8 | 30 | onnx-int4 | differ: the rule's pick measured 28 |" in text
     assert "openvino-int8 (not checked on this CPU" in text and "class `avx2`" in text
+
+
+def test_server_loads_a_pair_for_batching(root):
+    """serve --precision: the server's loader takes the pair from ROOT with OpenVINO's step IR (not the stateful
+    LM, which the batching scheduler cannot use), and batched greedy audio equals the pair's own synthesis."""
+    from pipeline_lib.runtime.scheduler import BatchScheduler, SpeechRequest
+    from pipeline_lib.server.app import Settings, _load_tts
+
+    tts = _load_tts(Settings(model=root, precision="openvino-int8+onnx-fp32", threads=1))
+    assert tts.choice.label == "openvino-int8+onnx-fp32"
+    assert tts.lm_path.name == "soprano_lm_step.xml" and tts.decoder_path.suffix == ".onnx"
+    sched = BatchScheduler(tts, max_batch=4).start()
+    try:
+        jobs = [sched.submit(SpeechRequest(text, max_new_tokens=20)) for text in ("Hello there.", "Good morning.")]
+        for job, text in zip(jobs, ("Hello there.", "Good morning.")):
+            got = np.concatenate(list(job))
+            want = tts.synthesize(text, max_new_tokens=20)["audio"]
+            assert len(got) == len(want) > 0
+            assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    finally:
+        sched.close()
+    from pipeline_lib.cli import main
+
+    assert main(["serve", "--model", str(root), "--precision", "auto", "--backend", "onnx"]) == 2
+    assert main(["serve", "--model", str(root), "--precision", "onnx-int3"]) == 2

@@ -432,7 +432,7 @@ class SopranoTTS:
                                      f"--precision {t.precision} --out {root / t.backend / t.precision}`.")
             dirs[which] = found
         lm_b, dec_b = registry.backend(choice.lm.backend), registry.backend(choice.decoder.backend)
-        tts = cls(_lm_file(dirs[LM_DIR], lm_b, stateful, dirs[DECODER_DIR]), _decoder_file(dirs[DECODER_DIR], dec_b),
+        tts = cls(_lm_file(dirs[LM_DIR], lm_b, stateful), _decoder_file(dirs[DECODER_DIR], dec_b),
                   backend=lm_b.runtime, decoder_backend=dec_b.runtime, **kwargs)
         tts.choice = choice
         return tts

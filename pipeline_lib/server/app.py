@@ -87,10 +87,14 @@ class Settings:
     `tts`: an already built SopranoTTS instead (tests, benchmarks), shared, not closed by the app.
     `threads`, `max_batch`, `max_queue`: None = the runtime's and scheduler's defaults.
     `max_body_bytes`: None = 12 bytes per allowed input character + 16 KiB (64 KiB at 4096).
-    `on_load_error`: called (from a worker thread) if loading fails; `soprano-onnx serve` stops."""
+    `on_load_error`: called (from a worker thread) if loading fails; `soprano-onnx serve` stops.
+    `precision`: `model` is a ROOT of <backend>/<precision>/ folders (artifacts/) and this names the models
+    (SopranoTTS.from_dir(precision=...): "auto" picks for objective "batch", or a target, or LM+DECODER);
+    the backends come from it and `backend` is not used."""
 
     model: Path | None = None
     backend: str = "onnx_cpu"
+    precision: str | None = None
     threads: int | None = None
     max_batch: int | None = None
     max_queue: int | None = None
@@ -123,7 +127,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """SOPRANO_MODEL, SOPRANO_BACKEND, SOPRANO_THREADS, SOPRANO_MAX_BATCH, SOPRANO_MAX_QUEUE,
+        """SOPRANO_MODEL, SOPRANO_BACKEND, SOPRANO_PRECISION, SOPRANO_THREADS, SOPRANO_MAX_BATCH, SOPRANO_MAX_QUEUE,
         SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES (unset: the defaults)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
@@ -133,7 +137,7 @@ class Settings:
             raw = env.get(_ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name in ("model", "backend", "api_key"):
+            if f.name in ("model", "backend", "api_key", "precision"):
                 kwargs[f.name] = raw
             else:
                 try:
@@ -184,7 +188,8 @@ def _load_tts(s: Settings) -> Any:
     scheduler needs the step model that takes the KV cache as inputs. Construction warms up."""
     from pipeline_lib.runtime.tts import SopranoTTS
 
-    kwargs: dict[str, Any] = {"backend": s.backend}
+    kwargs: dict[str, Any] = {"backend": s.backend} if s.precision is None else {"precision": s.precision,
+                                                                                  "objective": "batch"}
     if s.threads is not None:
         kwargs["num_threads"] = s.threads
     # static_decode_width: OpenVINO's fixed-shape one-row model serves only single-row steps at one
@@ -231,6 +236,8 @@ class _Service:
         lm_path, decoder_path = Path(tts.lm_path), Path(tts.decoder_path)
         self.info = {
             "backend": tts.backend,
+            "decoder_backend": getattr(tts, "decoder_backend", tts.backend),
+            "models": tts.choice.label if getattr(tts, "choice", None) is not None else None,
             "lm_precision": _precision(getattr(tts.spec, "path", None), lm_path),
             "decoder_precision": _precision(_decoder_config(decoder_path), decoder_path),
             "threads": tts.num_threads,

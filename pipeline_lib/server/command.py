@@ -22,7 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", type=Path, required=True,
                    help="export folder (soprano-onnx export --out DIR) or pipeline folder with lm/ and decoder/")
-    p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default="onnx", help="inference backend (default: onnx)")
+    p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default=None,
+                   help="inference backend (default: onnx; with --precision it comes from the precision)")
+    p.add_argument("--precision", default=None,
+                   help="with a ROOT folder as --model (artifacts/ after dvc repro): 'auto' (the fastest for this CPU "
+                        "for batches, logged with the reason), a target such as onnx-int8, or LM+DECODER such as "
+                        "onnx-int4+openvino-int8")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -53,8 +58,16 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
+    if args.precision is not None and args.backend is not None:
+        raise InputError("--precision names the backends (e.g. onnx-int4+openvino-int8); leave --backend out")
+    if args.precision is not None:
+        from pipeline_lib import registry
+
+        if args.precision != "auto":
+            registry.choice(args.precision)  # a bad name is an error before the port opens
     settings = Settings(
-        model=args.model, backend=BACKEND_CHOICES[args.backend], threads=args.threads, max_batch=args.max_batch,
+        model=args.model, backend=BACKEND_CHOICES[args.backend or "onnx"], precision=args.precision,
+        threads=args.threads, max_batch=args.max_batch,
         max_queue=args.max_queue, api_key=args.api_key,
         max_input_chars=args.max_input_chars if args.max_input_chars is not None else DEFAULT_MAX_INPUT_CHARS,
         max_body_bytes=args.max_body_bytes, on_load_error=stop,
