@@ -66,11 +66,11 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("which", ["tts", "openvino_tts"])
-def test_eight_requests_in_one_batch_equal_solo_synthesis(request, which):
+@pytest.mark.parametrize("which,policy", [("tts", "deadline"), ("tts", "legacy"), ("openvino_tts", "deadline")])
+def test_eight_requests_in_one_batch_equal_solo_synthesis(request, which, policy):
     tts = request.getfixturevalue(which)
     steps = _Steps()
-    sched = BatchScheduler(tts, max_batch=8, observer=steps).start()
+    sched = BatchScheduler(tts, max_batch=8, observer=steps, policy=policy).start()
     try:
         jobs = [sched.submit(SpeechRequest(t, max_new_tokens=24)) for t in TEXTS]
         got = [j.audio() for j in jobs]
@@ -293,3 +293,126 @@ def test_one_token_requests_are_refused_and_idle_batches_hold_no_cache(openvino_
         assert held and all(ref() is None for ref in held)  # the OpenVINO context let go of the arrays
     finally:
         sched.close()
+
+
+class _Events:
+    """Worker-side events in order: ("prefill", prompt length) and ("window", job, first block)."""
+
+    def __init__(self, sched: BatchScheduler) -> None:
+        self.items: list[tuple] = []
+        window, prefill = sched._window, sched._prefill
+
+        def on_window(r, start, end, last):
+            self.items.append(("window", r.job, start))
+            return window(r, start, end, last)
+
+        def on_prefill(lm, prompt):
+            self.items.append(("prefill", len(prompt)))
+            return prefill(lm, prompt)
+
+        sched._window, sched._prefill = on_window, on_prefill
+
+
+def _ahead_s(job) -> float:
+    return job.play_end - time.perf_counter()
+
+
+def _long_job_then_a_new_one(tts, policy):
+    """A long request streams until its listener has over a second of audio in hand; then a new
+    request comes. Small later windows (max_chunk 4): the long one has a window due every fourth step,
+    so one falls in the new row's wait (its prefill, then four steps). The events, the jobs, their audio."""
+    sched = BatchScheduler(tts, max_batch=4, first_chunk=1, chunk_growth=4, max_chunk=4, policy=policy, margin_s=0.05)
+    events = _Events(sched)
+    sched.start()
+    try:
+        long = sched.submit(SpeechRequest(TEXTS[4], max_new_tokens=400))
+        chunks = []
+        for chunk in long:
+            chunks.append(chunk)
+            if _ahead_s(long) > 0.6:
+                break
+        assert not long.done  # still running when the new request comes
+        new = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=24))
+        new_audio = new.audio()
+        long_audio = np.concatenate([*chunks, *long])
+    finally:
+        sched.close()
+    return events.items, long, new, long_audio, new_audio
+
+
+def _windows_while_waiting(items, long, new):
+    """The long job's windows decoded between the new job's prefill and its first window."""
+    joined = max(i for i, e in enumerate(items) if e[0] == "prefill")  # the new job's (the long one's came first)
+    first = next(i for i, e in enumerate(items) if e[0] == "window" and e[1] is new)
+    return [e for e in items[joined:first] if e[0] == "window" and e[1] is long]
+
+
+def test_a_new_rows_first_audio_does_not_wait_behind_later_windows(tts):
+    """Deadline policy: while the new request waits for its first audio, the long one (far ahead of
+    real time) decodes nothing; both results still equal solo synthesis."""
+    items, long, new, long_audio, new_audio = _long_job_then_a_new_one(tts, "deadline")
+    assert _windows_while_waiting(items, long, new) == []
+    assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=400)["audio"]) <= 1e-4
+    assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
+
+
+def test_the_legacy_policy_decodes_later_windows_before_a_new_rows_first_audio(tts):
+    """The same scene under the old policy (one due later window per step): the long job's windows go
+    ahead of the new job's first one; this is what the deadline policy removes."""
+    items, long, new, long_audio, new_audio = _long_job_then_a_new_one(tts, "legacy")
+    assert len(_windows_while_waiting(items, long, new)) >= 1
+    assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
+
+
+def test_deferred_rows_are_not_starved(tts):
+    """Requests keep coming (someone always waits for first audio) while a long one runs: the long
+    one's windows still go out before its listener runs dry (its slack falls under the margin), and
+    every job finishes with its solo audio."""
+    sched = BatchScheduler(tts, max_batch=3, chunk_growth=2, max_chunk=4, margin_s=0.3)
+    events = _Events(sched)
+    sched.start()
+    try:
+        long = sched.submit(SpeechRequest(TEXTS[1], max_new_tokens=120))
+        jobs, got = [], {}
+        deadline = time.monotonic() + 60
+        while not long.done and time.monotonic() < deadline:
+            jobs.append(sched.submit(SpeechRequest(TEXTS[len(jobs) % 8], max_new_tokens=12)))
+            time.sleep(0.01)
+            if len(jobs) > 2:
+                got[len(jobs) - 3] = jobs[-3].audio()  # at most three in flight besides the long one
+        long_audio = long.audio()
+        got = [got[i] if i in got else j.audio() for i, j in enumerate(jobs)]
+    finally:
+        sched.close()
+    assert long.done and long.error is None and all(j.done and j.error is None for j in jobs)
+    assert len(jobs) >= 3 and len([e for e in events.items if e[0] == "window" and e[1] is long]) >= 3
+    assert _rel(long_audio, tts.synthesize(TEXTS[1], max_new_tokens=120)["audio"]) <= 1e-4
+    for j, g in zip(jobs, got):
+        assert _rel(g, tts.synthesize(j.request.text, max_new_tokens=12)["audio"]) <= 1e-4
+
+
+def test_a_later_sentence_starts_after_its_jobs_first_audio(tts):
+    """Deadline policy: a two-sentence request's second sentence is prefilled only once the first has
+    sent audio, so its prefill does not delay that first audio; the audio still equals solo synthesis."""
+    sched = BatchScheduler(tts, max_batch=4)
+    events = _Events(sched)
+    text = TEXTS[1]  # two sentences
+    job = sched.submit(SpeechRequest(text, max_new_tokens=20))
+    sched.start()
+    try:
+        audio = job.audio()
+    finally:
+        sched.close()
+    kinds = [e[0] for e in events.items]
+    assert kinds[0] == "prefill" and kinds[1] == "window" and kinds.count("prefill") == 2
+    assert _rel(audio, tts.synthesize(text, max_new_tokens=20)["audio"]) <= 1e-4
+
+
+def test_policy_is_validated_and_switchable(tts, monkeypatch):
+    assert BatchScheduler(tts).policy == "deadline"
+    monkeypatch.setenv("SOPRANO_SCHEDULER_POLICY", "legacy")
+    assert BatchScheduler(tts).policy == "legacy"
+    with pytest.raises(InputError, match="policy"):
+        BatchScheduler(tts, policy="fifo")
+    with pytest.raises(InputError, match="margin_s"):
+        BatchScheduler(tts, margin_s=-1)

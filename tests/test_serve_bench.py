@@ -287,3 +287,10 @@ def test_dvc_deps_cover_the_code_the_stage_runs():
     missing = [f for f in files if f != "pipeline_lib/__init__.py"
                and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)]
     assert not missing, f"serve_bench deps miss {missing}"
+
+
+def test_stall_is_the_time_a_listener_waits_for_audio():
+    # 0.1 s of audio at t=0, more at 0.5 s (0.4 s late), then 0.2 s more at 0.55 s (in time), 0.1 s at 0.9 s (0.1 late)
+    arrivals = [(0.0, 100), (0.5, 200), (0.55, 400), (0.9, 500)]
+    assert sl.stall_s(arrivals, 1000) == pytest.approx(0.4 + 0.1)
+    assert sl.stall_s([(0.0, 1000), (0.5, 2000)], 1000) == 0.0 and sl.stall_s([], 1000) == 0.0

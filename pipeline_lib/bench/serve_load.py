@@ -345,6 +345,21 @@ def _pct_ms(values: Sequence[float], q: float) -> float:
     return 1e3 * float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else NAN
 
 
+def stall_s(arrivals: Sequence[tuple[float, int]], sample_rate: int) -> float:
+    """Seconds a listener playing the body from its first audio byte on (pausing whenever it runs
+    out) would have waited for audio: the underruns of a streamed response."""
+    waited, play_end, prev = 0.0, None, 0
+    for t, n in arrivals:
+        if play_end is None:
+            play_end = t
+        elif t > play_end:
+            waited += t - play_end
+            play_end = t
+        play_end += (n - prev) / sample_rate
+        prev = n
+    return waited
+
+
 def summarize_level(level: LevelResult, sample_rate: int) -> dict[str, Any]:
     """The level's figures (a subset of COLUMNS: the load and its outcome)."""
     reqs = level.requests
@@ -372,6 +387,10 @@ def summarize_level(level: LevelResult, sample_rate: int) -> dict[str, Any]:
         "latency_p50_ms": _pct_ms([r.total_s for r in counted], 50),
         "latency_p95_ms": _pct_ms([r.total_s for r in counted], 95),
         "load_avg": level.load_avg,
+        # Not in COLUMNS (the CSV): playback underruns of the complete responses, for the log and A/B runs.
+        "stall_p50_ms": _pct_ms([stall_s(r.arrivals, sample_rate) for r in reqs if r.ok], 50),
+        "stall_p95_ms": _pct_ms([stall_s(r.arrivals, sample_rate) for r in reqs if r.ok], 95),
+        "stalled_share": (sum(stall_s(r.arrivals, sample_rate) > 0 for r in reqs if r.ok) / max(1, sum(r.ok for r in reqs))),
     }
 
 
@@ -432,8 +451,9 @@ def run_levels(target: Target, settings: LoadSettings, geometry: AudioGeometry) 
             row = summarize_level(level, geometry.sample_rate)
             row["settle_s"] = waited
             log.info("%s, %d clients: %d ok, %d errors, %d cut; x%.2f real time, TTFA p50 %.0f / p95 %.0f ms, "
-                     "latency p95 %.0f ms", target.name, c, row["requests_ok"], row["errors"], row["cut"], row["xrt"],
-                     row["ttfa_p50_ms"], row["ttfa_p95_ms"], row["latency_p95_ms"])
+                     "latency p95 %.0f ms; playback stalls p50 %.0f / p95 %.0f ms (%.0f%% of responses)", target.name, c,
+                     row["requests_ok"], row["errors"], row["cut"], row["xrt"], row["ttfa_p50_ms"], row["ttfa_p95_ms"],
+                     row["latency_p95_ms"], row["stall_p50_ms"], row["stall_p95_ms"], 100 * row["stalled_share"])
             rows.append(row)
         return rows
 

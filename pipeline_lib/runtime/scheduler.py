@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -93,6 +95,10 @@ class SchedulerObserver(Protocol):
 
 _END = object()
 
+POLICIES = ("deadline", "legacy")
+DEFAULT_POLICY = "deadline"
+POLICY_ENV = "SOPRANO_SCHEDULER_POLICY"  # the server's switch (A/B runs): deadline | legacy
+
 
 class SpeechJob:
     """The handle of one submitted request: its audio chunks, in order, and its progress.
@@ -108,6 +114,11 @@ class SpeechJob:
         self.samples = 0
         self.tokens = 0
         self.error: BaseException | None = None
+        # The listener's playback clock, as the scheduler sees it: playing from the first chunk on, a
+        # chunk that arrives after the audio before it has run out is a stall (an underrun).
+        self.play_end: float | None = None  # when the audio sent so far would have finished playing
+        self.stalls = 0
+        self.stall_s = 0.0
         self._items: collections.deque[Any] = collections.deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -123,8 +134,16 @@ class SpeechJob:
 
     # -- producer side (the scheduler's worker) --------------------------------------------------
     def _push(self, chunk: np.ndarray) -> None:
+        now = time.perf_counter()
         if self.first_audio_at is None:
-            self.first_audio_at = time.perf_counter()
+            self.first_audio_at = now
+        if self.play_end is None:
+            self.play_end = now
+        elif now > self.play_end:  # the listener ran out of audio before this chunk came
+            self.stalls += 1
+            self.stall_s += now - self.play_end
+            self.play_end = now
+        self.play_end += len(chunk) / self.sample_rate
         self.samples += len(chunk)
         self._put(chunk)
 
@@ -352,21 +371,40 @@ class _Row:
 class BatchScheduler:
     """Continuous batching (see the module docstring for the contract).
 
-    Policy, between two decode steps of the running batch:
+    Policy ("deadline", the default), one iteration between two decode steps of the running batch:
     * cancelled jobs leave (their rows at once);
+    * every row samples its next token with its own settings and generator; rows that end ([STOP]
+      or max_new_tokens) leave the batch at once (their slot is free for the next row), their last
+      window still to be decoded;
+    * the decoder's work, in the runtime's lossless streaming windows (any window with
+      `stream_context` tokens of context on each side is exact; see _decode_due):
+      - a job's first audio as soon as the decoder's receptive field allows (`first_chunk` tokens
+        plus the context): the window of each job that has sent nothing yet goes first;
+      - a later window is due once the row has `chunk` exact blocks not yet sent (`chunk` grows
+        from `first_chunk` by `chunk_growth` up to `max_chunk`), or the row ended. Each job keeps a
+        playback clock (its listener playing from the first chunk on, pausing when it runs out): a
+        due window whose listener has less than `margin_s` plus two iterations of audio left is
+        decoded now, most urgent first; one further ahead waits while any job still waits for its
+        first audio, so a new request's prefill and first window are not queued behind seconds of
+        other listeners' audio. With nobody waiting, every ended row's rest and the most urgent
+        other window (one per step) go. A window decodes every exact block the row has (up to
+        `max_chunk`; an ended row: all of its rest), so a window that waited is a longer one and
+        less context is decoded twice. A sentence behind an earlier one of its job is never urgent
+        (its audio plays later);
     * free rows (up to `max_batch`) go to waiting sentences, one at a time, each to the job with the
-      fewest rows running, the oldest first: a new request gets a row as soon as one is free, and a
-      long request (many sentences) cannot hold rows that a newer one is waiting for beyond the
-      end of the sentences it already runs (each at most max_new_tokens steps);
-    * each new row is prefilled alone and joins the batch (SlotCache.add), then every row samples
-      its next token with its own settings and generator, and rows that end ([STOP] or
-      max_new_tokens) leave at once;
-    * each row's audio is decoded in the runtime's lossless streaming windows as its tokens arrive:
-      the first window as soon as the decoder's receptive field allows (`first_chunk` tokens plus
-      the stream context), later windows `chunk_growth` times larger, up to `max_chunk` tokens, so
-      that the context decoded twice is a small part of the work; first windows go at once, later
-      ones one per step, most urgent first (see _decode_windows); a job's sentences are emitted
-      in order (a later sentence's audio waits for the earlier ones).
+      fewest rows running, the oldest first; requests that arrived during the decoder's work join
+      this step (prefilled alone, SlotCache.add). A job's later sentences start once the job has
+      sent its first audio, so they do not delay it; a long request (many sentences) cannot hold
+      rows that a newer one is waiting for beyond the end of the sentences it already runs (each
+      at most max_new_tokens steps);
+    * a job's sentences are emitted in order (a later sentence's audio waits for the earlier ones).
+    A row is never starved: its listener's clock runs down, and at `margin_s` its window is urgent.
+    `SpeechJob.stalls` / `stall_s` count the times (seconds) its listener would have run dry.
+
+    The old policy ("legacy", `policy="legacy"` or SOPRANO_SCHEDULER_POLICY=legacy, kept for A/B
+    runs): new rows are prefilled at the start of the iteration; every row's first window and every
+    ended row's rest at once, later windows of exactly `chunk` blocks, one per step (least audio
+    ahead first); a job's sentences all start as rows free up.
 
     The LM must take its KV cache as inputs (ONNX, or OpenVINO's plain step IR
     soprano_lm_step.xml): a stateful LM keeps the batch's cache inside its infer request, where a
@@ -382,6 +420,8 @@ class BatchScheduler:
         first_chunk: int = 1,
         chunk_growth: int = 8,
         max_chunk: int = 64,
+        policy: str | None = None,
+        margin_s: float = 0.15,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("first_chunk", first_chunk),
                         ("chunk_growth", chunk_growth), ("max_chunk", max_chunk)):
@@ -393,6 +433,12 @@ class BatchScheduler:
                 "batch; give the server the step model that takes the cache as inputs "
                 "(soprano_lm_step.xml for OpenVINO, or the .onnx)"
             )
+        policy = policy if policy is not None else os.environ.get(POLICY_ENV, DEFAULT_POLICY)
+        if policy not in POLICIES:
+            raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if isinstance(margin_s, bool) or not isinstance(margin_s, (int, float)) or not margin_s >= 0:
+            raise InputError(f"margin_s must be a number >= 0, got {margin_s!r}")
+        self.policy, self.margin_s = policy, float(margin_s)
         self.tts = tts
         self.max_batch, self.max_queue = max_batch, max_queue
         self.first_chunk, self.chunk_growth, self.max_chunk = first_chunk, chunk_growth, max_chunk
@@ -403,6 +449,9 @@ class BatchScheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.rows: list[_Row] = []
+        self._draining: list[_Row] = []  # deadline policy: rows that ended, their last window not decoded yet
+        self._period = 0.0  # mean seconds between two decoder phases (an iteration), for the margin
+        self._last_decode_at: float | None = None
         self.steps = 0  # decode steps run (all rows together)
         self.max_rows_seen = 0
 
@@ -485,6 +534,7 @@ class BatchScheduler:
         """Every job in the batch ends with `exc`; the batch starts afresh. Never raises: the worker
         must outlive any one failure."""
         self.rows = []
+        self._draining = []
         self._cache = self._new_cache()
         for job in list(self._jobs):
             try:
@@ -497,22 +547,32 @@ class BatchScheduler:
     def _iteration(self, lm: Any) -> None:
         for job in [j for j in self._jobs if j.cancelled]:
             self._end_job(job, JobCancelled("cancelled"))
-        self._admit(lm)
-        if not self.rows:
-            self.observer.on_step(0, self.queue_depth, 0, 0.0)  # the batch is empty (e.g. all cancelled)
-            return
+        if self.policy == "legacy":
+            self._admit(lm)
+            if not self.rows:
+                self.observer.on_step(0, self.queue_depth, 0, 0.0)  # the batch is empty (e.g. all cancelled)
+                return
         t0 = time.perf_counter()
-        sampled = len(self.rows)
-        for group in _by_params(self.rows):
-            logits = np.stack([r.logits for r in group])
-            seen = np.stack([r.seen for r in group])
-            gens = None if group[0].params.greedy else [r.gen for r in group]
-            tokens = select_tokens(logits, seen, group[0].params, gens)
-            for r, tok in zip(group, tokens):
-                self._take_token(r, int(tok))
-        self._decode_windows()
-        for r in [r for r in self.rows if r.finished]:
-            self._drop_row(r)
+        sampled = len(self.rows)  # tokens made this iteration
+        self._sample(self.rows)
+        if self.policy == "legacy":
+            self._decode_windows()
+            for r in [r for r in self.rows if r.finished]:
+                self._drop_row(r)
+        else:
+            for r in [r for r in self.rows if r.finished]:
+                self._leave_batch(r)  # its slot is free now; its last window is decoded by the rule below
+            self._decode_due()
+            # Requests that came while the windows were decoded join this step (not one step later).
+            joined = self._admit(lm)
+            self._sample(joined)
+            sampled += len(joined)
+            for r in [r for r in joined if r.finished]:  # [STOP] at once: no audio, no step
+                self._leave_batch(r)
+                self._decode_row(r)
+            if not self.rows:  # no step to run: nothing to put a window off for
+                for r in sorted(self._draining, key=lambda x: x.job.submitted_at):
+                    self._decode_row(r)
         if not self.rows:
             _release(lm)  # idle: the context lets go of the batch's cache arrays
         if self.rows:
@@ -527,15 +587,34 @@ class BatchScheduler:
                 r.last_hidden = np.array(hidden[i, -1], dtype=np.float32)
                 r.next_pos += 1
             self.steps += 1
-        self.observer.on_step(sampled, self.queue_depth, sampled, time.perf_counter() - t0)
+        rows = sampled if self.policy == "legacy" else len(self.rows)  # deadline: the rows of the step
+        self.observer.on_step(rows, self.queue_depth, sampled, time.perf_counter() - t0)
         if not self.rows:
             self.observer.on_step(0, self.queue_depth, 0, 0.0)  # the batch is empty now
 
-    def _admit(self, lm: Any) -> None:
+    def _sample(self, rows: list[_Row]) -> None:
+        """Every row samples its next token from its last logits, with its own settings and generator."""
+        for group in _by_params([r for r in rows if r.logits is not None]):
+            logits = np.stack([r.logits for r in group])
+            seen = np.stack([r.seen for r in group])
+            gens = None if group[0].params.greedy else [r.gen for r in group]
+            tokens = select_tokens(logits, seen, group[0].params, gens)
+            for r, tok in zip(group, tokens):
+                self._take_token(r, int(tok))
+
+    def _admit(self, lm: Any) -> list[_Row]:
+        """Free rows to waiting sentences (see the class docstring); the rows that joined."""
+        if self.policy != "legacy":
+            with self._lock:  # requests submitted since the iteration began
+                while self._queue:
+                    self._jobs.append(self._queue.popleft())
+        joined: list[_Row] = []
         while len(self.rows) < self.max_batch:
             waiting = [j for j in self._jobs if j._next_start < len(j._ids)]
+            if self.policy != "legacy":  # a later sentence waits until its job has sent its first audio
+                waiting = [j for j in waiting if j.first_audio_at is not None or j._next_start == j._next_emit]
             if not waiting:
-                return
+                return joined
             job = min(waiting, key=lambda j: (j._active, j.submitted_at))
             k = job._next_start
             job._next_start += 1
@@ -550,8 +629,10 @@ class BatchScheduler:
             row.logits, row.last_hidden = logits, hidden
             self._cache.add(kv)
             self.rows.append(row)
+            joined.append(row)
             job._active += 1
             self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
+        return joined
 
     def _prefill(self, lm: Any, prompt: list[int]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         spec = self.tts.spec
@@ -600,6 +681,72 @@ class BatchScheduler:
             except Exception as exc:  # noqa: BLE001 - this job's failure only
                 self._end_job(r.job, exc)
 
+    def _decode_due(self) -> None:
+        """The decoder's work between two decode steps, deadline policy (see the class docstring).
+
+        1. First audio: the window of each job that has sent nothing yet, as soon as it is exact.
+        2. Later windows (the row has `chunk` exact blocks not yet sent, or it ended): a row whose
+           listener has less than `margin` seconds of audio left to play is decoded now, most urgent
+           first; a row further ahead waits while any job still waits for its first audio (queued
+           or running), since its listener does not need more yet. With nobody waiting for first
+           audio: every ended row's rest, and the most urgent of the others, one per step.
+        A window decodes every exact block the row has (up to `max_chunk`; an ended row: all of the
+        rest), so a window that waited is a longer one: fewer windows, less context decoded twice."""
+        now = time.perf_counter()
+        if self._last_decode_at is not None:
+            self._period = 0.8 * self._period + 0.2 * (now - self._last_decode_at)
+        self._last_decode_at = now
+        margin = self.margin_s + 2.0 * self._period
+        later = []
+        for r in [*self.rows, *self._draining]:
+            if self._needs_first_audio(r):
+                if r.finished or self._due(r):
+                    self._decode_row(r, limit=1)
+            elif r.finished or self._due(r):
+                later.append(r)
+        waiting = bool(self._queue) or any(j.first_audio_at is None for j in self._jobs)
+        slack = {id(r): self._slack_s(r, now) for r in later}
+        later.sort(key=lambda r: slack[id(r)])
+        urgent = [r for r in later if slack[id(r)] < margin]
+        if waiting:
+            todo = urgent
+        else:
+            rest = [r for r in later if slack[id(r)] >= margin]
+            todo = urgent + [r for r in rest if r.finished] + [r for r in rest if not r.finished][:1]
+        for r in todo:
+            self._decode_row(r)
+
+    def _needs_first_audio(self, r: _Row) -> bool:
+        """The row is its job's sentence to emit next, and the job has sent no audio yet."""
+        return r.job.first_audio_at is None and r.index == r.job._next_emit
+
+    def _slack_s(self, r: _Row, now: float) -> float:
+        """Seconds of audio the row's listener still has to play (its job's playback clock); infinite
+        for a sentence behind an earlier one of its job (its audio is not the next to play)."""
+        job = r.job
+        if r.index != job._next_emit or job.play_end is None:
+            return math.inf
+        return job.play_end - now
+
+    def _decode_row(self, r: _Row, limit: int | None = None) -> None:
+        """Decode the row's due windows (deadline policy); a row out of the batch that has sent all
+        its audio is done. A failure ends the row's job only."""
+        if r.job.done:  # its job ended (failed) earlier in this decoder phase
+            return
+        try:
+            if r.finished:
+                self._decode_ready(r)
+            elif limit is not None:
+                self._decode_ready(r, limit=limit)
+            else:
+                self._decode_ready(r, limit=1, widest=True)
+        except Exception as exc:  # noqa: BLE001 - this job's failure only
+            self._end_job(r.job, exc)
+            return
+        if r.finished and r in self._draining:
+            self._draining.remove(r)
+            self._complete_row(r)
+
     def _due(self, r: _Row) -> bool:
         """Block j is exact once token j + 1 + ctx exists: the row's next window can be decoded."""
         return r.n - 1 - self.tts.stream_context - r.emitted >= r.chunk
@@ -612,9 +759,10 @@ class BatchScheduler:
             return float("inf")
         return job.samples / job.sample_rate - (time.perf_counter() - job.first_audio_at)
 
-    def _decode_ready(self, r: _Row, limit: int | None = None) -> None:
+    def _decode_ready(self, r: _Row, limit: int | None = None, widest: bool = False) -> None:
         """Decode the row's windows whose samples are exact by now (at most `limit` of them; all of
-        the rest once the row ended)."""
+        the rest once the row ended). `widest`: a window holds every exact block (at least `chunk`,
+        at most `max_chunk` or `chunk`, the larger), not `chunk` blocks."""
         ctx = self.tts.stream_context
         if r.finished:
             if r.n - 1 > r.emitted:
@@ -624,6 +772,8 @@ class BatchScheduler:
         done = 0
         while self._due(r) and (limit is None or done < limit):
             end = r.emitted + r.chunk
+            if widest:
+                end = r.emitted + min(r.n - 1 - ctx - r.emitted, max(r.chunk, self.max_chunk))
             self._emit(r, self._window(r, r.emitted, end, end + ctx))
             r.emitted = end
             r.chunk = min(self.max_chunk, r.chunk * self.chunk_growth)
@@ -666,8 +816,19 @@ class BatchScheduler:
     def _drop_row(self, r: _Row) -> None:
         """A finished row leaves the batch; its job moves on to its next sentence's audio."""
         self._remove_row(r)
+        r.job._active -= 1
+        self._complete_row(r)
+
+    def _leave_batch(self, r: _Row) -> None:
+        """Deadline policy: a finished row leaves the batch (its slot, and its job's turn to start
+        another sentence, are free) and waits in `_draining` until its last window is decoded."""
+        self._remove_row(r)
+        r.job._active -= 1
+        self._draining.append(r)
+
+    def _complete_row(self, r: _Row) -> None:
+        """All of a finished row's audio is decoded: emit the job's sentences that are complete, in order."""
         job = r.job
-        job._active -= 1
         job._finished_rows[r.index] = r
         while job._next_emit in job._finished_rows:  # flush sentences that ended, in order
             done = job._finished_rows.pop(job._next_emit)
@@ -675,7 +836,7 @@ class BatchScheduler:
                 self._push(job, a)
             done.pending = []
             job._next_emit += 1
-            nxt = next((x for x in self.rows if x.job is job and x.index == job._next_emit), None)
+            nxt = next((x for x in [*self.rows, *self._draining] if x.job is job and x.index == job._next_emit), None)
             if nxt is not None:  # the next sentence is running: what it has so far goes out now
                 for a in nxt.pending:
                     self._push(job, a)
@@ -687,6 +848,7 @@ class BatchScheduler:
         """Finish `job` (with `error`, if given) and take its rows out of the batch."""
         for r in [x for x in self.rows if x.job is job]:
             self._remove_row(r)
+        self._draining = [x for x in self._draining if x.job is not job]
         job._active = 0
         if job in self._jobs:
             self._jobs.remove(job)
