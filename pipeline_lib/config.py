@@ -227,6 +227,34 @@ def _check_bench(p: _Problems, bench: Mapping[str, Any]) -> None:
     p.is_number("bench.timeout_s", bench.get("timeout_s", 900), 0.0, strict=True)
 
 
+def _check_pairs_are_built(p: _Problems, bench: Mapping[str, Any], convert: Mapping[str, Any]) -> None:
+    """bench.pairs: each target built by this run (onnx-fp32, the export, or one of convert.targets),
+    each backend in bench.backends, no pair twice: else the benchmark would fail after the whole
+    pipeline ran, or read an older run's folder."""
+    pairs = bench.get("pairs") or []
+    if not isinstance(pairs, (list, tuple)):
+        return
+    built = {"-".join(registry.EXPORT_TARGET)} | {str(t) for t in (convert.get("targets") or {})}
+    backends = set(bench.get("backends") or [])
+    seen: set[str] = set()
+    for i, label in enumerate(pairs):
+        try:
+            c = registry.choice(str(label))
+        except InputError:
+            continue  # _check_bench names it
+        missing = [t.label for t in c.targets if t.label not in built]
+        if missing:
+            p.add(f"bench.pairs[{i}]", f"targets this run builds (convert.targets: {', '.join(sorted(built))}); "
+                  f"not built: {', '.join(missing)}", label)
+        off = sorted({t.backend for t in c.targets} - backends)
+        if off:
+            p.add(f"bench.pairs[{i}]", f"backends in bench.backends ({', '.join(sorted(backends))}); not there: "
+                  f"{', '.join(off)}", label)
+        if c.label in seen:
+            p.add(f"bench.pairs[{i}]", "each pair once", label)
+        seen.add(c.label)
+
+
 def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> None:
     """Raise InputError, naming every bad value, unless ``params`` (a composed dict, or an OmegaConf
     object as the stages load it) is one the stages can run with: thread counts and sizes ints >= 1,
@@ -270,6 +298,7 @@ def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> 
                     _check_thresholds(p, f"parity.{key}", parity[key], THRESHOLDS[precision.parity])
     if groups["bench"]:
         _check_bench(p, groups["bench"])
+        _check_pairs_are_built(p, groups["bench"], groups["convert"])
     if p.items:
         listing = "\n  ".join(p.items)
         raise InputError(f"{source}: {len(p.items)} bad value(s):\n  {listing}\n"

@@ -49,7 +49,7 @@ RULES: dict[str, dict[str, tuple[str, ...]]] = {
     # stream; OpenVINO int8 for the first chunk and for batches.
     "amx": {
         "stream": ("onnx-int4+openvino-bf16", "onnx-int4", "openvino-int8", "onnx-int8", "onnx-fp32"),
-        "first_chunk": ("openvino-int8", "onnx-int4+openvino-bf16", "onnx-int4", "onnx-int8", "onnx-fp32"),
+        "first_chunk": ("openvino-int8", "openvino-bf16", "onnx-int8", "onnx-int4", "onnx-fp32"),
         "batch": ("openvino-int8", "openvino-bf16", "onnx-int4", "onnx-int8", "onnx-fp32"),
     },
     # AVX-512 BF16 and VNNI without AMX (AMD Zen 5): ONNX Runtime's 4-bit LM is the fastest LM, OpenVINO's
@@ -151,24 +151,14 @@ def pick(root: str | Path, objective: str = "stream", flags: Iterable[str] | Non
         "<backend>/<precision>/{lm,decoder} from `soprano-onnx convert --out ROOT/<backend>/<precision>`.")
 
 
-def available(root: str | Path, flags: Iterable[str] | None = None) -> list[registry.Choice]:
-    """Every single-target choice present under `root` that runs on this CPU (for messages and tests)."""
-    if flags is None:
-        flags = read_cpuinfo()[1]
-    flags = set(flags)
-    out = []
-    for t in registry.TARGETS.values():
-        c = registry.Choice(t, t)
-        if runnable(c, flags) is None and present(Path(root), c):
-            out.append(c)
-    return out
+# The benchmark column (pipeline_lib.bench.COLUMNS) of each objective, and whether higher is better.
+OBJECTIVE_COLUMNS = {"stream": ("xrt", True), "first_chunk": ("first_chunk_ms", False), "batch": ("batch8_xrt", True)}
 
 
 def fastest(rows: Sequence[dict], objective: str, passed: Iterable[str]) -> dict | None:
-    """The benchmark row (pipeline_lib.bench.COLUMNS) fastest for `objective` among rows whose config
-    label (without the thread suffix) is in `passed`: highest xrt / batch8_xrt, lowest first_chunk_ms."""
-    key, higher = {"stream": ("xrt", True), "first_chunk": ("first_chunk_ms", False),
-                   "batch": ("batch8_xrt", True)}[check_objective(objective)]
+    """The benchmark row fastest for `objective` (OBJECTIVE_COLUMNS) among rows whose "choice" (the config
+    label without the thread suffix) is in `passed`."""
+    key, higher = OBJECTIVE_COLUMNS[check_objective(objective)]
     ok = set(passed)
     best = None
     for r in rows:

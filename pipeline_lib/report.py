@@ -285,7 +285,7 @@ def recommendation_lines(rows: Sequence[Mapping[str, Any]], parity: Mapping[str,
     cls = recommend.cpu_class(flags)
     table = []
     for objective in recommend.OBJECTIVES:
-        key = {"stream": "xrt", "first_chunk": "first_chunk_ms", "batch": "batch8_xrt"}[objective]
+        key = recommend.OBJECTIVE_COLUMNS[objective][0]
         best = recommend.fastest(at, objective, passed)
         measured = {r["choice"]: r for r in at}
         rule_pick = next((c.label for c in recommend.rule(cls, objective)
@@ -310,7 +310,10 @@ def recommendation_lines(rows: Sequence[Mapping[str, Any]], parity: Mapping[str,
             "target and the decoder of the second. One run on a shared machine is one sample: close figures can "
             "swap places between runs.", "",
             md_table(["objective", "fastest measured", "figure", "rule for this CPU class", "verdict"], table), "",
-            "Not in the running: " + ("; ".join(excluded) if excluded else "none") + ".", ""]
+            "Not in the running: " + ("; ".join(excluded) if excluded else "none") + ". "
+            "int4's limits (conf/parity/default.yaml, convert_int4) only catch a broken conversion on random "
+            "weights: judge int4 on a trained checkpoint before relying on it. Parity runs where the pipeline "
+            "runs: a bf16 model skipped there is out of the running even if the benchmark ran elsewhere.", ""]
 
 
 # (what, CSV column, higher is better, target ratio to upstream): the performance targets of the

@@ -49,8 +49,7 @@ if __name__ == "__main__":
     with stage_outputs("benchmark", csv_path, metrics_path, env_path, keep_previous=True):
         started = utc_now()
         jobs = plan(Path("."), ckpt, threads, convert_targets(params), backends=list(bench.backends),
-                    upstream_threads=int(params.threads), pairs=list(bench.get("pairs") or []),
-                    pair_threads=int(params.threads))
+                    upstream_threads=int(params.threads), pairs=list(bench.get("pairs") or []))
         log.info("benchmark: %d configurations: %s", len(jobs), ", ".join(j.label for j in jobs))
         rows = run_sweep(jobs, settings)  # the previous results stay in place until here (persist: true)
         with atomic_file(csv_path) as tmp:

@@ -270,3 +270,19 @@ def test_server_loads_a_pair_for_batching(root):
 
     assert main(["serve", "--model", str(root), "--precision", "auto", "--backend", "onnx"]) == 2
     assert main(["serve", "--model", str(root), "--precision", "onnx-int3"]) == 2
+
+
+def test_params_check_pairs_against_what_the_run_builds():
+    from pipeline_lib.config import compose, validate_params
+
+    params = compose()
+    validate_params(params)  # the committed composition is fine
+    narrowed = compose(["convert.precisions=[fp32,int8]", "bench.backends=[onnx,torch]"])
+    narrowed["convert"]["targets"] = {k: v for k, v in narrowed["convert"]["targets"].items()
+                                      if k.endswith(("fp32", "int8"))}
+    with pytest.raises(InputError) as e:
+        validate_params(narrowed)
+    assert "not built: onnx-int4" in str(e.value) and "not there: openvino" in str(e.value)
+    twice = compose(["bench.pairs=[onnx-int4+openvino-int8,onnx-int4+openvino-int8]"])
+    with pytest.raises(InputError, match="each pair once"):
+        validate_params(twice)

@@ -409,6 +409,7 @@ def test_a_later_sentence_starts_after_its_jobs_first_audio(tts):
 
 
 def test_policy_is_validated_and_switchable(tts, monkeypatch):
+    monkeypatch.delenv("SOPRANO_SCHEDULER_POLICY", raising=False)
     assert BatchScheduler(tts).policy == "deadline"
     monkeypatch.setenv("SOPRANO_SCHEDULER_POLICY", "legacy")
     assert BatchScheduler(tts).policy == "legacy"
@@ -416,3 +417,28 @@ def test_policy_is_validated_and_switchable(tts, monkeypatch):
         BatchScheduler(tts, policy="fifo")
     with pytest.raises(InputError, match="margin_s"):
         BatchScheduler(tts, margin_s=-1)
+
+
+def test_deadline_decodes_long_sentences_in_bounded_windows(tts, monkeypatch):
+    """A sentence whose windows waited (others waiting for first audio) is never decoded as one call over
+    its whole length: every decoder call holds at most max_chunk blocks plus the context on both sides;
+    the audio still equals solo synthesis."""
+    sizes: list[int] = []
+    decode = tts._decode
+
+    def recording(hidden):
+        sizes.append(int(hidden.shape[1]))
+        return decode(hidden)
+
+    monkeypatch.setattr(tts, "_decode", recording)
+    sched = BatchScheduler(tts, max_batch=4, max_chunk=8, policy="deadline").start()
+    try:
+        jobs = [sched.submit(SpeechRequest(t, max_new_tokens=60)) for t in TEXTS[:4]]
+        got = [np.concatenate(list(j)) for j in jobs]
+    finally:
+        sched.close()
+    monkeypatch.setattr(tts, "_decode", decode)
+    limit = 8 + 2 * tts.stream_context + 1
+    assert sizes and max(sizes) <= limit, (max(sizes), limit)
+    for g, t in zip(got, TEXTS[:4]):
+        assert _rel(g, tts.synthesize(t, max_new_tokens=60)["audio"]) <= 1e-4

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from pipeline_lib.errors import InputError
+from pipeline_lib.recommend import OBJECTIVES
 from pipeline_lib.registry import BACKEND_CHOICES, DECODER_FILE, LM_FILE, TOKENIZER_FILE
 
 
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a ROOT folder as --model (artifacts/ after dvc repro, or <backend>/<precision>/ folders "
                         "from `soprano-onnx convert`): 'auto' (the fastest for this CPU, logged with the reason), a "
                         "target such as onnx-int8, or LM+DECODER such as onnx-int4+openvino-bf16")
-    p.add_argument("--objective", choices=("stream", "first_chunk", "batch"), default=None,
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what --precision auto optimises (default: first_chunk with --stream, else stream)")
     p.add_argument("--threads", type=positive_int, default=4, help="intra-op threads (default: 4)")
     p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are generated")

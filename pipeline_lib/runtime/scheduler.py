@@ -10,7 +10,8 @@ Contract:
   raises `InputError` before anything is queued; beyond `max_queue` waiting requests it raises
   `QueueFullError` (with `retry_after_s`); after `close` it raises `SchedulerClosedError`.
 * A job's chunks concatenate to `SopranoTTS.synthesize(text, ...)`'s audio for the same settings
-  (the same sentences, sampling generators per sentence, lossless streaming windows).
+  (the same sentences, sampling generators per sentence, the runtime's streaming windows: equal for
+  decoders that compute each frame alone, close for ONNX Runtime's dynamic int8 decoder; see tts).
 * `job.cancel()` (or a client that goes away) removes the job's rows at the next step; the other
   jobs are not disturbed. A job that fails ends with its error, raised from its iterator; the
   other jobs go on.
@@ -376,8 +377,9 @@ class BatchScheduler:
     * every row samples its next token with its own settings and generator; rows that end ([STOP]
       or max_new_tokens) leave the batch at once (their slot is free for the next row), their last
       window still to be decoded;
-    * the decoder's work, in the runtime's lossless streaming windows (any window with
-      `stream_context` tokens of context on each side is exact; see _decode_due):
+    * the decoder's work, in the runtime's streaming windows (any window with `stream_context`
+      tokens of context on each side is exact, up to a decoder's own per-call rounding; see tts and
+      _decode_due):
       - a job's first audio as soon as the decoder's receptive field allows (`first_chunk` tokens
         plus the context): the window of each job that has sent nothing yet goes first;
       - a later window is due once the row has `chunk` exact blocks not yet sent (`chunk` grows
@@ -572,7 +574,8 @@ class BatchScheduler:
                 self._decode_row(r)
             if not self.rows:  # no step to run: nothing to put a window off for
                 for r in sorted(self._draining, key=lambda x: x.job.submitted_at):
-                    self._decode_row(r)
+                    self._decode_row(r, limit=math.inf)
+                self._last_decode_at = None  # idle time is no iteration: keep it out of the period
         if not self.rows:
             _release(lm)  # idle: the context lets go of the batch's cache arrays
         if self.rows:
@@ -693,8 +696,8 @@ class BatchScheduler:
         A window decodes every exact block the row has (up to `max_chunk`; an ended row: all of the
         rest), so a window that waited is a longer one: fewer windows, less context decoded twice."""
         now = time.perf_counter()
-        if self._last_decode_at is not None:
-            self._period = 0.8 * self._period + 0.2 * (now - self._last_decode_at)
+        if self._last_decode_at is not None:  # at most 1 s a sample: a pause of the worker is no iteration
+            self._period = 0.8 * self._period + 0.2 * min(1.0, now - self._last_decode_at)
         self._last_decode_at = now
         margin = self.margin_s + 2.0 * self._period
         later = []
@@ -721,10 +724,11 @@ class BatchScheduler:
         return r.job.first_audio_at is None and r.index == r.job._next_emit
 
     def _slack_s(self, r: _Row, now: float) -> float:
-        """Seconds of audio the row's listener still has to play (its job's playback clock); infinite
-        for a sentence behind an earlier one of its job (its audio is not the next to play)."""
+        """Seconds of audio the row's listener still has to play (its job's playback clock). A sentence
+        behind an earlier one of its job gets its job's slack (it plays later than that, so this errs
+        towards decoding it early); infinite while the job has sent nothing."""
         job = r.job
-        if r.index != job._next_emit or job.play_end is None:
+        if job.play_end is None:
             return math.inf
         return job.play_end - now
 
@@ -735,7 +739,7 @@ class BatchScheduler:
             return
         try:
             if r.finished:
-                self._decode_ready(r)
+                self._decode_ready(r, limit=1 if limit is None else (None if limit == math.inf else limit))
             elif limit is not None:
                 self._decode_ready(r, limit=limit)
             else:
@@ -743,7 +747,7 @@ class BatchScheduler:
         except Exception as exc:  # noqa: BLE001 - this job's failure only
             self._end_job(r.job, exc)
             return
-        if r.finished and r in self._draining:
+        if r.finished and r.emitted >= r.n - 1 and r in self._draining:
             self._draining.remove(r)
             self._complete_row(r)
 
@@ -764,12 +768,17 @@ class BatchScheduler:
         the rest once the row ended). `widest`: a window holds every exact block (at least `chunk`,
         at most `max_chunk` or `chunk`, the larger), not `chunk` blocks."""
         ctx = self.tts.stream_context
-        if r.finished:
-            if r.n - 1 > r.emitted:
-                self._emit(r, self._window(r, r.emitted, r.n - 1, r.n - 1))
-                r.emitted = r.n - 1
-            return
         done = 0
+        if r.finished:
+            # Legacy: the whole rest in one window. Deadline: windows of at most max(chunk, max_chunk)
+            # blocks, `limit` of them per call, so a sentence that waited long does not become one
+            # decoder call that holds every other row's step.
+            while r.n - 1 > r.emitted and (limit is None or done < limit):
+                end = r.n - 1 if self.policy == "legacy" else min(r.n - 1, r.emitted + max(r.chunk, self.max_chunk))
+                self._emit(r, self._window(r, r.emitted, end, min(end + ctx, r.n - 1)))
+                r.emitted = end
+                done += 1
+            return
         while self._due(r) and (limit is None or done < limit):
             end = r.emitted + r.chunk
             if widest:

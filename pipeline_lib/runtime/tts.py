@@ -9,9 +9,11 @@ sentences' audio in order. A sentence with n hidden vectors gives (n - 1) * samp
 samples: upstream `infer_batch` keeps exactly that many from the end of the decoder output, which
 is all of it.
 
-Streaming (`infer_stream`) is lossless: it decodes sliding windows that carry `stream_context`
-tokens of context on each side, enough that every emitted sample equals the full-sequence decode
-(see `stream_context_tokens`).
+Streaming (`infer_stream`) decodes sliding windows that carry `stream_context` tokens of context on
+each side, enough that every emitted sample equals the full-sequence decode (see
+`stream_context_tokens`) for a decoder that computes each frame alone (fp32; OpenVINO's int8 where it
+computes in f32). A decoder that quantises activations per call (ONNX Runtime's dynamic int8) rounds a
+window differently from the whole sentence: close, not equal (README, "Runtime").
 """
 
 from __future__ import annotations

@@ -144,6 +144,9 @@ class Settings:
                     kwargs[f.name] = int(raw)
                 except ValueError:
                     raise InputError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r}: expected an integer") from None
+        if "precision" in kwargs and "backend" in kwargs:
+            raise InputError(f"{_ENV_PREFIX}PRECISION names the backends (e.g. onnx-int4+openvino-int8); unset "
+                             f"{_ENV_PREFIX}BACKEND")
         return cls(**kwargs)
 
 
