@@ -69,7 +69,7 @@ RULES: dict[str, dict[str, tuple[str, ...]]] = {
     "avx2": {
         "stream": ("onnx-int4", "onnx-int8", "openvino-int8", "onnx-fp32"),
         "first_chunk": ("onnx-int4", "onnx-int8", "openvino-int8", "onnx-fp32"),
-        "batch": ("onnx-int4", "onnx-int8", "openvino-int8", "onnx-fp32"),
+        "batch": ("onnx-int8", "onnx-int4", "openvino-int8", "onnx-fp32"),
     },
     "baseline": {
         "stream": ("onnx-int8", "onnx-fp32"),
