@@ -216,7 +216,7 @@ def test_bench_plan_adds_pairs_at_the_last_thread_count(tmp_path):
     jobs = plan(root, tmp_path, [1, 2], backends=["onnx"], pairs=["onnx-int4+openvino-int8"])
     pair = [j for j in jobs if j.pair]
     assert [j.label for j in pair] == ["onnx-int4+openvino-int8-t2"]
-    assert (pair[0].row_backend, pair[0].row_precision) == ("onnx+openvino", "int4+int8")
+    assert pair[0].names[1:] == ("onnx+openvino", "int4+int8")
     argv = job_argv(pair[0], Settings(), tmp_path / "x.json")
     assert argv[argv.index("--decoder_backend") + 1] == "openvino"
     assert str(pair[0].decoder).endswith("openvino/int8/decoder") and str(pair[0].lm).endswith("onnx/int4/lm")

@@ -44,3 +44,15 @@ COLUMNS = (
     "speedup_vs_fp32",      # xrt / xrt of fp32 of the same backend and threads (sweep)
     "note",
 )
+
+
+def row_names(backend: str, precision: str, decoder_backend: str | None = None,
+              decoder_precision: str | None = None) -> tuple[str, str, str]:
+    """(config without threads, backend column, precision column) of a benchmark row. A decoder of another
+    backend or precision (a registry.Choice pair) gives "<lm target>+<decoder target>", "<lm>+<decoder>"
+    backends and "<lm>+<decoder>" precisions where they differ; None: the LM's."""
+    dec_b, dec_p = decoder_backend or backend, decoder_precision or precision
+    if (dec_b, dec_p) == (backend, precision):
+        return f"{backend}-{precision}", backend, precision
+    return (f"{backend}-{precision}+{dec_b}-{dec_p}", backend if dec_b == backend else f"{backend}+{dec_b}",
+            precision if dec_p == precision else f"{precision}+{dec_p}")

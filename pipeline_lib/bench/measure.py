@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from pipeline_lib import registry
-from pipeline_lib.bench import COLUMNS
+from pipeline_lib.bench import COLUMNS, row_names
 from pipeline_lib.errors import InputError, MissingBackendError, SopranoOnnxError
 from pipeline_lib.registry import BACKENDS, BENCH_BACKENDS, PRECISIONS
 
@@ -104,10 +104,7 @@ class BenchConfig:
     @property
     def label(self) -> str:
         """The config column: <backend>-<precision>-t<threads>, or <lm target>+<decoder target>-t<threads>."""
-        if not self.pair:
-            return config_label(self.backend, self.precision, self.threads)
-        dec = f"{self.decoder_backend or self.backend}-{self.decoder_precision or self.precision}"
-        return f"{self.backend}-{self.precision}+{dec}-t{self.threads}"
+        return f"{row_names(self.backend, self.precision, self.decoder_backend, self.decoder_precision)[0]}-t{self.threads}"
 
     def __post_init__(self) -> None:
         if self.backend not in BENCH_BACKENDS:
@@ -588,13 +585,12 @@ def summarize(
                 f"{UPSTREAM_MAX_TOKENS}), token for token with ours; random weights never emit [STOP]")
     else:
         note = f"fixed {tokens} tokens; random weights never emit [STOP]"
+    names = row_names(cfg.backend, cfg.precision, cfg.decoder_backend, cfg.decoder_precision)
     row: dict[str, Any] = {c: NAN for c in COLUMNS}
     row.update(
         config=cfg.label,
-        backend=cfg.backend if not cfg.pair or cfg.decoder_backend in (None, cfg.backend)
-        else f"{cfg.backend}+{cfg.decoder_backend}",
-        precision=cfg.precision if not cfg.pair or cfg.decoder_precision in (None, cfg.precision)
-        else f"{cfg.precision}+{cfg.decoder_precision}",
+        backend=names[1],
+        precision=names[2],
         threads=cfg.threads,
         max_new_tokens=max_new,
         num_tokens=tokens,
@@ -621,7 +617,3 @@ def summarize(
         note=note,
     )
     return row
-
-
-def config_label(backend: str, precision: str, threads: int) -> str:
-    return f"{backend}-{precision}-t{threads}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pipeline_lib import registry
-from pipeline_lib.bench import COLUMNS
+from pipeline_lib.bench import COLUMNS, row_names
 from pipeline_lib.errors import SopranoOnnxError
 from pipeline_lib.registry import BENCH_BACKENDS, DECODER_DIR, EXPORT_TARGET, LM_DIR
 
@@ -48,21 +48,12 @@ class Job:
 
     @property
     def label(self) -> str:
-        if self.pair:
-            return (f"{self.backend}-{self.precision}+{self.decoder_backend or self.backend}-"
-                    f"{self.decoder_precision or self.precision}-t{self.threads}")
-        return f"{self.backend}-{self.precision}-t{self.threads}"
+        return f"{self.names[0]}-t{self.threads}"
 
     @property
-    def row_backend(self) -> str:
-        """The CSV's backend: the LM's, or "<lm>+<decoder>" where they differ (as measure.summarize writes)."""
-        dec = self.decoder_backend or self.backend
-        return self.backend if dec == self.backend else f"{self.backend}+{dec}"
-
-    @property
-    def row_precision(self) -> str:
-        dec = self.decoder_precision or self.precision
-        return self.precision if dec == self.precision else f"{self.precision}+{dec}"
+    def names(self) -> tuple[str, str, str]:
+        """(config without threads, backend column, precision column), as measure.summarize writes them."""
+        return row_names(self.backend, self.precision, self.decoder_backend, self.decoder_precision)
 
 
 @dataclass(frozen=True)
@@ -218,8 +209,7 @@ def run_job(job: Job, settings: Settings, workdir: Path) -> dict[str, Any]:
     if job.skip:
         log.warning("bench %s %s", job.label, job.skip)
         row = {c: math.nan for c in COLUMNS}
-        row.update(config=job.label, backend=job.row_backend, precision=job.row_precision, threads=job.threads,
-                   note=job.skip)
+        row.update(config=job.label, backend=job.names[1], precision=job.names[2], threads=job.threads, note=job.skip)
         return row
     argv = job_argv(job, settings, json_path)
     log.info("bench %s", job.label)
@@ -236,7 +226,7 @@ def run_job(job: Job, settings: Settings, workdir: Path) -> dict[str, Any]:
         if job.optional:
             log.warning("bench %s failed (optional, kept as a note): %s", job.label, failure)
             row = {c: math.nan for c in COLUMNS}
-            row.update(config=job.label, backend=job.row_backend, precision=job.row_precision, threads=job.threads,
+            row.update(config=job.label, backend=job.names[1], precision=job.names[2], threads=job.threads,
                        note=f"failed: {failure.splitlines()[-1] if failure.strip() else failure}")
             return row
         raise SopranoOnnxError(f"benchmark {job.label} failed ({' '.join(argv)}): {failure}")

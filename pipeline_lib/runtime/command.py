@@ -33,18 +33,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_model_choice_arguments(p: argparse.ArgumentParser, auto: str) -> None:
+    """--backend and --precision, shared by speak and serve; `auto` says what --precision auto picks."""
+    p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default=None,
+                   help="inference backend (default: onnx; with --precision it comes from the precision)")
+    p.add_argument("--precision", default=None,
+                   help="with a ROOT folder as --model (artifacts/ after dvc repro, or <backend>/<precision>/ folders "
+                        f"from `soprano-onnx convert`): 'auto' ({auto}, logged with the reason), a target such as "
+                        "onnx-int8, or LM+DECODER such as onnx-int4+openvino-bf16")
+
+
+def check_model_choice(args: argparse.Namespace) -> None:
+    """Before any work: --precision and --backend are not both given, and a named precision is a target or pair."""
+    if args.precision is not None and args.backend is not None:
+        raise InputError("--precision names the backends (e.g. onnx-int4+openvino-bf16); leave --backend out")
+    if args.precision not in (None, "auto"):
+        from pipeline_lib.registry import choice
+
+        choice(args.precision)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", help="text to speak; '-' reads it from stdin (UTF-8)")
     p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file instead")
     p.add_argument("-o", "--output", type=Path, required=True, help="output WAV file (16-bit PCM, mono)")
     p.add_argument("--model", type=Path, required=True,
                    help=f"export folder ({LM_FILE}.onnx, {DECODER_FILE}.onnx, JSON configs, {TOKENIZER_FILE})")
-    p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default=None,
-                   help="inference backend (default: onnx; with --precision it comes from the precision)")
-    p.add_argument("--precision", default=None,
-                   help="with a ROOT folder as --model (artifacts/ after dvc repro, or <backend>/<precision>/ folders "
-                        "from `soprano-onnx convert`): 'auto' (the fastest for this CPU, logged with the reason), a "
-                        "target such as onnx-int8, or LM+DECODER such as onnx-int4+openvino-bf16")
+    add_model_choice_arguments(p, "the fastest for this CPU")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what --precision auto optimises (default: first_chunk with --stream, else stream)")
     p.add_argument("--threads", type=positive_int, default=4, help="intra-op threads (default: 4)")
@@ -108,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, "-o/--output")
     if args.max_new_tokens == 1:  # 0 and > 512: the library's own range error
         raise no_audio_error(1)
-    if args.precision is not None and args.backend is not None:
-        raise InputError("--precision names the backends (e.g. onnx-int4+openvino-bf16); leave --backend out")
+    check_model_choice(args)
     if args.objective is not None and args.precision != "auto":
         raise InputError("--objective only applies to --precision auto")
     start = time.perf_counter()

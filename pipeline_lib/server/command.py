@@ -18,16 +18,11 @@ from pipeline_lib.errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pipeline_lib.runtime.command import BACKEND_CHOICES
+    from pipeline_lib.runtime.command import add_model_choice_arguments
 
     p.add_argument("--model", type=Path, required=True,
                    help="export folder (soprano-onnx export --out DIR) or pipeline folder with lm/ and decoder/")
-    p.add_argument("--backend", choices=sorted(BACKEND_CHOICES), default=None,
-                   help="inference backend (default: onnx; with --precision it comes from the precision)")
-    p.add_argument("--precision", default=None,
-                   help="with a ROOT folder as --model (artifacts/ after dvc repro): 'auto' (the fastest for this CPU "
-                        "for batches, logged with the reason), a target such as onnx-int8, or LM+DECODER such as "
-                        "onnx-int4+openvino-int8")
+    add_model_choice_arguments(p, "the fastest for this CPU for batches")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -47,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from pipeline_lib.runtime.command import BACKEND_CHOICES
+    from pipeline_lib.runtime.command import BACKEND_CHOICES, check_model_choice
     from pipeline_lib.server.app import DEFAULT_MAX_INPUT_CHARS, Settings, create_app
 
     if not args.model.is_dir():
@@ -58,13 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    if args.precision is not None and args.backend is not None:
-        raise InputError("--precision names the backends (e.g. onnx-int4+openvino-int8); leave --backend out")
-    if args.precision is not None:
-        from pipeline_lib import registry
-
-        if args.precision != "auto":
-            registry.choice(args.precision)  # a bad name is an error before the port opens
+    check_model_choice(args)  # before the port opens
     settings = Settings(
         model=args.model, backend=BACKEND_CHOICES[args.backend or "onnx"], precision=args.precision,
         threads=args.threads, max_batch=args.max_batch,
