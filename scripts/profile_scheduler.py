@@ -69,8 +69,10 @@ def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, polic
 
     # The decode step: lm.run with the batch's rows, timed inside the iteration (prefill calls
     # lm.run too, with a longer input: told apart by input length).
+    wrapped: list[Any] = []  # the worker's lm context, once its run is timed
+
     def iteration(lm: Any) -> None:
-        if not hasattr(iteration, "wrapped"):
+        if lm not in wrapped:
             run = lm.run
 
             def timed_run(feed: dict[str, np.ndarray]) -> Any:
@@ -81,7 +83,7 @@ def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, polic
                 return out
 
             lm.run = timed_run
-            iteration.wrapped = True  # type: ignore[attr-defined]
+            wrapped.append(lm)
         orig_iteration(lm)
 
     sched._iteration = iteration  # type: ignore[method-assign]
@@ -112,12 +114,15 @@ def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, polic
             i += clients
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t_start
-    sched.close(drain=True)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t_start
+        sched.close(drain=True)
+    finally:  # the next level wraps the shared tts afresh, not on top of this level's timer
+        del tts._decode
     audio_s = sum(j.samples for j in jobs) / tts.sample_rate
     ttfa = [j.first_audio_at - j.submitted_at for j in jobs]
     steps = sum(len(v) for v in step_by_rows.values())

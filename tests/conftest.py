@@ -53,3 +53,17 @@ def tiny_openvino(tiny_checkpoint: Path, tiny_export: Path, tmp_path_factory: py
     step_cfg = json.loads((d / "soprano_lm_step_config.json").read_text())
     (d / STATEFUL_CONFIG).write_text(json.dumps(stateful_config(step_cfg, {"file": xml.name})))
     return d
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """A function that imports scripts/NAME.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

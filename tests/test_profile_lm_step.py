@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,15 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def prof():
-    spec = importlib.util.spec_from_file_location("profile_lm_step", REPO_ROOT / "scripts" / "profile_lm_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def prof(load_script):
+    return load_script("profile_lm_step")
 
 
 def test_step_bytes_counts_one_embedding_row(prof, tmp_path):

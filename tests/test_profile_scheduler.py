@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def prof():
-    spec = importlib.util.spec_from_file_location("profile_scheduler", REPO_ROOT / "scripts" / "profile_scheduler.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def prof(load_script):
+    return load_script("profile_scheduler")
 
 
 def test_run_level_accounts_for_the_worker(prof, tiny_export):
