@@ -1,14 +1,19 @@
 """Where the server's worker spends its time under load: the scheduler in-process, no HTTP.
 
     python scripts/profile_scheduler.py --model artifacts/onnx/int8 [--threads 2] [--clients 1 8] \
-        [--seconds 12] [--max-new-tokens 64] [--rounds 2] [--policy deadline]
+        [--seconds 12] [--max-new-tokens 64] [--rounds 2] [--policy deadline] \
+        [--variant NAME:KEY=VALUE,...]...
 
 C client threads in a closed loop (the load benchmark's texts in turn, `--max-new-tokens` per
 sentence: random weights never emit [STOP]) submit to one `BatchScheduler` over one `SopranoTTS`, the
 server's own objects. Per level: aggregate x real time (audio seconds made per wall second, from the
 first submit to the last job's end), p50 / p95 time to first audio, and the worker thread's wall time
 split into the LM decode step (by rows in the batch), prefill, the decoder's windows (count and mean
-tokens per window), sampling and the rest (Python bookkeeping, waiting). Levels alternate over
+tokens per window), sampling and the rest (Python bookkeeping, waiting); the listeners' playback
+stalls (`SpeechJob.stall_s`: time a listener playing from the first chunk on would have waited for
+audio, p50 / p95 over jobs) and the decoder's tokens per token of audio (1.0 = non-streamed). Each
+`--variant` (A/B runs) is a set of BatchScheduler keyword values (ints, floats or strings), e.g.
+`--variant base:min_window=64 --variant early:min_window=4`. Levels and variants alternate over
 `--rounds` rounds; figures are medians over rounds, with [min-max]. Random weights: the audio is
 noise; the timings are valid.
 """
@@ -55,11 +60,12 @@ class Timers:
         setattr(obj, name, timed)
 
 
-def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, policy: str, max_batch: int) -> dict[str, Any]:
+def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, policy: str, max_batch: int,
+              **scheduler: Any) -> dict[str, Any]:
     from pipeline_lib.bench.serve_load import TEXTS
     from pipeline_lib.runtime.scheduler import BatchScheduler, SpeechRequest
 
-    sched = BatchScheduler(tts, max_batch=max_batch, max_queue=64, policy=policy)
+    sched = BatchScheduler(tts, max_batch=max_batch, max_queue=64, policy=policy, **scheduler)
     timers = Timers()
     timers.wrap(sched, "_prefill", "prefill")
     timers.wrap(sched, "_sample", "sample")
@@ -125,6 +131,7 @@ def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, polic
         del tts._decode
     audio_s = sum(j.samples for j in jobs) / tts.sample_rate
     ttfa = [j.first_audio_at - j.submitted_at for j in jobs]
+    stalls = [j.stall_s for j in jobs]
     steps = sum(len(v) for v in step_by_rows.values())
     step_s = sum(sum(v) for v in step_by_rows.values())
     rows_mean = sum(k * len(v) for k, v in step_by_rows.items()) / max(1, steps)
@@ -137,7 +144,26 @@ def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, polic
         "decoder_s": timers.s["decoder"], "windows": timers.n["decoder"],
         "window_tokens_mean": timers.tokens["decoder"] / max(1, timers.n["decoder"]),
         "sample_s": timers.s["sample"], "worker_cpu_s": worker_cpu[0] if worker_cpu else float("nan"),
+        "stall_p50_ms": 1e3 * float(np.percentile(stalls, 50)), "stall_p95_ms": 1e3 * float(np.percentile(stalls, 95)),
+        "decode_ratio": timers.tokens["decoder"] / max(1.0, sum(j.samples for j in jobs) / tts.samples_per_token),
     }
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """'NAME:KEY=VALUE,...' (or just 'NAME') -> (NAME, {KEY: int | float | str})."""
+    name, _, rest = text.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE,KEY=VALUE")
+        for cast in (int, float, str):
+            try:
+                kwargs[key] = cast(value)
+                break
+            except ValueError:
+                continue
+    return name, kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--policy", default="deadline")
+    p.add_argument("--variant", action="append", default=None, metavar="NAME:KEY=VALUE,...",
+                   help="BatchScheduler keyword values to A/B (repeatable; default: one variant, the defaults)")
     args = p.parse_args(argv)
+    variants = [parse_variant(v) for v in (args.variant or ["default"])]
 
     from pipeline_lib.runtime.tts import SopranoTTS
 
@@ -160,33 +189,39 @@ def main(argv: list[str] | None = None) -> int:
                               static_decode_width=None)
     print(f"{args.model} ({args.backend}, {args.threads} threads), {args.max_new_tokens} tokens per sentence, "
           f"policy {args.policy}; random weights: noise audio, valid timings", flush=True)
-    results: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    results: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for rnd in range(args.rounds):
         for c in args.clients:
-            r = run_level(tts, c, args.seconds, args.max_new_tokens, args.policy, args.max_batch)
-            results[c].append(r)
-            w = r["wall_s"]
-            rest = w - r["step_s"] - r["prefill_s"] - r["decoder_s"] - r["sample_s"]
-            print(f"round {rnd + 1} clients {c:2d}: xRT {r['xrt']:.2f}, TTFA p50 {r['ttfa_p50_ms']:.0f} / p95 "
-                  f"{r['ttfa_p95_ms']:.0f} ms, {r['jobs']} jobs; of {w:.1f} s wall: step {r['step_s']:.1f} s "
-                  f"({r['steps']} steps, {r['rows_mean']:.1f} rows mean), prefill {r['prefill_s']:.1f} s "
-                  f"({r['prefills']}), decoder {r['decoder_s']:.1f} s ({r['windows']} windows, "
-                  f"{r['window_tokens_mean']:.1f} tokens mean), sample {r['sample_s']:.2f} s, rest {rest:.1f} s; "
-                  f"worker CPU {r['worker_cpu_s']:.1f} s", flush=True)
-            print("    step ms by rows: " + ", ".join(f"{k}: {v:.1f}" for k, v in r["step_ms_by_rows"].items()), flush=True)
+            for name, kwargs in variants:
+                r = run_level(tts, c, args.seconds, args.max_new_tokens, args.policy, args.max_batch, **kwargs)
+                results[name, c].append(r)
+                w = r["wall_s"]
+                rest = w - r["step_s"] - r["prefill_s"] - r["decoder_s"] - r["sample_s"]
+                print(f"round {rnd + 1} {name} clients {c:2d}: xRT {r['xrt']:.2f}, TTFA p50 {r['ttfa_p50_ms']:.0f} / p95 "
+                      f"{r['ttfa_p95_ms']:.0f} ms, {r['jobs']} jobs; of {w:.1f} s wall: step {r['step_s']:.1f} s "
+                      f"({r['steps']} steps, {r['rows_mean']:.1f} rows mean), prefill {r['prefill_s']:.1f} s "
+                      f"({r['prefills']}), decoder {r['decoder_s']:.1f} s ({r['windows']} windows, "
+                      f"{r['window_tokens_mean']:.1f} tokens mean), sample {r['sample_s']:.2f} s, rest {rest:.1f} s; "
+                      f"worker CPU {r['worker_cpu_s']:.1f} s; stalls p50 {r['stall_p50_ms']:.0f} / p95 "
+                      f"{r['stall_p95_ms']:.0f} ms; decoder tokens per audio token {r['decode_ratio']:.2f}", flush=True)
+                print("    step ms by rows: " + ", ".join(f"{k}: {v:.1f}" for k, v in r["step_ms_by_rows"].items()), flush=True)
 
-    def med(c: int, key: str) -> str:
-        vals = [r[key] for r in results[c]]
+    def med(name: str, c: int, key: str) -> str:
+        vals = [r[key] for r in results[name, c]]
         return f"{statistics.median(vals):.2f} [{min(vals):.2f}-{max(vals):.2f}]"
 
     print("\nmedians over rounds [min-max]:")
-    for c in args.clients:
-        print(f"clients {c:2d}: xRT {med(c, 'xrt')}, TTFA p50 {med(c, 'ttfa_p50_ms')} ms, p95 {med(c, 'ttfa_p95_ms')} ms")
-    if len(args.clients) > 1:
-        lo, hi = min(args.clients), max(args.clients)
-        ratios = [b["xrt"] / a["xrt"] for a, b in zip(results[lo], results[hi])]
-        p95 = [b["ttfa_p95_ms"] / a["ttfa_p95_ms"] for a, b in zip(results[lo], results[hi])]
-        print(f"{hi} clients over {lo}: xRT ratio {statistics.median(ratios):.2f}, p95 TTFA ratio {statistics.median(p95):.2f}")
+    for name, _ in variants:
+        for c in args.clients:
+            print(f"{name} clients {c:2d}: xRT {med(name, c, 'xrt')}, TTFA p50 {med(name, c, 'ttfa_p50_ms')} ms, "
+                  f"p95 {med(name, c, 'ttfa_p95_ms')} ms, stalls p50 {med(name, c, 'stall_p50_ms')} ms, "
+                  f"p95 {med(name, c, 'stall_p95_ms')} ms, decoder tokens per audio token {med(name, c, 'decode_ratio')}")
+        if len(args.clients) > 1:
+            lo, hi = min(args.clients), max(args.clients)
+            ratios = [b["xrt"] / a["xrt"] for a, b in zip(results[name, lo], results[name, hi])]
+            p95 = [b["ttfa_p95_ms"] / a["ttfa_p95_ms"] for a, b in zip(results[name, lo], results[name, hi])]
+            print(f"{name}: {hi} clients over {lo}: xRT ratio {statistics.median(ratios):.2f}, "
+                  f"p95 TTFA ratio {statistics.median(p95):.2f}")
     return 0
 
 

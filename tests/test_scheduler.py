@@ -442,3 +442,41 @@ def test_deadline_decodes_long_sentences_in_bounded_windows(tts, monkeypatch):
     assert sizes and max(sizes) <= limit, (max(sizes), limit)
     for g, t in zip(got, TEXTS[:4]):
         assert _rel(g, tts.synthesize(t, max_new_tokens=60)["audio"]) <= 1e-4
+
+
+def _stream_one(tts, min_window):
+    """One long sentence whose second regular window is out of reach of its first chunk's audio
+    (first_chunk 1 block = 64 ms, then 256 blocks): blocks per window, the job, its audio."""
+    sched = BatchScheduler(tts, max_batch=2, first_chunk=1, chunk_growth=256, max_chunk=256, min_window=min_window)
+    blocks: list[int] = []
+    window = sched._window
+
+    def recording(r, start, end, last):
+        blocks.append(end - start)
+        return window(r, start, end, last)
+
+    sched._window = recording
+    sched.start()
+    try:
+        job = sched.submit(SpeechRequest(TEXTS[0], max_new_tokens=300))
+        audio = job.audio()
+    finally:
+        sched.close()
+    return blocks, job, audio
+
+
+def test_an_early_window_keeps_the_listener_playing(tts):
+    """Deadline policy: when a row's next regular window (`chunk` blocks) would come after its listener
+    ran dry, a shorter window of the blocks already exact (at least min_window) goes out in time.
+    Without it (min_window 256, as large as the chunk), the listener waits for the 256-block window
+    (a stall); with it, there are windows between the first and the 256-block one, the stall is
+    shorter, and the audio is the same solo synthesis."""
+    late_blocks, late, late_audio = _stream_one(tts, min_window=256)
+    early_blocks, early, early_audio = _stream_one(tts, min_window=4)
+    solo = tts.synthesize(TEXTS[0], max_new_tokens=300)["audio"]
+    assert _rel(late_audio, solo) <= 1e-4 and _rel(early_audio, solo) <= 1e-4
+    assert late_blocks[:2] == [1, 256], late_blocks  # the first block, then the 256-block window
+    assert late.stalls >= 1
+    middle = early_blocks[1:early_blocks.index(256)] if 256 in early_blocks else early_blocks[1:-1]
+    assert len(middle) >= 1 and min(middle) >= 4 and max(middle) < 256, early_blocks
+    assert early.stall_s < late.stall_s, (early.stall_s, late.stall_s)

@@ -393,6 +393,11 @@ class BatchScheduler:
         `max_chunk`; an ended row: all of its rest), so a window that waited is a longer one and
         less context is decoded twice. A sentence behind an earlier one of its job is never urgent
         (its audio plays later);
+      - an early window: when the row's next `chunk` blocks (or its end) would come after its
+        listener ran dry, the blocks already exact (at least `min_window`) go out in the last
+        iteration that is still in time, as long as the batch runs faster than real time (see
+        _early). Without it, a listener under load heard the first block, the second window, then
+        silence until the sentence ended: the chunks grow faster than a loaded row makes tokens;
     * free rows (up to `max_batch`) go to waiting sentences, one at a time, each to the job with the
       fewest rows running, the oldest first; requests that arrived during the decoder's work join
       this step (prefilled alone, SlotCache.add). A job's later sentences start once the job has
@@ -424,9 +429,10 @@ class BatchScheduler:
         max_chunk: int = 64,
         policy: str | None = None,
         margin_s: float = 0.15,
+        min_window: int = 4,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("first_chunk", first_chunk),
-                        ("chunk_growth", chunk_growth), ("max_chunk", max_chunk)):
+                        ("chunk_growth", chunk_growth), ("max_chunk", max_chunk), ("min_window", min_window)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be an int >= 1, got {v!r}")
         if tts.spec.stateful:
@@ -444,6 +450,7 @@ class BatchScheduler:
         self.tts = tts
         self.max_batch, self.max_queue = max_batch, max_queue
         self.first_chunk, self.chunk_growth, self.max_chunk = first_chunk, chunk_growth, max_chunk
+        self.min_window = min_window
         self.observer: SchedulerObserver = observer or _NullObserver()
         self._queue: collections.deque[SpeechJob] = collections.deque()
         self._jobs: list[SpeechJob] = []  # admitted: sentences running or still to start
@@ -700,24 +707,45 @@ class BatchScheduler:
             self._period = 0.8 * self._period + 0.2 * min(1.0, now - self._last_decode_at)
         self._last_decode_at = now
         margin = self.margin_s + 2.0 * self._period
-        later = []
+        later, early = [], []
         for r in [*self.rows, *self._draining]:
             if self._needs_first_audio(r):
                 if r.finished or self._due(r):
                     self._decode_row(r, limit=1)
             elif r.finished or self._due(r):
                 later.append(r)
+            elif self._early(r, now, margin):
+                early.append(r)
         waiting = bool(self._queue) or any(j.first_audio_at is None for j in self._jobs)
-        slack = {id(r): self._slack_s(r, now) for r in later}
+        slack = {id(r): self._slack_s(r, now) for r in [*later, *early]}
         later.sort(key=lambda r: slack[id(r)])
-        urgent = [r for r in later if slack[id(r)] < margin]
+        urgent = sorted([r for r in later if slack[id(r)] < margin] + early, key=lambda r: slack[id(r)])
         if waiting:
             todo = urgent
         else:
             rest = [r for r in later if slack[id(r)] >= margin]
             todo = urgent + [r for r in rest if r.finished] + [r for r in rest if not r.finished][:1]
         for r in todo:
-            self._decode_row(r)
+            self._decode_row(r, early=r in early)
+
+    def _early(self, r: _Row, now: float, margin: float) -> bool:
+        """A window before `chunk` blocks are ready (deadline policy): the row is its job's sentence
+        playing next, its listener has less than `margin` seconds left, the row's next regular window
+        (its `chunk` blocks, or its end) would come after the listener ran dry (at the scheduler's
+        iteration period per token), at least `min_window` blocks are exact, and the batch runs faster
+        than real time (slower, no early window can keep up: long windows then waste less decoding
+        on context). It waits for the last iteration that still comes in time (two periods and 30 ms
+        of decoding ahead of the listener's end), so the window holds as many blocks as it can."""
+        if r.finished or r.index != r.job._next_emit or r.job.first_audio_at is None:
+            return False
+        ready = r.n - 1 - self.tts.stream_context - r.emitted
+        if ready < min(r.chunk, self.min_window) or self._period <= 0.0:
+            return False
+        if self._period >= self.tts.samples_per_token / self.tts.sample_rate:
+            return False
+        slack = self._slack_s(r, now)
+        wait = min(r.chunk - ready, r.max_new_tokens - r.steps) * self._period
+        return slack < min(margin, 2.0 * self._period + 0.03) and slack < wait + self._period
 
     def _needs_first_audio(self, r: _Row) -> bool:
         """The row is its job's sentence to emit next, and the job has sent no audio yet."""
@@ -732,9 +760,10 @@ class BatchScheduler:
             return math.inf
         return job.play_end - now
 
-    def _decode_row(self, r: _Row, limit: int | None = None) -> None:
-        """Decode the row's due windows (deadline policy); a row out of the batch that has sent all
-        its audio is done. A failure ends the row's job only."""
+    def _decode_row(self, r: _Row, limit: int | None = None, early: bool = False) -> None:
+        """Decode the row's due windows (deadline policy; `early`: one window of every exact block,
+        fewer than `chunk`, see _early); a row out of the batch that has sent all its audio is done.
+        A failure ends the row's job only."""
         if r.job.done:  # its job ended (failed) earlier in this decoder phase
             return
         try:
@@ -743,7 +772,7 @@ class BatchScheduler:
             elif limit is not None:
                 self._decode_ready(r, limit=limit)
             else:
-                self._decode_ready(r, limit=1, widest=True)
+                self._decode_ready(r, limit=1, widest=True, need=min(r.chunk, self.min_window) if early else None)
         except Exception as exc:  # noqa: BLE001 - this job's failure only
             self._end_job(r.job, exc)
             return
@@ -751,9 +780,10 @@ class BatchScheduler:
             self._draining.remove(r)
             self._complete_row(r)
 
-    def _due(self, r: _Row) -> bool:
-        """Block j is exact once token j + 1 + ctx exists: the row's next window can be decoded."""
-        return r.n - 1 - self.tts.stream_context - r.emitted >= r.chunk
+    def _due(self, r: _Row, need: int | None = None) -> bool:
+        """Block j is exact once token j + 1 + ctx exists: the row's next window (`need` blocks,
+        default its `chunk`) can be decoded."""
+        return r.n - 1 - self.tts.stream_context - r.emitted >= (r.chunk if need is None else need)
 
     def _audio_ahead_s(self, r: _Row) -> float:
         """Seconds of the job's audio sent but not yet played (if played from its first chunk on);
@@ -763,7 +793,7 @@ class BatchScheduler:
             return float("inf")
         return job.samples / job.sample_rate - (time.perf_counter() - job.first_audio_at)
 
-    def _decode_ready(self, r: _Row, limit: int | None = None, widest: bool = False) -> None:
+    def _decode_ready(self, r: _Row, limit: int | None = None, widest: bool = False, need: int | None = None) -> None:
         """Decode the row's windows whose samples are exact by now (at most `limit` of them; all of
         the rest once the row ended). `widest`: a window holds every exact block (at least `chunk`,
         at most `max_chunk` or `chunk`, the larger), not `chunk` blocks."""
@@ -779,7 +809,7 @@ class BatchScheduler:
                 r.emitted = end
                 done += 1
             return
-        while self._due(r) and (limit is None or done < limit):
+        while self._due(r, need) and (limit is None or done < limit):
             end = r.emitted + r.chunk
             if widest:
                 end = r.emitted + min(r.n - 1 - ctx - r.emitted, max(r.chunk, self.max_chunk))
