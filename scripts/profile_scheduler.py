@@ -144,6 +144,7 @@ def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, polic
         "decoder_s": timers.s["decoder"], "windows": timers.n["decoder"],
         "window_tokens_mean": timers.tokens["decoder"] / max(1, timers.n["decoder"]),
         "sample_s": timers.s["sample"], "worker_cpu_s": worker_cpu[0] if worker_cpu else float("nan"),
+        "lane_steps": sched.lane_steps,
         "stall_p50_ms": 1e3 * float(np.percentile(stalls, 50)), "stall_p95_ms": 1e3 * float(np.percentile(stalls, 95)),
         "decode_ratio": timers.tokens["decoder"] / max(1.0, sum(j.samples for j in jobs) / tts.samples_per_token),
     }
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r['prefills']}), decoder {r['decoder_s']:.1f} s ({r['windows']} windows, "
                       f"{r['window_tokens_mean']:.1f} tokens mean), sample {r['sample_s']:.2f} s, rest {rest:.1f} s; "
                       f"worker CPU {r['worker_cpu_s']:.1f} s; stalls p50 {r['stall_p50_ms']:.0f} / p95 "
-                      f"{r['stall_p95_ms']:.0f} ms; decoder tokens per audio token {r['decode_ratio']:.2f}", flush=True)
+                      f"{r['stall_p95_ms']:.0f} ms; decoder tokens per audio token {r['decode_ratio']:.2f}; "
+                      f"{r['lane_steps']} lane steps", flush=True)
                 print("    step ms by rows: " + ", ".join(f"{k}: {v:.1f}" for k, v in r["step_ms_by_rows"].items()), flush=True)
 
     def med(name: str, c: int, key: str) -> str:

@@ -480,3 +480,35 @@ def test_an_early_window_keeps_the_listener_playing(tts):
     middle = early_blocks[1:early_blocks.index(256)] if 256 in early_blocks else early_blocks[1:-1]
     assert len(middle) >= 1 and min(middle) >= 4 and max(middle) < 256, early_blocks
     assert early.stall_s < late.stall_s, (early.stall_s, late.stall_s)
+
+
+def _long_then_new_steps(tts, lane):
+    """A long request runs until its listener has over a second in hand; a new one comes. The lane steps, both jobs' audio."""
+    sched = BatchScheduler(tts, max_batch=4, lane=lane).start()
+    try:
+        long = sched.submit(SpeechRequest(TEXTS[4], max_new_tokens=300))
+        chunks = []
+        for chunk in long:
+            chunks.append(chunk)
+            if _ahead_s(long) > 1.0:
+                break
+        assert not long.done
+        new = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=24))
+        new_audio = new.audio()
+        long_audio = np.concatenate([*chunks, *long])
+    finally:
+        sched.close()
+    return sched.lane_steps, long_audio, new_audio
+
+
+def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(tts):
+    """Deadline policy: a request that comes while another's listener is well ahead runs its first
+    steps alone (lane steps: the long row skips them, its KV cache keeps a masked gap), and both
+    results still equal solo synthesis; with lane=False no step runs a subset of the batch."""
+    lane_steps, long_audio, new_audio = _long_then_new_steps(tts, lane=True)
+    assert lane_steps >= 1 + tts.stream_context - 1, lane_steps
+    assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=300)["audio"]) <= 1e-4
+    assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
+    no_lane_steps, long_audio, new_audio = _long_then_new_steps(tts, lane=False)
+    assert no_lane_steps == 0
+    assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
