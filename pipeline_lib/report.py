@@ -421,6 +421,7 @@ SERVE_TABLE = (
     ("errors", "errors"), ("errors_by_status", "errors by status"), ("cut", "cut at the time bound"),
     ("window_s", "window (s)"), ("audio_s", "audio (s)"), ("xrt", "x real time"), ("ttfa_p50_ms", "TTFA p50 (ms)"),
     ("ttfa_p95_ms", "TTFA p95 (ms)"), ("latency_p50_ms", "latency p50 (ms)"), ("latency_p95_ms", "latency p95 (ms)"),
+    ("stall_p50_ms", "playback stalls p50 (ms)"), ("stall_p95_ms", "playback stalls p95 (ms)"),
     ("settle_s", "idle wait before (s)"), ("load_avg", "load average"),
 )
 # Targets of the project's serving issue: our server at 8 concurrent clients against 1 client and
@@ -500,7 +501,9 @@ def serve_lines(serve: Sequence[Mapping[str, Any]], bench: Sequence[Mapping[str,
         "x real time: audio seconds received by all clients within the window per second of it (the window runs "
         "from the level's start to the first request end after its time bound, so that it ends on a request "
         "boundary). TTFA: request start to the first audio byte (WAV: after the header; "
-        "upstream sends its WAV in one piece, so its TTFA is its latency). Requests still running past the time "
+        "upstream sends its WAV in one piece, so its TTFA is its latency). Playback stalls: how long a listener who "
+        "plays each complete response from its first audio byte on, pausing whenever it runs out, would have waited "
+        "for audio (per response; upstream's WAV is not streamed, so none). Requests still running past the time "
         "bound plus a drain time are cut: not errors, and their times so far enter the percentiles as lower bounds; "
         "upstream's server cannot notice a client that left (its handler blocks its event loop), so each level "
         "waits until the server process is idle (`idle wait before`). "

@@ -77,6 +77,10 @@ def _check_rows(rows, clients, server):
         assert 0 < row["ttfa_p50_ms"] <= row["ttfa_p95_ms"]
         assert row["ttfa_p50_ms"] <= row["latency_p50_ms"] and row["ttfa_p95_ms"] <= row["latency_p95_ms"]
         assert f"max_new_tokens fixed at {TOKENS}" in row["note"]
+        if server == "ours":  # streamed: a listener's stalls are measured (seconds, not negative)
+            assert 0 <= row["stall_p50_ms"] <= row["stall_p95_ms"] < row["latency_p95_ms"], row
+        else:  # a WAV in one piece: no playback while it arrives
+            assert math.isnan(row["stall_p50_ms"]) and math.isnan(row["stall_p95_ms"])
     return frame
 
 
@@ -294,3 +298,11 @@ def test_stall_is_the_time_a_listener_waits_for_audio():
     arrivals = [(0.0, 100), (0.5, 200), (0.55, 400), (0.9, 500)]
     assert sl.stall_s(arrivals, 1000) == pytest.approx(0.4 + 0.1)
     assert sl.stall_s([(0.0, 1000), (0.5, 2000)], 1000) == 0.0 and sl.stall_s([], 1000) == 0.0
+
+
+def test_stall_counts_the_time_a_listener_waits_for_audio():
+    """Playing from the first byte on: 1 s of audio at t=0, the next second at t=1.5 (0.5 s late),
+    the last at t=2.0 (in time, 0.5 s still to play): 0.5 s of stall."""
+    arrivals = [(0.0, 100), (1.5, 200), (2.0, 300)]
+    assert sl.stall_s(arrivals, 100) == pytest.approx(0.5)
+    assert sl.stall_s([(0.0, 100), (0.9, 200)], 100) == 0.0

@@ -94,6 +94,8 @@ COLUMNS = (
     "ttfa_p95_ms",
     "latency_p50_ms",    # request start to the body's last byte
     "latency_p95_ms",
+    "stall_p50_ms",      # playback stalls (stall_s) of the complete responses: ours streams; upstream's WAV
+    "stall_p95_ms",      # comes in one piece (not streamed), so its rows leave them empty
     "settle_s",          # waited for the server to go idle before the level (upstream finishes cut requests)
     "load_avg",          # 1-minute load average when the level started
     "note",
@@ -387,7 +389,7 @@ def summarize_level(level: LevelResult, sample_rate: int) -> dict[str, Any]:
         "latency_p50_ms": _pct_ms([r.total_s for r in counted], 50),
         "latency_p95_ms": _pct_ms([r.total_s for r in counted], 95),
         "load_avg": level.load_avg,
-        # Not in COLUMNS (the CSV): playback underruns of the complete responses, for the log and A/B runs.
+        # Playback underruns of the complete responses (stalled_share: for the log only).
         "stall_p50_ms": _pct_ms([stall_s(r.arrivals, sample_rate) for r in reqs if r.ok], 50),
         "stall_p95_ms": _pct_ms([stall_s(r.arrivals, sample_rate) for r in reqs if r.ok], 95),
         "stalled_share": (sum(stall_s(r.arrivals, sample_rate) > 0 for r in reqs if r.ok) / max(1, sum(r.ok for r in reqs))),
@@ -582,6 +584,8 @@ def bench_server(spec: ServerSpec, settings: LoadSettings, geometry: AudioGeomet
                    max_batch=spec.max_batch if spec.max_batch is not None else NAN,
                    max_queue=spec.max_queue if spec.max_queue is not None else NAN,
                    level_s=settings.level_s, note=note(spec, settings), **lv)
+        if spec.name != OURS:  # a WAV in one piece: no playback while it arrives
+            row.update(stall_p50_ms=NAN, stall_p95_ms=NAN)
         rows.append(row)
     return rows
 
