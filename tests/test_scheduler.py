@@ -501,10 +501,13 @@ def _long_then_new_steps(tts, lane):
     return sched.lane_steps, long_audio, new_audio
 
 
-def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(tts):
+@pytest.mark.parametrize("which", ["tts", "openvino_tts"])
+def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(request, which):
     """Deadline policy: a request that comes while another's listener is well ahead runs its first
     steps alone (lane steps: the long row skips them, its KV cache keeps a masked gap), and both
-    results still equal solo synthesis; with lane=False no step runs a subset of the batch."""
+    results still equal solo synthesis; with lane=False no step runs a subset of the batch. Both
+    backends (OpenVINO: the step IR, whose inputs are then views of the batch's tail rows)."""
+    tts = request.getfixturevalue(which)
     lane_steps, long_audio, new_audio = _long_then_new_steps(tts, lane=True)
     assert lane_steps >= 1 + tts.stream_context - 1, lane_steps
     assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=300)["audio"]) <= 1e-4
