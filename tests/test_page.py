@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -190,7 +191,12 @@ def test_speak_plays_while_it_streams(page: Any, server: Server, tmp_path: Path)
     download.value.save_as(path)
     with wave.open(str(path)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (played["sampleRate"], 1, 2)
-        assert w.readframes(w.getnframes()) == ref.content
+        got = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    # The same samples up to rounding: the streaming windows fall where each request's timing puts
+    # them (an early window when a listener would run dry), and each decoder call rounds on its own,
+    # so a sample may land one 16-bit step away. A dropped or repeated piece would shift everything.
+    want = np.frombuffer(ref.content, dtype="<i2")
+    assert len(got) == len(want) and int(np.abs(got.astype(np.int32) - want).max()) <= 2
     # Other formats are encoded by the server, from a second request with the same settings.
     page.select_option("#format", "flac")
     with page.expect_download(timeout=60_000) as download:
