@@ -317,11 +317,13 @@ def _ahead_s(job) -> float:
     return job.play_end - time.perf_counter()
 
 
-def _long_job_then_a_new_one(tts, policy):
-    """A long request streams until its listener has over a second of audio in hand; then a new
-    request comes. Small later windows (max_chunk 4): the long one has a window due every fourth step,
-    so one falls in the new row's wait (its prefill, then four steps). The events, the jobs, their audio."""
-    sched = BatchScheduler(tts, max_batch=4, first_chunk=1, chunk_growth=4, max_chunk=4, policy=policy, margin_s=0.05)
+def _long_job_then_a_new_one(tts, policy, ahead_s=0.6, **scheduler):
+    """A long request streams until its listener has over `ahead_s` of audio in hand; then a new
+    request comes. Default: small later windows (max_chunk 4): the long one has a window due every
+    fourth step, so one falls in the new row's wait (its prefill, then four steps). The events, the
+    jobs, their audio, the scheduler."""
+    scheduler = {"max_batch": 4, "first_chunk": 1, "chunk_growth": 4, "max_chunk": 4, "margin_s": 0.05, **scheduler}
+    sched = BatchScheduler(tts, policy=policy, **scheduler)
     events = _Events(sched)
     sched.start()
     try:
@@ -329,7 +331,7 @@ def _long_job_then_a_new_one(tts, policy):
         chunks = []
         for chunk in long:
             chunks.append(chunk)
-            if _ahead_s(long) > 0.6:
+            if _ahead_s(long) > ahead_s:
                 break
         assert not long.done  # still running when the new request comes
         new = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=24))
@@ -337,7 +339,7 @@ def _long_job_then_a_new_one(tts, policy):
         long_audio = np.concatenate([*chunks, *long])
     finally:
         sched.close()
-    return events.items, long, new, long_audio, new_audio
+    return events.items, long, new, long_audio, new_audio, sched
 
 
 def _windows_while_waiting(items, long, new):
@@ -350,7 +352,7 @@ def _windows_while_waiting(items, long, new):
 def test_a_new_rows_first_audio_does_not_wait_behind_later_windows(tts):
     """Deadline policy: while the new request waits for its first audio, the long one (far ahead of
     real time) decodes nothing; both results still equal solo synthesis."""
-    items, long, new, long_audio, new_audio = _long_job_then_a_new_one(tts, "deadline")
+    items, long, new, long_audio, new_audio, _ = _long_job_then_a_new_one(tts, "deadline")
     assert _windows_while_waiting(items, long, new) == []
     assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=400)["audio"]) <= 1e-4
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
@@ -359,7 +361,7 @@ def test_a_new_rows_first_audio_does_not_wait_behind_later_windows(tts):
 def test_the_legacy_policy_decodes_later_windows_before_a_new_rows_first_audio(tts):
     """The same scene under the old policy (one due later window per step): the long job's windows go
     ahead of the new job's first one; this is what the deadline policy removes."""
-    items, long, new, long_audio, new_audio = _long_job_then_a_new_one(tts, "legacy")
+    items, long, new, long_audio, new_audio, _ = _long_job_then_a_new_one(tts, "legacy")
     assert len(_windows_while_waiting(items, long, new)) >= 1
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
 
@@ -482,25 +484,6 @@ def test_an_early_window_keeps_the_listener_playing(tts):
     assert early.stall_s < late.stall_s, (early.stall_s, late.stall_s)
 
 
-def _long_then_new_steps(tts, lane):
-    """A long request runs until its listener has over a second in hand; a new one comes. The lane steps, both jobs' audio."""
-    sched = BatchScheduler(tts, max_batch=4, lane=lane).start()
-    try:
-        long = sched.submit(SpeechRequest(TEXTS[4], max_new_tokens=300))
-        chunks = []
-        for chunk in long:
-            chunks.append(chunk)
-            if _ahead_s(long) > 1.0:
-                break
-        assert not long.done
-        new = sched.submit(SpeechRequest(TEXTS[2], max_new_tokens=24))
-        new_audio = new.audio()
-        long_audio = np.concatenate([*chunks, *long])
-    finally:
-        sched.close()
-    return sched.lane_steps, long_audio, new_audio
-
-
 @pytest.mark.parametrize("which", ["tts", "openvino_tts"])
 def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(request, which):
     """Deadline policy: a request that comes while another's listener is well ahead runs its first
@@ -508,10 +491,11 @@ def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(request, whi
     results still equal solo synthesis; with lane=False no step runs a subset of the batch. Both
     backends (OpenVINO: the step IR, whose inputs are then views of the batch's tail rows)."""
     tts = request.getfixturevalue(which)
-    lane_steps, long_audio, new_audio = _long_then_new_steps(tts, lane=True)
-    assert lane_steps >= 1 + tts.stream_context - 1, lane_steps
-    assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=300)["audio"]) <= 1e-4
+    scene = {"ahead_s": 1.0, "first_chunk": 1, "chunk_growth": 8, "max_chunk": 64, "margin_s": 0.15}
+    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, "deadline", lane=True, **scene)
+    assert sched.lane_steps >= tts.stream_context, sched.lane_steps
+    assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=400)["audio"]) <= 1e-4
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
-    no_lane_steps, long_audio, new_audio = _long_then_new_steps(tts, lane=False)
-    assert no_lane_steps == 0
+    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, "deadline", lane=False, **scene)
+    assert sched.lane_steps == 0
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
