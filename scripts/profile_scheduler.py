@@ -12,8 +12,8 @@ split into the LM decode step (by rows in the batch), prefill, the decoder's win
 tokens per window), sampling and the rest (Python bookkeeping, waiting); the listeners' playback
 stalls (`SpeechJob.stall_s`: time a listener playing from the first chunk on would have waited for
 audio, p50 / p95 over jobs) and the decoder's tokens per token of audio (1.0 = non-streamed). Each
-`--variant` (A/B runs) is a set of BatchScheduler keyword values (ints, floats or strings), e.g.
-`--variant base:min_window=64 --variant early:min_window=4`. Levels and variants alternate over
+`--variant` (A/B runs) is a set of BatchScheduler keyword values (true / false, ints, floats or
+strings), e.g. `--variant before:min_window=64,lane=false --variant now`. Levels and variants alternate over
 `--rounds` rounds; figures are medians over rounds, with [min-max]. Random weights: the audio is
 noise; the timings are valid.
 """
@@ -151,13 +151,16 @@ def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, polic
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """'NAME:KEY=VALUE,...' (or just 'NAME') -> (NAME, {KEY: int | float | str})."""
+    """'NAME:KEY=VALUE,...' (or just 'NAME') -> (NAME, {KEY: bool (true / false) | int | float | str})."""
     name, _, rest = text.partition(":")
     kwargs: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE,KEY=VALUE")
+        if value.lower() in ("true", "false"):
+            kwargs[key] = value.lower() == "true"
+            continue
         for cast in (int, float, str):
             try:
                 kwargs[key] = cast(value)

@@ -499,3 +499,77 @@ def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(request, whi
     _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, "deadline", lane=False, **scene)
     assert sched.lane_steps == 0
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
+
+
+def test_slot_cache_keeps_each_rows_history_through_joins_leaves_swaps_and_partial_steps():
+    """SlotCache alone, random operations: rows join (prompts of any length), leave, swap slots, and
+    steps run the whole batch or only its tail rows (the first-audio lane). After each operation every
+    row attends exactly its own keys, in order (the mask's ones), and the new token's column."""
+    rng = np.random.default_rng(7)
+    cache = SlotCache(["k"], capacity=6, kv_heads=1, head_dim=1, bucket=4)
+    history: list[list[float]] = []  # per slot, the row's keys in order
+    value = 0.0
+
+    def keys(n):
+        nonlocal value
+        out = [value + i for i in range(n)]
+        value += n
+        return out
+
+    for _ in range(400):
+        op = rng.integers(4)
+        if (op == 0 or cache.rows == 0) and cache.rows < 6:
+            h = keys(int(rng.integers(1, 12)))
+            cache.add([np.array(h, dtype=np.float32).reshape(1, 1, -1, 1)])
+            history.append(h)
+        elif op == 1 and cache.rows > 1:
+            r = int(rng.integers(cache.rows))
+            moved = cache.remove(r)
+            if moved is not None:
+                history[r] = history[moved]
+            history.pop()
+        elif op == 2 and cache.rows > 1:
+            i, j = (int(x) for x in rng.choice(cache.rows, 2, replace=False))
+            cache.swap(i, j)
+            history[i], history[j] = history[j], history[i]
+        else:
+            lo = int(rng.integers(cache.rows))  # 0: the whole batch
+            feed = cache.feed(lo)
+            assert feed["k"].shape[0] == feed["attention_mask"].shape[0] == cache.rows - lo
+            new = keys(cache.rows - lo)
+            cache.append([np.array(new, dtype=np.float32).reshape(-1, 1, 1, 1)], lo)
+            for i, v in zip(range(lo, cache.rows), new):
+                history[i].append(v)
+        for i in range(cache.rows):
+            mask = cache.mask[i]
+            assert mask[cache.width] == 1
+            attended = cache.arrays[0][i, 0, : cache.width, 0][mask[: cache.width] == 1]
+            assert attended.tolist() == history[i], (i, attended.tolist(), history[i])
+
+
+def test_a_row_sits_out_a_lane_step_only_while_its_listener_has_audio_enough(tts):
+    """_can_skip: the listener's audio (sent, plus the blocks a window would send now) must outlast the
+    steps the row still needs before its next window, one more step and 30 ms; blocks too few for a
+    window do not count; a job with nothing sent yet has nobody listening."""
+    from pipeline_lib.runtime.scheduler import SpeechJob, _Row
+
+    sched = BatchScheduler(tts, first_chunk=1, chunk_growth=8, max_chunk=64, min_window=4)
+    sched._row_period = 0.03  # 30 ms per token: faster than real time (a block is 64 ms)
+    job = SpeechJob(SpeechRequest(TEXTS[0]), tts.sample_rate)
+    row = _Row(job, 0, [1, 2, 3], tts.spec.vocab_size, tts.spec.hidden_size, 1)
+    ctx = tts.stream_context
+    row.chunk, row.emitted = 64, 10
+    now = time.perf_counter()
+    assert sched._can_skip(row, now)  # nothing sent yet
+    job.first_audio_at = now
+    row.n = row.emitted + 1 + ctx + 1  # 1 exact block: fewer than min_window, not counted
+    job.play_end = now + 0.10  # needs 3 more steps + 1 + 30 ms = 150 ms
+    assert not sched._can_skip(row, now)
+    job.play_end = now + 0.20
+    assert sched._can_skip(row, now)
+    row.n = row.emitted + 1 + ctx + 4  # 4 exact blocks: an early window could send 256 ms now
+    job.play_end = now + 0.0
+    assert sched._can_skip(row, now)
+    sched._row_period = 0.1  # slower than real time: no early windows, a window needs all 64 blocks
+    job.play_end = now + 1.0
+    assert not sched._can_skip(row, now)

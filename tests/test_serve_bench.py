@@ -299,10 +299,3 @@ def test_stall_is_the_time_a_listener_waits_for_audio():
     assert sl.stall_s(arrivals, 1000) == pytest.approx(0.4 + 0.1)
     assert sl.stall_s([(0.0, 1000), (0.5, 2000)], 1000) == 0.0 and sl.stall_s([], 1000) == 0.0
 
-
-def test_stall_counts_the_time_a_listener_waits_for_audio():
-    """Playing from the first byte on: 1 s of audio at t=0, the next second at t=1.5 (0.5 s late),
-    the last at t=2.0 (in time, 0.5 s still to play): 0.5 s of stall."""
-    arrivals = [(0.0, 100), (1.5, 200), (2.0, 300)]
-    assert sl.stall_s(arrivals, 100) == pytest.approx(0.5)
-    assert sl.stall_s([(0.0, 100), (0.9, 200)], 100) == 0.0

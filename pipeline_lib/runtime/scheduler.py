@@ -84,8 +84,8 @@ class SchedulerObserver(Protocol):
     Called from the worker thread; must be quick and must not raise."""
 
     def on_step(self, rows: int, queued: int, tokens: int, seconds: float) -> None:
-        """One decode step over `rows` rows took `seconds` and made `tokens` tokens; `queued`
-        requests are waiting."""
+        """One decode step over `rows` rows (the rows the step ran: the first-audio lane runs a
+        subset of the batch) took `seconds` and made `tokens` tokens; `queued` requests are waiting."""
 
     def on_first_audio(self, seconds: float) -> None:
         """A job's first chunk, `seconds` after it was submitted."""
@@ -249,7 +249,10 @@ class SlotCache:
     a row has no token); the width grows in steps of `bucket` columns, and leading columns no row
     attends to are dropped when it grows. A row that leaves is replaced by the last row (one
     row's copy); a row that joins is written into the next slot, right-aligned; only a prompt
-    longer than `used` makes every row move (columns are prepended)."""
+    longer than `used` makes every row move (columns are prepended). A step of the batch's tail
+    rows only (the scheduler's first-audio lane) leaves a masked column in the other rows: a gap
+    inside a row, which attention skips like the padding; gaps go with the leading columns once no
+    row attends to them."""
 
     def __init__(self, past_names: Sequence[str], capacity: int, kv_heads: int, head_dim: int, bucket: int) -> None:
         self.past_names = list(past_names)
@@ -468,7 +471,9 @@ class BatchScheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.first_chunk, self.chunk_growth, self.max_chunk = first_chunk, chunk_growth, max_chunk
         self.min_window = min_window
-        self.lane = bool(lane)
+        if not isinstance(lane, bool):
+            raise InputError(f"lane must be True or False, got {lane!r}")
+        self.lane = lane
         self.lane_steps = 0  # decode steps that ran the first-audio lane only
         self.observer: SchedulerObserver = observer or _NullObserver()
         self._queue: collections.deque[SpeechJob] = collections.deque()
@@ -479,6 +484,8 @@ class BatchScheduler:
         self.rows: list[_Row] = []
         self._draining: list[_Row] = []  # deadline policy: rows that ended, their last window not decoded yet
         self._period = 0.0  # mean seconds between two decoder phases (an iteration), for the margin
+        self._row_period = 0.0  # the same over iterations whose step ran the whole batch: a row's time per token
+        self._lane_step = False  # the last step ran the first-audio lane only
         self._last_decode_at: float | None = None
         self.steps = 0  # decode steps run (all rows together)
         self.max_rows_seen = 0
@@ -581,7 +588,7 @@ class BatchScheduler:
                 self.observer.on_step(0, self.queue_depth, 0, 0.0)  # the batch is empty (e.g. all cancelled)
                 return
         t0 = time.perf_counter()
-        sampled = len(self.rows)  # tokens made this iteration
+        sampled = sum(r.logits is not None for r in self.rows)  # tokens made this iteration (rows that stepped)
         self._sample(self.rows)
         if self.policy == "legacy":
             self._decode_windows()
@@ -620,6 +627,7 @@ class BatchScheduler:
                 r.next_pos += 1
             self.steps += 1
             self.lane_steps += lo > 0
+            self._lane_step = lo > 0
             stepped = len(rows)
         rows = sampled if self.policy == "legacy" else stepped  # deadline: the rows of the step
         self.observer.on_step(rows, self.queue_depth, sampled, time.perf_counter() - t0)
@@ -729,6 +737,8 @@ class BatchScheduler:
         now = time.perf_counter()
         if self._last_decode_at is not None:  # at most 1 s a sample: a pause of the worker is no iteration
             self._period = 0.8 * self._period + 0.2 * min(1.0, now - self._last_decode_at)
+            if not self._lane_step:
+                self._row_period = 0.8 * self._row_period + 0.2 * min(1.0, now - self._last_decode_at)
         self._last_decode_at = now
         margin = self.margin_s + 2.0 * self._period
         later, early = [], []
@@ -763,21 +773,23 @@ class BatchScheduler:
         if r.finished or r.index != r.job._next_emit or r.job.first_audio_at is None:
             return False
         ready = r.n - 1 - self.tts.stream_context - r.emitted
-        if ready < min(r.chunk, self.min_window) or self._period <= 0.0:
+        if ready < min(r.chunk, self.min_window) or not self._fast():
             return False
-        if self._period >= self.tts.samples_per_token / self.tts.sample_rate:
-            return False
-        slack = self._slack_s(r, now)
-        wait = min(r.chunk - ready, r.max_new_tokens - r.steps) * self._period
-        return slack < min(margin, 2.0 * self._period + 0.03) and slack < wait + self._period
+        slack, p = self._slack_s(r, now), self._row_period
+        wait = min(r.chunk - ready, r.max_new_tokens - r.steps) * p
+        return slack < min(margin, 2.0 * p + 0.03) and slack < wait + p
+
+    def _fast(self) -> bool:
+        """Rows make tokens faster than real time (a whole-batch step per token, _row_period)."""
+        return 0.0 < self._row_period < self.tts.samples_per_token / self.tts.sample_rate
 
     def _lane_start(self) -> int:
         """The first-audio lane (deadline policy, `lane`): while rows wait for their job's first audio
-        and every other row has at least one iteration period of cover (audio its listener has in
-        hand, plus exact blocks not yet decoded), the step runs the waiting rows only (moved to the
-        batch's tail, SlotCache.swap), so their first window is exact after a few short steps instead
-        of as many steps of the whole batch. Checked every step: a row whose cover runs short steps
-        again at once. The index of the first row that steps (0: the whole batch)."""
+        and every other row can sit out a step (_can_skip: its listener's audio outlasts the steps it
+        needs before its next window), the step runs the waiting rows only (moved to the batch's
+        tail, SlotCache.swap), so their first window is exact after a few short steps instead of as
+        many steps of the whole batch. Checked every step: a row that cannot wait any longer makes
+        the next step a whole-batch one. The index of the first row that steps (0: the whole batch)."""
         if self.policy == "legacy" or not self.lane:
             return 0
         lane = [r for r in self.rows if self._needs_first_audio(r) and not r.finished]
@@ -785,10 +797,7 @@ class BatchScheduler:
             return 0
         now = time.perf_counter()
         ids = {id(r) for r in lane}
-        block_s = self.tts.samples_per_token / self.tts.sample_rate
-        ctx = self.tts.stream_context
-        if any(self._slack_s(r, now) + max(0, r.n - 1 - ctx - r.emitted) * block_s < self._period
-               for r in self.rows if id(r) not in ids):
+        if any(not self._can_skip(r, now) for r in self.rows if id(r) not in ids):
             return 0
         lo = len(self.rows) - len(lane)
         heads = [i for i in range(lo) if id(self.rows[i]) in ids]
@@ -797,6 +806,20 @@ class BatchScheduler:
             self._cache.swap(i, j)
             self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
         return lo
+
+    def _can_skip(self, r: _Row, now: float) -> bool:
+        """The row may sit out one lane step: its listener's audio (sent, plus the exact blocks a
+        window would send now: `chunk` of them, or `min_window` when early windows run) lasts beyond
+        the steps the row still needs before its next window can go (at a whole-batch step each),
+        one lane step and 30 ms of decoding. A job with no audio yet has nobody listening."""
+        slack = self._slack_s(r, now)
+        if math.isinf(slack):
+            return True
+        ready = r.n - 1 - self.tts.stream_context - r.emitted
+        need = min(r.chunk, self.min_window) if self._fast() else r.chunk
+        if ready >= need:
+            slack += ready * self.tts.samples_per_token / self.tts.sample_rate
+        return slack >= (max(0, need - ready) + 1) * self._row_period + 0.03
 
     def _needs_first_audio(self, r: _Row) -> bool:
         """The row is its job's sentence to emit next, and the job has sent no audio yet."""
@@ -846,8 +869,9 @@ class BatchScheduler:
 
     def _decode_ready(self, r: _Row, limit: int | None = None, widest: bool = False, need: int | None = None) -> None:
         """Decode the row's windows whose samples are exact by now (at most `limit` of them; all of
-        the rest once the row ended). `widest`: a window holds every exact block (at least `chunk`,
-        at most `max_chunk` or `chunk`, the larger), not `chunk` blocks."""
+        the rest once the row ended). A window is due with `need` exact blocks (default `chunk`; an
+        early window: min(chunk, min_window)). `widest`: a window holds every exact block (at least
+        `need`, at most `max_chunk` or `chunk`, the larger), not `chunk` blocks."""
         ctx = self.tts.stream_context
         done = 0
         if r.finished:
