@@ -486,6 +486,7 @@ class BatchScheduler:
         self._period = 0.0  # mean seconds between two decoder phases (an iteration), for the margin
         self._row_period = 0.0  # the same over iterations whose step ran the whole batch: a row's time per token
         self._lane_step = False  # the last step ran the first-audio lane only
+        self._block_s = tts.samples_per_token / tts.sample_rate  # seconds of audio per token
         self._last_decode_at: float | None = None
         self.steps = 0  # decode steps run (all rows together)
         self.max_rows_seen = 0
@@ -772,8 +773,8 @@ class BatchScheduler:
         of decoding ahead of the listener's end), so the window holds as many blocks as it can."""
         if r.finished or r.index != r.job._next_emit or r.job.first_audio_at is None:
             return False
-        ready = r.n - 1 - self.tts.stream_context - r.emitted
-        if ready < min(r.chunk, self.min_window) or not self._fast():
+        ready = self._ready(r)
+        if not self._fast() or ready < self._need(r):
             return False
         slack, p = self._slack_s(r, now), self._row_period
         wait = min(r.chunk - ready, r.max_new_tokens - r.steps) * p
@@ -781,7 +782,16 @@ class BatchScheduler:
 
     def _fast(self) -> bool:
         """Rows make tokens faster than real time (a whole-batch step per token, _row_period)."""
-        return 0.0 < self._row_period < self.tts.samples_per_token / self.tts.sample_rate
+        return 0.0 < self._row_period < self._block_s
+
+    def _need(self, r: _Row) -> int:
+        """Exact blocks the row's next window needs: `chunk`, or at most `min_window` while early
+        windows run (_fast)."""
+        return min(r.chunk, self.min_window) if self._fast() else r.chunk
+
+    def _ready(self, r: _Row) -> int:
+        """Exact blocks not yet sent: block j is exact once token j + 1 + stream_context exists."""
+        return r.n - 1 - self.tts.stream_context - r.emitted
 
     def _lane_start(self) -> int:
         """The first-audio lane (deadline policy, `lane`): while rows wait for their job's first audio
@@ -815,10 +825,9 @@ class BatchScheduler:
         slack = self._slack_s(r, now)
         if math.isinf(slack):
             return True
-        ready = r.n - 1 - self.tts.stream_context - r.emitted
-        need = min(r.chunk, self.min_window) if self._fast() else r.chunk
+        ready, need = self._ready(r), self._need(r)
         if ready >= need:
-            slack += ready * self.tts.samples_per_token / self.tts.sample_rate
+            slack += ready * self._block_s
         return slack >= (max(0, need - ready) + 1) * self._row_period + 0.03
 
     def _needs_first_audio(self, r: _Row) -> bool:
@@ -846,7 +855,7 @@ class BatchScheduler:
             elif limit is not None:
                 self._decode_ready(r, limit=limit)
             else:
-                self._decode_ready(r, limit=1, widest=True, need=min(r.chunk, self.min_window) if early else None)
+                self._decode_ready(r, limit=1, widest=True, need=self._need(r) if early else None)
         except Exception as exc:  # noqa: BLE001 - this job's failure only
             self._end_job(r.job, exc)
             return
@@ -855,9 +864,8 @@ class BatchScheduler:
             self._complete_row(r)
 
     def _due(self, r: _Row, need: int | None = None) -> bool:
-        """Block j is exact once token j + 1 + ctx exists: the row's next window (`need` blocks,
-        default its `chunk`) can be decoded."""
-        return r.n - 1 - self.tts.stream_context - r.emitted >= (r.chunk if need is None else need)
+        """The row's next window (`need` exact blocks, default its `chunk`) can be decoded."""
+        return self._ready(r) >= (r.chunk if need is None else need)
 
     def _audio_ahead_s(self, r: _Row) -> float:
         """Seconds of the job's audio sent but not yet played (if played from its first chunk on);
@@ -887,7 +895,7 @@ class BatchScheduler:
         while self._due(r, need) and (limit is None or done < limit):
             end = r.emitted + r.chunk
             if widest:
-                end = r.emitted + min(r.n - 1 - ctx - r.emitted, max(r.chunk, self.max_chunk))
+                end = r.emitted + min(self._ready(r), max(r.chunk, self.max_chunk))
             self._emit(r, self._window(r, r.emitted, end, end + ctx))
             r.emitted = end
             r.chunk = min(self.max_chunk, r.chunk * self.chunk_growth)
