@@ -278,7 +278,8 @@ def openvino_stateful_ir(ckpt_dir: Path, dst_dir: Path, precision: Precision, se
     weights = precision.lm_weights
     xml = convert_lm_to_openvino_stateful(ckpt_dir, dst_dir / f"{STATEFUL_FILE}.xml", weights, settings.openvino_int8_mode,
                                           _int4(settings))
-    return {"source": str(ckpt_dir), "file": xml.name, "weights_file": xml.with_suffix(".bin").name,
+    # the checkpoint's folder name, not its path: the record must not depend on where the build ran
+    return {"source": f"{Path(ckpt_dir).name}/model.safetensors", "file": xml.name, "weights_file": xml.with_suffix(".bin").name,
             "method": "openvino.convert_model (PyTorch, SDPA) + make_stateful + " + _ov_method(weights, settings),
             "inference_precision_hint": precision.inference}
 
@@ -400,18 +401,18 @@ def convert_into(
         start = time.perf_counter()
         info = {"backend": backend, "precision": precision, "source": src.name,
                 **convert(src, dst, which, prec, settings)}
-        info["seconds"] = round(time.perf_counter() - start, 3)
+        seconds = round(time.perf_counter() - start, 3)
         info["bytes"] = sum(f.stat().st_size for f in _files(info, dst))
         info["source_bytes"] = src.stat().st_size
         block = spec.block(cfg)
-        block["file"], block["conversion"] = info["file"], info
+        block["file"], block["conversion"] = info["file"], info  # inputs and settings only: no time (figures)
         write_json(dst / spec.config, cfg)
         for name in spec.extra_files:
             if (src_dir / name).is_file():
                 shutil.copy2(src_dir / name, dst / name)
         log.info("%s %s: %.1f MB -> %.1f MB in %.1f s", which, target.label, info["source_bytes"] / 1e6,
-                 info["bytes"] / 1e6, info["seconds"])
-        figures[which] = {k: info[k] for k in ("seconds", "bytes", "source_bytes")}
+                 info["bytes"] / 1e6, seconds)
+        figures[which] = {"seconds": seconds, "bytes": info["bytes"], "source_bytes": info["source_bytes"]}
         if which == LM_DIR and stateful is not None:
             figures["lm_stateful"] = _convert_stateful(stateful, Path(checkpoint_dir), dst, target, prec, settings, cfg)
     return figures
@@ -422,9 +423,9 @@ def _convert_stateful(convert: Any, ckpt_dir: Path, dst: Path, target: registry.
     start = time.perf_counter()
     log.info("lm %s: converting the stateful LM from %s", target.label, ckpt_dir)
     info = {"backend": target.backend, "precision": target.precision, **convert(ckpt_dir, dst, precision, settings)}
-    info["seconds"] = round(time.perf_counter() - start, 3)
+    seconds = round(time.perf_counter() - start, 3)
     info["bytes"] = sum(f.stat().st_size for f in _files(info, dst))
     info["source_bytes"] = (ckpt_dir / "model.safetensors").stat().st_size
     write_json(dst / STATEFUL_CONFIG, stateful_config(step_cfg, info))
-    log.info("lm stateful %s: %.1f MB in %.1f s", target.label, info["bytes"] / 1e6, info["seconds"])
-    return {k: info[k] for k in ("seconds", "bytes", "source_bytes")}
+    log.info("lm stateful %s: %.1f MB in %.1f s", target.label, info["bytes"] / 1e6, seconds)
+    return {"seconds": seconds, "bytes": info["bytes"], "source_bytes": info["source_bytes"]}
