@@ -295,7 +295,12 @@ def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> 
                 if key not in parity:
                     p.add(f"parity.{key}", "the limits of stage parity_convert for that precision", None)
                 else:
-                    _check_thresholds(p, f"parity.{key}", parity[key], THRESHOLDS[precision.parity])
+                    from pipeline_lib.parity import TRAINED_KEY
+
+                    limits = dict(parity[key] or {})
+                    trained = limits.pop(TRAINED_KEY, None) or {}
+                    _check_thresholds(p, f"parity.{key}", limits, THRESHOLDS[precision.parity])
+                    _check_thresholds(p, f"parity.{key}.{TRAINED_KEY}", trained, THRESHOLDS[precision.parity])
     if groups["bench"]:
         _check_bench(p, groups["bench"])
         _check_pairs_are_built(p, groups["bench"], groups["convert"])

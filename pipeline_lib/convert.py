@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any, Mapping
 
 from pipeline_lib import registry
 from pipeline_lib.errors import ExportError, MissingBackendError, ModelFileError
-from pipeline_lib.fsutil import atomic_dir, write_json
+from pipeline_lib.fsutil import write_json
 from pipeline_lib.openvino_ir import import_openvino, save_ir
 from pipeline_lib.openvino_stateful import make_stateful, stateful_config
 from pipeline_lib.registry import LM_DIR, MODELS, STATEFUL_CONFIG, STATEFUL_FILE, Precision
@@ -350,13 +351,23 @@ def convert_target(
     checkpoint_dir: Path | str | None = None,
 ) -> dict[str, Any]:
     """Build ``out_dir/{lm,decoder}`` for one target (registry.TARGETS) from the export folders; return
-    its figures (`convert_into`). The whole ``out_dir`` appears at once (atomic rename) or not at all,
-    replacing whatever was there: the convert stage's out."""
-    with atomic_dir(out_dir) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the runtime folder should read like any other
-        return convert_into(backend, precision, decoder_dir, lm_dir, tmp, settings, checkpoint_dir)
+    its figures (`convert_into`). The two folders (the convert stage's outs) are built in a temporary folder
+    and replace the old ones only once both are complete; anything else in ``out_dir`` (the certificate,
+    parity_convert's out) is left alone."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Files keep the modes their writers gave them (no chmod: onnx fp32's are hard links to the export's,
+    # which DVC's cache may share and keeps read-only).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.convert-", dir=out_dir.parent))
+    try:
+        figures = convert_into(backend, precision, decoder_dir, lm_dir, tmp, settings, checkpoint_dir)
+        for which in MODELS:
+            if (out_dir / which).exists():
+                shutil.rmtree(out_dir / which)
+            os.replace(tmp / which, out_dir / which)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return figures
 
 
 def convert_into(
@@ -380,7 +391,7 @@ def convert_into(
 
     The target, the checkpoint folder and the export (`read_export`) are checked before anything is
     converted. ``folder`` is not cleaned up on failure: callers write into a temporary folder
-    (`convert_target`: fsutil.atomic_dir; `soprano-onnx convert`: fsutil.atomic_files).
+    (`convert_target`: a temporary sibling folder; `soprano-onnx convert`: fsutil.atomic_files).
     """
     target = registry.target(backend, precision)
     prec = registry.precision(precision)

@@ -457,10 +457,22 @@ def model_file(folder: Path | str, which: str) -> Path:
 THRESHOLDS: dict[str, type] = {registry.PARITY_REFERENCE: ParityThresholds, registry.PARITY_QUANTIZED: QuantParityThresholds}
 
 
-def convert_thresholds(precision: str, parity_params: Mapping[str, Any]) -> ParityThresholds | QuantParityThresholds:
-    """The limits of stage parity_convert for a target of `precision` (params `parity`)."""
+# Inside parity.convert_<precision>: the limits that replace the guards when the checkpoint is trained
+# (conf/parity/default.yaml gives the reasons).
+TRAINED_KEY = "trained"
+
+
+def convert_thresholds(precision: str, parity_params: Mapping[str, Any],
+                       trained: bool = False) -> ParityThresholds | QuantParityThresholds:
+    """The limits of stage parity_convert for a target of `precision` (params `parity.convert_<precision>`);
+    with ``trained`` (the checkpoint's weights are not random), its ``trained`` block's values replace the
+    guards'."""
     p = registry.precision(precision)
     if p.parity_key not in parity_params:
         raise ValueError(f"params parity.{p.parity_key} missing: the limits of parity_convert for {precision} "
                          "(conf/parity/default.yaml)")
-    return THRESHOLDS[p.parity].from_mapping(parity_params[p.parity_key])
+    limits = dict(parity_params[p.parity_key])
+    override = dict(limits.pop(TRAINED_KEY, None) or {})
+    if trained:
+        limits.update(override)
+    return THRESHOLDS[p.parity].from_mapping(limits)

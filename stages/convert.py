@@ -2,7 +2,7 @@
 
 OUT_DIR/{lm,decoder}/ hold the converted model, its JSON config (with a ``conversion`` block) and, for the
 LM, the tokenizer; for OpenVINO, with CHECKPOINT_DIR, also the stateful LM (pipeline_lib.openvino_stateful).
-METRICS_JSON: conversion seconds and sizes (MB) per model.
+METRICS_JSON: conversion seconds and sizes (MB) per model (the time is here, never in the artifacts).
 """
 
 import sys
@@ -17,7 +17,8 @@ if __name__ == "__main__":
     dec_dir, lm_dir, out, metrics = map(Path, sys.argv[3:7])
     ckpt_dir = Path(sys.argv[7]) if len(sys.argv) > 7 else None
     settings = ConvertSettings.from_params(load_params().convert)
-    with stage_outputs(f"convert@{backend}-{precision}", out, metrics):
+    # The outs are lm/ and decoder/ (DVC cache); certificate.json beside them is parity_convert's.
+    with stage_outputs(f"convert@{backend}-{precision}", out / "lm", out / "decoder", metrics):
         figures = convert_target(backend, precision, dec_dir, lm_dir, out, settings, ckpt_dir)
         flat = {}
         for which, f in figures.items():

@@ -1,20 +1,26 @@
-"""Stage parity_convert@BACKEND-PRECISION: CKPT EXPORT_DECODER EXPORT_LM TARGET_DIR METRICS_JSON.
+"""Stage parity_convert@BACKEND-PRECISION: CKPT EXPORT_DECODER EXPORT_LM TARGET_DIR METRICS_JSON
+-> METRICS_JSON and TARGET_DIR/certificate.json (pipeline_lib.certificate: metrics, limits, checkpoint identity,
+the certified files' hashes, verdict), which travels with the models.
 
 What a target is checked against follows its precision (pipeline_lib.registry.Precision.parity):
 "reference" (fp32): the same checks and limits as the export's parity stage, against the torch reference;
 "quantized" (int8, int4, bf16): against the fp32 export run by ONNX Runtime on the same inputs: LM
 hidden-state cosine (min, mean), teacher-forced top-1 agreement, free-running greedy agreement, decoder
-audio SNR, and the log-mel distance of the audio decoded end to end from the same token sequence. Limits and reasons: conf/parity/default.yaml, convert_<precision>. A missed
-limit fails the stage. A backend with a stateful LM (OpenVINO): that LM gets the same LM checks (metrics
+audio SNR, and the log-mel distance of the audio decoded end to end from the same token sequence. Limits and reasons: conf/parity/default.yaml,
+convert_<precision> (its `trained` block replaces them for a checkpoint whose weights are not random). On
+random weights the limits are guards: a miss means a broken conversion and fails the stage (no certificate).
+On a trained checkpoint a miss is a quality verdict: the certificate says "fail" (so precision="auto" skips
+the target), the stage succeeds and says so. A backend with a stateful LM (OpenVINO): that LM gets the same LM checks (metrics
 prefixed stateful_). A bf16 target on a CPU without bf16 instructions is not checked (OpenVINO would
-compute it in f32): the metrics record that it was skipped and why.
+compute it in f32): the metrics record that it was skipped and why, the certificate says "unchecked".
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from pipeline_lib import registry
+from pipeline_lib import certificate, registry
 from pipeline_lib.audio.istft import IstftConfig
 from pipeline_lib.errors import ParityError
 from pipeline_lib.fsutil import write_json
@@ -41,13 +47,22 @@ if __name__ == "__main__":
         from pipeline_lib.cpuinfo import missing_bf16
 
         skipped = missing_bf16()
-    with stage_outputs(name, metrics):
+    cert_path = target / certificate.CERTIFICATE_FILE
+    with stage_outputs(name, metrics, cert_path):
+        identity = certificate.checkpoint_identity(ckpt)
+        trained = not identity["random_weights"]
+        target_info = registry.target(backend, precision)
+        reference = ("the torch reference (checkpoint)" if prec.parity == registry.PARITY_REFERENCE
+                     else "the fp32 ONNX export run by ONNX Runtime, same inputs")
         if skipped:  # OpenVINO would compute in f32 and "pass": record why nothing was checked instead
             print(f"{name}: skipped: {skipped}")
             write_json(metrics, {f"{backend}_{precision}": {"skipped_no_bf16_cpu": 1.0}})
+            certificate.write(target, certificate.build(target_info, identity, certificate.model_files(target),
+                                                        reference=reference, limits=None, metrics=None,
+                                                        unchecked=f"not checked on the machine that built it: {skipped}"))
         else:
             report = ParityReport()
-            th = convert_thresholds(precision, params)
+            th = convert_thresholds(precision, params, trained=trained)
             dec_dir, lm_dir = target / registry.DECODER_DIR, target / registry.LM_DIR
             lm_config = json.loads((lm_dir / registry.LM_CONFIG).read_text())
             istft_config = IstftConfig.from_json(dec_dir / registry.DECODER_CONFIG)
@@ -76,6 +91,13 @@ if __name__ == "__main__":
                     report.merge(check_quantized(ref_lm, runner(stateful), None, None, lm_config, istft_config, th),
                                  "stateful_")  # the LM only: the decoder is the one checked above
             print(f"{name}:\n{format_report(report)}")
-            if not report.passed:
+            if not report.passed and not trained:
                 raise ParityError("; ".join(report.failures))
             write_json(metrics, {f"{backend}_{precision}": report.metrics})
+            cert = certificate.build(target_info, identity, certificate.model_files(target), reference=reference,
+                                     limits=dataclasses.asdict(th), metrics=report.metrics, failures=report.failures)
+            certificate.write(target, cert)
+            print(f"{name}: certificate {cert['verdict']} ({cert['limits_kind']} limits) -> {cert_path}")
+            if not report.passed:
+                print(f"{name}: WARNING: {target_info.label} misses the quality limits for a trained checkpoint; "
+                      "precision='auto' will not pick it: " + "; ".join(report.failures))
