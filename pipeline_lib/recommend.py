@@ -5,14 +5,16 @@ The rule is a table: for each CPU class (what its instruction sets allow: AMX, A
 AVX2) and each objective (one stream's speed, the first chunk's latency, a batch's throughput), the
 model choices (pipeline_lib.registry.Choice labels) in order of preference, fastest first, as measured by
 the benchmark stage on a CPU of that class; docs/design.md ("Recommendation") gives the measurements
-behind each row. `pick` takes the first choice of the row whose models are present under ROOT and can
-run on this CPU (bf16 needs AVX512-BF16 or AMX-BF16), and says why.
+behind each row. `pick` takes the first choice of the row whose models are present under ROOT, can
+run on this CPU (bf16 needs AVX512-BF16 or AMX-BF16) and whose targets' quality certificates passed
+(pipeline_lib.certificate: written by parity_convert, checked against the files), and says why, naming the
+certificates it relied on.
 
 The report (pipeline_lib.report) names the measured fastest configuration that passed quality on the
 benchmark's machine beside what this rule picks for that machine's class, so a row that a new
 measurement contradicts shows up there.
 
-A leaf below the runtime: it imports the registry, cpuinfo and errors only.
+A leaf below the runtime: it imports the registry, certificate, cpuinfo and errors only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from pipeline_lib import registry
+from pipeline_lib import certificate, registry
 from pipeline_lib.cpuinfo import BF16_FEATURES, read_cpuinfo
 from pipeline_lib.errors import InputError, ModelFileError
 
@@ -115,21 +117,34 @@ def present(root: Path, choice: registry.Choice) -> bool:
                                          registry.DECODER_DIR) is not None)
 
 
+def certificate_of(root: Path, t: registry.Target) -> certificate.Status:
+    """The certificate of target `t` under `root`: the first of its folders (registry.folders_under) that holds
+    one (onnx-fp32: ROOT/onnx/fp32, whose files are the export's), checked against that folder's files;
+    "uncertified" where none does."""
+    folders = registry.folders_under(root, t.backend, t.precision)
+    for folder in folders:
+        if (folder / certificate.CERTIFICATE_FILE).is_file():
+            return certificate.status(folder)
+    return certificate.status(folders[-1] if folders else Path(root))
+
+
 @dataclass(frozen=True)
 class Pick:
-    """What `pick` chose and why (a sentence for logs and the report)."""
+    """What `pick` chose and why (a sentence for logs and the report), and the certificates it relied on."""
 
     choice: registry.Choice
     cpu_class: str
     objective: str
     reason: str
+    certificates: tuple[certificate.Status, ...] = ()
 
 
 def pick(root: str | Path, objective: str = "stream", flags: Iterable[str] | None = None,
          cpu_name: str | None = None) -> Pick:
-    """The first choice of RULES[cpu_class(flags)][objective] whose models are under `root` and run on this
-    CPU. flags / cpu_name: this CPU's (/proc/cpuinfo) unless given. A ModelFileError naming what was looked
-    for when none is present."""
+    """The first choice of RULES[cpu_class(flags)][objective] whose models are under `root`, run on this
+    CPU and carry passed certificates (every target of the choice: `certificate_of`; failed, unchecked,
+    stale or missing ones are skipped, with the reason). flags / cpu_name: this CPU's (/proc/cpuinfo)
+    unless given. A ModelFileError naming what was looked for and why each was skipped when none qualifies."""
     check_objective(objective)
     if flags is None:
         cpu_name, flags = read_cpuinfo()
@@ -139,16 +154,28 @@ def pick(root: str | Path, objective: str = "stream", flags: Iterable[str] | Non
     passed: list[str] = []
     for c in rule(cls, objective):
         why_not = runnable(c, flags)
-        if why_not is None and present(root, c):
+        if why_not is None and not present(root, c):
+            why_not = "not built under " + str(root)
+        certs: tuple[certificate.Status, ...] = ()
+        if why_not is None:
+            certs = tuple(certificate_of(root, t) for t in dict.fromkeys(c.targets))
+            bad = [s for s in certs if not s.passed]
+            if bad:
+                why_not = "certificate " + "; ".join(f"{s.state}: {s.why}" for s in bad)
+        if why_not is None:
             skipped = f"; skipped before it: {'; '.join(passed)}" if passed else ""
+            relied = "; ".join(s.why for s in certs)
             reason = (f"CPU {cpu_name or 'unknown'} is of class {cls}; for {OBJECTIVE_NAMES[objective]} the rule's "
-                      f"order is {', '.join(x.label for x in rule(cls, objective))}; picked {c.label}{skipped}")
-            return Pick(c, cls, objective, reason)
-        passed.append(f"{c.label} ({why_not or 'not built under ' + str(root)})")
+                      f"order is {', '.join(x.label for x in rule(cls, objective))}; picked {c.label}{skipped}; "
+                      f"relied on {relied}")
+            return Pick(c, cls, objective, reason, certs)
+        passed.append(f"{c.label} ({why_not})")
     raise ModelFileError(
         f"{root}: none of the models that precision='auto' picks from on this CPU (class {cls}, objective {objective}) "
-        f"is there: {'; '.join(passed)}. Pass the artifacts/ folder of `dvc repro`, or a folder with "
-        "<backend>/<precision>/{lm,decoder} from `soprano-onnx convert --out ROOT/<backend>/<precision>`.")
+        f"is there with a passed certificate: {'; '.join(passed)}. Pass the artifacts/ folder of `dvc repro` (parity_convert "
+        "writes the certificates), a folder with <backend>/<precision>/{lm,decoder} from `soprano-onnx convert --out "
+        "ROOT/<backend>/<precision>`, or name a precision explicitly (precision='onnx-int8': loads it, with a warning "
+        "when it is not certified).")
 
 
 # The benchmark column (pipeline_lib.bench.COLUMNS) of each objective, and whether higher is better.

@@ -19,8 +19,19 @@ ZEN5 = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16"}
 AMX = ZEN5 | {"amx_bf16", "amx_int8", "amx_tile"}
 
 
+def certify(folder: Path, label: str, failures: tuple[str, ...] = ()) -> None:
+    """A certificate for the files in `folder` (a stand-in for parity_convert's: no measurement)."""
+    from pipeline_lib import certificate
+
+    t = registry.choice(label).lm
+    identity = {"name": "tiny", "source": "random", "random_weights": True}
+    certificate.write(folder, certificate.build(t, identity, certificate.model_files(folder), reference="test",
+                                                limits={}, metrics={}, failures=failures))
+
+
 def _fake_root(root: Path, labels: list[str]) -> Path:
-    """Empty model files laid out as artifacts/ (enough for pick, which only looks for files)."""
+    """Empty model files laid out as artifacts/, each target with a passed certificate (enough for pick,
+    which only looks at files and certificates)."""
     for label in labels:
         t = registry.choice(label).lm
         suffix = registry.backend(t.backend).suffix
@@ -28,6 +39,7 @@ def _fake_root(root: Path, labels: list[str]) -> Path:
         for which in (registry.LM_DIR, registry.DECODER_DIR):
             (base / which).mkdir(parents=True, exist_ok=True)
             (base / which / f"{registry.MODELS[which].file}{suffix}").write_text("")
+        certify(base, label)
     return root
 
 
@@ -127,6 +139,8 @@ def root(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(tiny_export, r / "export" / which)
     for backend in ("onnx", "openvino"):
         convert_target(backend, "int8", tiny_export, tiny_export, r / backend / "int8", settings)
+        certify(r / backend / "int8", f"{backend}-int8")
+    certify(r / "export", "onnx-fp32")
     return r
 
 

@@ -30,6 +30,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline_lib.audio.istft import IstftConfig, istft
+from pipeline_lib.certificate import CERTIFICATE_FILE
+from pipeline_lib.certificate import status as certificate_status
 from pipeline_lib.cpuinfo import read_cpuinfo, warn_if_oversubscribed
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError, UnsupportedCpuError
 from pipeline_lib import registry
@@ -389,7 +391,9 @@ class SopranoTTS:
         precision names which: a target ("onnx-int8": both models), a pair "LM+DECODER"
         ("onnx-int4+openvino-bf16": each model from its own target and backend), or "auto": the first of
         pipeline_lib.recommend's rule for this CPU's features and `objective` ("stream", "first_chunk",
-        "batch") that ROOT holds and this CPU runs, logged with the reason. The backends then come from the
+        "batch") that ROOT holds, this CPU runs and whose certificates passed (pipeline_lib.certificate), logged
+        with the reason and the certificates relied on. A target named explicitly loads whatever its
+        certificate says (failed, unchecked, stale or none: a warning). The backends then come from the
         choice; a `backend` argument is an error."""
         if precision is not None:
             return cls._from_root(Path(model_dir), precision, objective, stateful, kwargs)
@@ -397,6 +401,10 @@ class SopranoTTS:
         if not d.is_dir():
             raise ModelFileError(f"{d}: model folder not found; {HOW_TO_PRODUCE}.")
         lm_dir, dec_dir = (d / LM_DIR, d / DECODER_DIR) if (d / LM_DIR).is_dir() and (d / DECODER_DIR).is_dir() else (d, d)
+        if (d / CERTIFICATE_FILE).is_file():  # a target folder with its certificate: say when it did not pass
+            cert = certificate_status(d)
+            if not cert.passed:
+                log.warning("%s: %s certificate: %s", d, cert.state, cert.why)
         backend = registry.backend(kwargs.get("backend", "onnx_cpu"))
         lm = _lm_file(lm_dir, backend, stateful, dec_dir)
         # both models of one kind: IR files where both are there, else the ONNX files
@@ -424,6 +432,11 @@ class SopranoTTS:
             if why_not:
                 raise UnsupportedCpuError(f"precision {choice.label}: {why_not}; pick another precision or "
                                           "precision='auto'")
+            for t in dict.fromkeys(choice.targets):  # named explicitly: loaded whatever its certificate says
+                cert = recommend.certificate_of(root, t)
+                if not cert.passed:
+                    log.warning("precision %s: %s is %s (%s); loading it because it was named; precision='auto' "
+                                "would not pick it", choice.label, t.label, cert.state, cert.why)
         dirs = {}
         for which, t in ((LM_DIR, choice.lm), (DECODER_DIR, choice.decoder)):
             found = registry.model_dir_under(root, t.backend, t.precision, which)
