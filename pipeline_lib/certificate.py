@@ -117,12 +117,14 @@ class Status:
         return self.state == "passed"
 
 
-def status(folder: Path | str, verify_files: bool = True) -> Status:
+def status(folder: Path | str, verify_files: bool = True, path: Path | str | None = None) -> Status:
     """The certificate of a target folder (the one holding lm/ and decoder/). verify_files: check that every
     certified file is there with the certified sha256, and that lm/ and decoder/ hold no model file it does
-    not list."""
+    not list. ``path``: a certificate elsewhere (a release bundle's certificates/<label>.json): its files are
+    relative to ``folder``, and only those are checked."""
     folder = Path(folder)
-    path = folder / CERTIFICATE_FILE
+    listed_only = path is not None
+    path = Path(path) if path is not None else folder / CERTIFICATE_FILE
     if not path.is_file():
         return Status(folder, "uncertified", f"{path} not found (no parity check recorded for these models)")
     try:
@@ -131,7 +133,8 @@ def status(folder: Path | str, verify_files: bool = True) -> Status:
     except (ValueError, KeyError, TypeError) as exc:
         return Status(folder, "uncertified", f"{path}: not a certificate ({exc!r})")
     if verify_files:
-        now = model_files(folder)
+        now = ({k: sha256_file(folder / k) for k in files if (folder / k).is_file()} if listed_only
+               else model_files(folder))
         changed = sorted(k for k in files.keys() | now.keys() if files.get(k) != now.get(k))
         if changed:
             return Status(folder, "stale", f"{path}: certifies other files than the folder holds "

@@ -1,4 +1,4 @@
-"""`soprano-onnx` command line: export, convert, speak, bench, serve."""
+"""`soprano-onnx` command line: export, convert, speak, bench, serve, release."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "speak": ("pipeline_lib.runtime.command", "Synthesise speech from text with exported models."),
     "bench": ("pipeline_lib.bench.command", "Benchmark one backend configuration (RTF, per-stage times, memory)."),
     "serve": ("pipeline_lib.server.command", "Serve an OpenAI-compatible speech API (POST /v1/audio/speech) over HTTP."),
+    "release": ("pipeline_lib.release", "Bundle ONNX targets with their certificates and a model card, ready for the Hugging Face hub."),
 }
 
 

@@ -255,6 +255,20 @@ def _check_pairs_are_built(p: _Problems, bench: Mapping[str, Any], convert: Mapp
         seen.add(c.label)
 
 
+def _check_release(p: _Problems, release: Mapping[str, Any], convert: Mapping[str, Any]) -> None:
+    """release.targets: ONNX targets (pipeline_lib.release.VARIANT_SUFFIX) that convert builds; default: one of them."""
+    built = set((convert.get("targets") or {}).keys()) if isinstance(convert.get("targets"), Mapping) else set()
+    targets = release.get("targets")
+    if not isinstance(targets, list) or not targets:
+        p.add("release.targets", "a non-empty list of ONNX targets, e.g. [onnx-int8]", targets)
+        return
+    for t in targets:
+        if t not in ("onnx-fp32", "onnx-int8", "onnx-int4") or (built and t not in built):
+            p.add("release.targets", f"ONNX targets that convert.targets builds ({', '.join(sorted(built))})", t)
+    if release.get("default") not in targets:
+        p.add("release.default", f"one of release.targets {targets}", release.get("default"))
+
+
 def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> None:
     """Raise InputError, naming every bad value, unless ``params`` (a composed dict, or an OmegaConf
     object as the stages load it) is one the stages can run with: thread counts and sizes ints >= 1,
@@ -301,6 +315,8 @@ def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> 
                     trained = limits.pop(TRAINED_KEY, None) or {}
                     _check_thresholds(p, f"parity.{key}", limits, THRESHOLDS[precision.parity])
                     _check_thresholds(p, f"parity.{key}.{TRAINED_KEY}", trained, THRESHOLDS[precision.parity])
+    if isinstance(params.get("release"), Mapping):
+        _check_release(p, params["release"], groups["convert"])
     if groups["bench"]:
         _check_bench(p, groups["bench"])
         _check_pairs_are_built(p, groups["bench"], groups["convert"])

@@ -355,12 +355,13 @@ def convert_target(
     and replace the old ones only once both are complete; anything else in ``out_dir`` (the certificate,
     parity_convert's out) is left alone."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Files keep the modes their writers gave them (no chmod: onnx fp32's are hard links to the export's,
     # which DVC's cache may share and keeps read-only).
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.convert-", dir=out_dir.parent))
     try:
         figures = convert_into(backend, precision, decoder_dir, lm_dir, tmp, settings, checkpoint_dir)
+        out_dir.mkdir(exist_ok=True)  # only now: a failed conversion leaves no folder behind
         for which in MODELS:
             if (out_dir / which).exists():
                 shutil.rmtree(out_dir / which)

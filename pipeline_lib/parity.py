@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
+# Inside parity.convert_<precision>: the limits that replace the guards when the checkpoint is trained
+# (conf/parity/default.yaml gives the reasons; convert_thresholds applies them, from_mapping ignores them).
+TRAINED_KEY = "trained"
+
+
 @dataclass(frozen=True)
 class ParityThresholds:
     seed: int = 0
@@ -38,6 +43,7 @@ class ParityThresholds:
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "ParityThresholds":
+        m = {k: v for k, v in m.items() if k != TRAINED_KEY}
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(m) - known)
         if unknown:
@@ -256,6 +262,7 @@ class QuantParityThresholds:
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "QuantParityThresholds":
+        m = {k: v for k, v in m.items() if k != TRAINED_KEY}
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(m) - known)
         if unknown:
@@ -455,11 +462,6 @@ def model_file(folder: Path | str, which: str) -> Path:
 
 # The limits each kind of check reads (registry.Precision.parity), from params parity.convert_<precision>.
 THRESHOLDS: dict[str, type] = {registry.PARITY_REFERENCE: ParityThresholds, registry.PARITY_QUANTIZED: QuantParityThresholds}
-
-
-# Inside parity.convert_<precision>: the limits that replace the guards when the checkpoint is trained
-# (conf/parity/default.yaml gives the reasons).
-TRAINED_KEY = "trained"
 
 
 def convert_thresholds(precision: str, parity_params: Mapping[str, Any],

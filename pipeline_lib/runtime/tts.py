@@ -380,7 +380,8 @@ class SopranoTTS:
     def from_dir(cls, model_dir: str | Path, *, stateful: bool = True, precision: str | None = None,
                  objective: str = "stream", **kwargs: Any) -> SopranoTTS:
         """An export folder: soprano_lm_step.onnx, soprano_decoder_preistft.onnx, their JSON configs
-        and tokenizer.json; or a pipeline folder with lm/ and decoder/ subfolders (artifacts/export,
+        and tokenizer.json; a release bundle (runtime.bundle: `precision` picks its variant: a label, "auto"
+        or None for its default; a hub id "owner/name" is downloaded through huggingface_hub); or a pipeline folder with lm/ and decoder/ subfolders (artifacts/export,
         artifacts/<backend>/<precision>). With backend "openvino_cpu", .xml IR files are preferred, and
         of the LM the stateful one (soprano_lm_stateful.xml, KV cache in OpenVINO state) where present,
         unless `stateful` is False: then the step IR that takes the cache as inputs
@@ -395,9 +396,13 @@ class SopranoTTS:
         with the reason and the certificates relied on. A target named explicitly loads whatever its
         certificate says (failed, unchecked, stale or none: a warning). The backends then come from the
         choice; a `backend` argument is an error."""
+        from pipeline_lib.runtime import bundle
+
+        d = bundle.resolve(model_dir)  # a hub id -> its downloaded folder
+        if bundle.is_bundle(d):
+            return cls._from_bundle(d, precision, objective, kwargs)
         if precision is not None:
-            return cls._from_root(Path(model_dir), precision, objective, stateful, kwargs)
-        d = Path(model_dir)
+            return cls._from_root(d, precision, objective, stateful, kwargs)
         if not d.is_dir():
             raise ModelFileError(f"{d}: model folder not found; {HOW_TO_PRODUCE}.")
         lm_dir, dec_dir = (d / LM_DIR, d / DECODER_DIR) if (d / LM_DIR).is_dir() and (d / DECODER_DIR).is_dir() else (d, d)
@@ -410,6 +415,20 @@ class SopranoTTS:
         # both models of one kind: IR files where both are there, else the ONNX files
         decoder = _decoder_file(dec_dir, backend) if lm.suffix == backend.suffix else dec_dir / f"{DECODER_FILE}.onnx"
         return cls(lm, decoder, **kwargs)
+
+    @classmethod
+    def _from_bundle(cls, d: Path, precision: str | None, objective: str, kwargs: dict) -> SopranoTTS:
+        from pipeline_lib import recommend
+        from pipeline_lib.runtime import bundle
+
+        backend = registry.backend(kwargs.pop("backend", "onnx_cpu"))
+        if backend.name != "onnx":
+            raise InputError(f"{d}: a release bundle holds ONNX models; leave backend out (or use onnx)")
+        recommend.check_objective(objective)
+        v = bundle.variant(d, precision, objective)
+        tts = cls(v.lm, v.decoder, backend=backend.runtime, tokenizer_path=d / TOKENIZER_FILE, **kwargs)
+        tts.choice = registry.choice(v.label)
+        return tts
 
     @classmethod
     def _from_root(cls, root: Path, precision: str, objective: str, stateful: bool, kwargs: dict) -> SopranoTTS:
