@@ -4,12 +4,14 @@ int8 speed, and for ONNX Runtime int8 accuracy, depend on the flags: without VNN
 u8 x s8 products saturate (conf/convert/default.yaml), and OpenVINO's CPU plugin computes int8-weight
 layers in f32 (runtime.backends.openvino_int8_note).
 
-Also the number of CPUs the process may use (`available_cpus`), and a warning when a runtime is asked
-for more threads than that (`warn_if_oversubscribed`)."""
+Also the number of CPUs the process may use (`available_cpus`), the default thread count of speak, bench
+and serve (`default_threads`: the physical cores among them, within the cgroup CPU quota), and a warning
+when a runtime is asked for more threads than the CPUs (`warn_if_oversubscribed`)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -43,6 +45,64 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+SYS_CPU = Path("/sys/devices/system/cpu")
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def physical_cores(cpus: set[int] | None = None, sys_cpu: Path = SYS_CPU) -> int:
+    """Physical cores among `cpus` (default: this process's affinity): SMT siblings count once, told
+    apart by (physical_package_id, core_id) from sysfs; a CPU without topology counts as its own core."""
+    if cpus is None:
+        try:
+            cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = set(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        topo = sys_cpu / f"cpu{c}" / "topology"
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(), topo.joinpath("core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
+def cgroup_cpu_limit(cgroup: Path = CGROUP) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (docker --cpus, Kubernetes limits): cgroup v2
+    cpu.max, else v1 cpu.cfs_quota_us / cpu.cfs_period_us; None when there is none or it cannot be read."""
+    rel = ""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+                rel = parts[2].lstrip("/")  # cgroup v2: the process's own group
+    except OSError:
+        pass
+    for base in dict.fromkeys([cgroup / rel, cgroup]):
+        try:
+            quota, period = (base / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        except (OSError, ValueError):
+            pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads() -> int:
+    """The default intra-op thread count of speak, bench and serve (and SopranoTTS): the physical cores this
+    process may run on (affinity, SMT siblings once), at most the cgroup CPU quota rounded up; at least 1.
+    More threads than cores compete for them (docs/design.md, "Thread default")."""
+    n = physical_cores()
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
 
 
 _OVERSUBSCRIBED_WARNED: set[int] = set()

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the decoder on this backend instead of --backend's (a pair such as onnx-int4+openvino-int8)")
     p.add_argument("--decoder_precision", "--decoder-precision", choices=PRECISIONS, default=None,
                    help="label of the decoder's precision where it differs from --precision")
-    p.add_argument("--num_threads", "--num-threads", "--threads", dest="threads", type=int, default=1)
+    p.add_argument("--num_threads", "--num-threads", "--threads", dest="threads", type=int, default=None,
+                   help="intra-op threads (default: the physical cores this process may use, cgroup quota included)")
     p.add_argument("--num_tokens", "--num-tokens", "--max_new_tokens", "--max-new-tokens", dest="num_tokens",
                    type=int, default=128,
                    help="tokens to generate per synthesis (max_new_tokens; random weights never emit [STOP], "
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from pipeline_lib.bench.measure import DEFAULT_TEXT, BenchConfig, measure
+    from pipeline_lib.cpuinfo import default_threads
     from pipeline_lib.fsutil import write_json
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         lm=args.lm,
         decoder=args.decoder,
         precision=_precision(args),
-        threads=args.threads,
+        threads=args.threads if args.threads is not None else default_threads(),
         num_tokens=args.num_tokens,
         text=args.text or DEFAULT_TEXT,
         repeats=args.repeats,

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_choice_arguments(p, "the fastest for this CPU")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what --precision auto optimises (default: first_chunk with --stream, else stream)")
-    p.add_argument("--threads", type=positive_int, default=4, help="intra-op threads (default: 4)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="intra-op threads (default: the physical cores this process may use, cgroup quota included)")
     p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are generated")
     p.add_argument("--chunk-size", type=positive_int, default=1, help="tokens per streamed chunk (with --stream)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

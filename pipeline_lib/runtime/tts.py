@@ -32,7 +32,7 @@ import numpy as np
 from pipeline_lib.audio.istft import IstftConfig, istft
 from pipeline_lib.certificate import CERTIFICATE_FILE
 from pipeline_lib.certificate import status as certificate_status
-from pipeline_lib.cpuinfo import read_cpuinfo, warn_if_oversubscribed
+from pipeline_lib.cpuinfo import default_threads, read_cpuinfo, warn_if_oversubscribed
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError, UnsupportedCpuError
 from pipeline_lib import registry
 from pipeline_lib.registry import (
@@ -266,7 +266,8 @@ class SopranoTTS:
     decoder call. False: ORT's defaults and `decoder_batch_size` = batch_size. `decoder_batch_size`:
     at most this many sentences of equal length per decoder call (no padding, same audio).
     `warm_up` (default True): run a few tokens through both models at construction (see warm_up).
-    `num_threads`: threads per model; more than the CPUs available to the process (cpuinfo.available_cpus)
+    `num_threads`: threads per model (default: cpuinfo.default_threads(), the physical cores this process may use
+    within its cgroup quota); more than the CPUs available to the process (cpuinfo.available_cpus)
     logs a warning. Before loading the models, a ModelFileError for: a missing file, lm_path and
     decoder_path swapped (told by the configs beside them), a tokenizer that is not the LM's (see
     _load_tokenizer); after loading, for models whose input / output names differ from their configs
@@ -284,7 +285,7 @@ class SopranoTTS:
         lm_path: str | Path,
         decoder_path: str | Path,
         backend: str = "onnx_cpu",
-        num_threads: int = 4,
+        num_threads: int | None = None,
         tokenizer_path: str | Path | None = None,
         use_torch_istft: bool = False,
         *,
@@ -326,6 +327,8 @@ class SopranoTTS:
         self.tokenizer_path = require_file(Path(tokenizer_path), TOKENIZER_FILE)
         self.tokenizer = _load_tokenizer(self.tokenizer_path, self.spec)
 
+        if num_threads is None:
+            num_threads = default_threads()
         self.num_threads = num_threads
         warn_if_oversubscribed(num_threads)
         self.low_memory = bool(low_memory)

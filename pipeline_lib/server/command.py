@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True,
                    help="export folder (soprano-onnx export --out DIR) or pipeline folder with lm/ and decoder/")
     add_model_choice_arguments(p, "the fastest for this CPU for batches")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the physical cores this process may use, cgroup quota included)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=None, help="rows (sentences) decoded together at most (default: the scheduler's)")
@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline_lib.runtime.command import BACKEND_CHOICES, check_model_choice
     from pipeline_lib.server.app import DEFAULT_MAX_INPUT_CHARS, Settings, create_app
 
+    from pipeline_lib.runtime.bundle import resolve
+
+    args.model = resolve(args.model)  # a hub id ("owner/name") -> its downloaded folder
     if not args.model.is_dir():
         raise InputError(f"{args.model}: model folder not found; pass an export folder (soprano-onnx export --out DIR)")
     server: uvicorn.Server | None = None
