@@ -71,15 +71,19 @@ def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
                  "artifacts/export/lm/soprano_lm_step.onnx", "artifacts/export/lm/tokenizer.json", "metrics/parity.json",
                  "artifacts/openvino/int8/lm/soprano_lm_step.xml", "artifacts/onnx/int8/lm/soprano_lm_step.onnx",
                  "reports/bench.csv", "reports/bench_env.json", "reports/report.md", "reports/xrt_by_backend.png",
-                 "reports/serve.csv", "metrics/serve.json"):
+                 "reports/serve.csv", "metrics/serve.json", "artifacts/onnx/int8/certificate.json",
+                 "artifacts/release/tiny/config.json", "artifacts/release/tiny/README.md",
+                 "artifacts/release/tiny/onnx/soprano_lm_step_quantized.onnx"):
         assert (repo / path).is_file(), path
+    card = (repo / "artifacts/release/tiny/README.md").read_text()
+    assert "| onnx-int8 | pass | guard |" in card and "| onnx-int8 | 2 |" in card, card
 
     second = _run(["dvc", "repro"], repo, env)
     assert _ran_stages(second) == [], second
 
-    # A thread-count experiment reruns only what reads `threads`.
+    # A thread-count experiment reruns only what reads `threads`, and the release (its model card shows the benchmark).
     exp = _run(["dvc", "exp", "run", "-S", "threads=1"], repo, env)
-    assert _ran_stages(exp) == ["benchmark", "report"], exp
+    assert sorted(_ran_stages(exp)) == ["benchmark", "release", "report"], exp
     assert yaml.safe_load((repo / "params.yaml").read_text())["bench"]["threads"] == [1, 1]
     shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
     assert "threads" in shown and "xrt" in shown, shown[:2000]
