@@ -248,7 +248,8 @@ def _choice_label(row: Mapping[str, Any]) -> str:
 
 def quality_passed(parity: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """{target label: verdict} for every registered target: "passed" where its parity_convert metrics are
-    there and checked (the stage fails on a missed threshold, so metrics mean passed), else why not."""
+    there and checked and the certificate passed (certificate_passed 0: a trained checkpoint's quality miss;
+    a guard miss fails the stage, leaving no metrics), else why not."""
     out = {}
     for t in TARGETS.values():
         m = parity.get(f"{t.backend}_{t.precision}")
@@ -256,6 +257,8 @@ def quality_passed(parity: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
             out[t.label] = "no parity metrics"
         elif any(k.startswith("skipped") for k in m):
             out[t.label] = "not checked on this CPU (" + ", ".join(k for k in m if k.startswith("skipped")) + ")"
+        elif m.get("certificate_passed", 1.0) == 0.0:
+            out[t.label] = "missed the quality limits for a trained checkpoint (certificate failed)"
         else:
             out[t.label] = "passed"
     return out

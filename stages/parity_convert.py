@@ -93,7 +93,9 @@ if __name__ == "__main__":
             print(f"{name}:\n{format_report(report)}")
             if not report.passed and not trained:
                 raise ParityError("; ".join(report.failures))
-            write_json(metrics, {f"{backend}_{precision}": report.metrics})
+            # certificate_passed: 0 only on a trained checkpoint's quality miss (a guard miss fails the stage)
+            write_json(metrics, {f"{backend}_{precision}": {**report.metrics,
+                                                            "certificate_passed": float(report.passed)}})
             cert = certificate.build(target_info, identity, certificate.model_files(target), reference=reference,
                                      limits=dataclasses.asdict(th), metrics=report.metrics, failures=report.failures)
             certificate.write(target, cert)

@@ -91,6 +91,12 @@ def test_auto_skips_the_failed_certificate(certified_root, caplog):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "WARNING" in proc.stdout and "auto" in proc.stdout
 
+    from pipeline_lib.report import quality_passed
+
+    metrics = {**json.loads((work / "onnx-int4.json").read_text()), **json.loads((work / "onnx-int8.json").read_text())}
+    assert metrics["onnx_int4"]["certificate_passed"] == 0.0 and metrics["onnx_int8"]["certificate_passed"] == 1.0
+    verdicts = quality_passed(metrics)  # the report's recommendation leaves it out too
+    assert verdicts["onnx-int8"] == "passed" and "certificate failed" in verdicts["onnx-int4"]
     cert = json.loads((root / "onnx/int4" / certificate.CERTIFICATE_FILE).read_text())
     assert cert["verdict"] == "fail" and cert["passed"] is False and cert["limits_kind"] == "quality"
     assert cert["checkpoint"]["name"] == "trained" and cert["checkpoint"]["random_weights"] is False
