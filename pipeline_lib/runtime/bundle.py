@@ -127,7 +127,9 @@ def resolve(model: str | Path) -> Path:
     """A local folder as it is; a hub id ("owner/name", no such local path) downloaded through huggingface_hub
     into its cache. Offline, or without the package: a ModelFileError naming the local-folder way."""
     path = Path(model).expanduser()
-    if path.exists() or not HUB_ID.match(str(model)):
+    # "owner/name" only where neither the path nor its first folder exists here ("artifacts/onnx" with no
+    # onnx/ built is a missing local folder, reported as such by the caller, not a hub id)
+    if path.exists() or not HUB_ID.match(str(model)) or Path(str(model).split("/")[0]).exists():
         return path
     fix = (f"download it where there is a network (huggingface-cli download {model} --local-dir DIR) and pass "
            f"the local folder instead: --model DIR, or SopranoTTS.from_dir(DIR)")
