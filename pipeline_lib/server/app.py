@@ -54,7 +54,7 @@ from pipeline_lib.runtime.scheduler import (
     SchedulerClosedError,
     SpeechJob,
 )
-from pipeline_lib.server.encode import FORMATS, StreamEncoder, open_stream
+from pipeline_lib.audio.encode import FORMATS, StreamEncoder, open_stream
 from pipeline_lib.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from pipeline_lib.server.openapi import build as build_openapi
 from pipeline_lib.server.middleware import RETRY_AFTER_S, ApiError, Guard, shutting_down

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from pipeline_lib.server.encode import FORMATS
+from pipeline_lib.audio.encode import FORMATS
 from pipeline_lib.server.middleware import REQUEST_ID_HEADER
 from pipeline_lib.server.schemas import MODELS, VOICES
 

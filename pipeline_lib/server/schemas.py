@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from pipeline_lib.runtime.scheduler import SpeechRequest
-from pipeline_lib.server.encode import FORMATS, SAMPLE_RATES
+from pipeline_lib.audio.encode import FORMATS, SAMPLE_RATES
 
 __all__ = [
     "MODEL_ID",
