@@ -9,11 +9,15 @@ scheduler with drain=True.
 
 Routes: `POST /v1/audio/speech` (OpenAI's request; audio streamed as generated, or OpenAI's
 server-sent events with stream_format "sse"), `GET /v1/models`, `GET /v1/models/{id}`,
-`GET /v1/audio/voices`, `GET /v1/server/info`, `GET /health`, `GET /metrics` (Prometheus), and the
-web page: `GET /` and `/static/...` from `pipeline_lib/server/static/`.
+`GET /v1/audio/voices`, `GET /v1/server/info`, `GET /health`, `GET /metrics` (Prometheus), the
+web page: `GET /` and `/static/...` from `pipeline_lib/server/static/`, `GET /openapi.json`
+(server.openapi: what the server really sends) and `GET /docs` (Swagger UI from the installed
+swagger-ui-bundle-v2 wheel; no /docs without it). Every GET route answers HEAD, every response
+carries x-request-id, and SIGTERM's drain refuses new requests (server.middleware).
 
 Errors are OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (request
-validation included, never 422), 401 for a missing or wrong bearer token on /v1 when an api_key is
+validation included, never 422; a body without a JSON Content-Type or that cannot be parsed says so
+with its own code), 401 for a missing or wrong bearer token on /v1 when an api_key is
 set, 404, 413 for a body over max_body_bytes (from Content-Length, or counted while reading), 429
 with Retry-After when the scheduler's queue is full, 503 (with Retry-After) while loading or
 shutting down. A client that disconnects cancels its job: the response watches for the ASGI
