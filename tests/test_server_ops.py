@@ -55,6 +55,13 @@ def test_head_on_every_get_route(url: str, path: str) -> None:
         assert head.headers["content-length"] == get.headers["content-length"]
 
 
+def test_head_on_a_post_route_is_405_naming_head(url: str) -> None:
+    r = httpx.head(f"{url}/v1/audio/speech")
+    assert r.status_code == 405 and r.content == b"" and "POST" in r.headers["allow"]
+    r = httpx.request("PUT", f"{url}/v1/audio/speech")
+    assert error_of(r, 405)["message"] == "PUT is not allowed on /v1/audio/speech"
+
+
 def test_every_get_route_of_the_app_is_covered(url: str) -> None:
     documented = set(httpx.get(f"{url}/openapi.json").json()["paths"])
     assert {p for p in documented if "{" not in p} <= set(GET_ROUTES) | {"/v1/audio/speech"}

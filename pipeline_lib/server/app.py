@@ -458,8 +458,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}: see {routes_doc} for this server's routes"
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 405:  # the method the client sent (HEAD runs as GET: server.middleware)
+            message = f"{request.scope.get('state', {}).get('method', request.method)} is not allowed on {request.url.path}"
         elif exc.status_code == 400:  # FastAPI's "error parsing the body": not UTF-8, or nested too deep
             message = ("the request body could not be parsed as JSON (not UTF-8, or nested too deeply): "
                        "send a UTF-8 JSON object of the speech parameters")

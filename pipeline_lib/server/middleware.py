@@ -89,7 +89,8 @@ class Guard:
         head = scope["method"] == "HEAD"
         if head:
             scope = {**scope, "method": "GET"}
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"], state["method"] = rid, "HEAD" if head else scope["method"]
         status = 500
 
         async def guarded_send(message: Message) -> None:
