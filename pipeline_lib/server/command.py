@@ -158,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
     sock = listen(args.host, args.port)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    log.info("listening on http://%s:%d (the model loads in the background; GET /health says when it is ready)",
+             host, args.port)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False))
     try:
         server.run(sockets=[sock])
