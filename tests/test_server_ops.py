@@ -174,6 +174,7 @@ def test_sigterm_readiness_503_at_once_stream_completes_byte_exact(tiny_export: 
             during["head"] = httpx.head(f"{u}/health")
             data += b"".join(it)
             done_s = time.monotonic() - t0
+        print(f"/health 503 {during['health_s'] * 1000:.0f} ms after SIGTERM; the stream ended {done_s:.2f} s after it")
         assert during["health"] == {"status": "draining"}
         err = error_of(during["speech"], 503)
         assert err["code"] == "shutting_down" and during["speech"].headers["connection"] == "close"
