@@ -1,8 +1,8 @@
 """A voice-agent framework's OpenAI TTS client against the server: livekit-plugins-openai's `TTS`
 (what a LiveKit agent uses to speak), pointed at the server's /v1 as a LiveKit user would. Its
-frames must be 24 kHz mono (the plugin's rate) and hold the server's own audio: with pcm, the very
-samples the server sends for the same request (the last frame padded with silence); with the other
-formats and SSE, as many samples as that pcm, up to codec padding.
+frames must be 24 kHz mono (the plugin's rate) and hold the server's own audio: with pcm, the
+samples the server sends for the same request, up to rounding (the last frame padded with
+silence); with the other formats and SSE, as many samples as that pcm, up to codec padding.
 
 The plugin has no max_new_tokens, and random weights never emit [STOP]: the server caps
 max_new_tokens instead (Settings.max_new_tokens, the default of requests that leave it out)."""
@@ -74,8 +74,12 @@ def test_livekit_pcm_frames_are_the_servers_pcm(url: str, server_pcm: np.ndarray
     frames, request_id = asyncio.run(_synthesize(url, "tts-1", "pcm"))
     got, n = _samples(frames), len(server_pcm)
     assert n == round((TOKENS - 1) * 2048 * LIVEKIT_RATE / 32000)
-    # The plugin cuts the bytes into fixed frames and pads the last one with silence.
-    assert np.array_equal(got[:n], server_pcm)
+    # The plugin cuts the bytes into fixed frames and pads the last one with silence. The samples are
+    # the server's up to rounding: its streaming windows fall where each request's timing puts them,
+    # and each decoder call rounds on its own (a sample may land a 16-bit step or two away, as in
+    # test_page); a dropped, repeated or resampled piece would be far off.
+    diff = np.abs(got[:n].astype(np.int32) - server_pcm.astype(np.int32))
+    assert int(diff.max()) <= 2, (int(diff.max()), int(np.count_nonzero(diff)))
     assert not got[n:].any() and len(got) - n <= frames[-1].samples_per_channel
     assert request_id.startswith("req_")  # the server's x-request-id reached the plugin
 
