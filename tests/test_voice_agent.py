@@ -79,6 +79,8 @@ def test_livekit_pcm_frames_are_the_servers_pcm(url: str, server_pcm: np.ndarray
     # and each decoder call rounds on its own (a sample may land a 16-bit step or two away, as in
     # test_page); a dropped, repeated or resampled piece would be far off.
     diff = np.abs(got[:n].astype(np.int32) - server_pcm.astype(np.int32))
+    print(f"livekit pcm vs the server's: max diff {int(diff.max())} LSB, "
+          f"{int(np.count_nonzero(diff))} of {n} samples differ")
     assert int(diff.max()) <= 2, (int(diff.max()), int(np.count_nonzero(diff)))
     assert not got[n:].any() and len(got) - n <= frames[-1].samples_per_channel
     assert request_id.startswith("req_")  # the server's x-request-id reached the plugin
