@@ -45,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SopranoOnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the checks before the work could not foresee (a full disk, a race)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

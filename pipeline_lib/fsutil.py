@@ -71,7 +71,8 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_output_file(path: Path | str, what: str = "output file") -> Path:
     """Raise InputError unless ``path`` can be written as a file: its folder exists and is writable,
-    and ``path`` is not a folder. Call it before the work whose result goes there."""
+    and ``path`` is not a folder (a file is created there and removed, to be sure). Call it before the
+    work whose result goes there."""
     path = Path(path)
     parent = Path(os.path.abspath(path)).parent
     if path.is_dir():
@@ -82,12 +83,26 @@ def check_output_file(path: Path | str, what: str = "output file") -> Path:
                          "or choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{what} {path}: folder {parent} is not writable; choose a folder you can write to")
+    _probe(parent, what, path)
     return path
+
+
+def _probe(folder: Path, what: str, path: Path) -> None:
+    """Create and remove a file in ``folder``: os.access says yes to root everywhere, even where the
+    file system refuses (a read-only mount, /sys, /proc)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".soprano-probe-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{what} {path}: cannot create a file in {folder} ({exc.strerror or exc}); "
+                         "choose a folder you can write to") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def check_output_dir(path: Path | str, what: str = "output folder") -> Path:
     """Raise InputError unless ``path`` is a writable folder or can be created (its nearest existing
-    ancestor is a writable folder). Creates nothing; call it before the work whose result goes there."""
+    ancestor is a writable folder: a file is created there and removed, to be sure). Call it before the
+    work whose result goes there."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{what} {path}: exists and is not a folder; remove it or choose another path")
@@ -96,6 +111,7 @@ def check_output_dir(path: Path | str, what: str = "output folder") -> Path:
         raise InputError(f"{what} {path}: {base} is a file, so the folder cannot be created there; choose another path")
     if not os.access(base, os.W_OK | os.X_OK):
         raise InputError(f"{what} {path}: {base} is not writable; choose a folder you can write to")
+    _probe(base, what, path)
     return path
 
 

@@ -279,6 +279,28 @@ def test_speak_stream_writes_the_wav(tiny_export, tmp_path, umask_022):
     assert out.stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.parametrize("ext, fmt, subtype, rate", [(".wav", "WAV", "PCM_16", 32000), (".flac", "FLAC", "PCM_16", 32000),
+                                                    (".mp3", "MP3", "MPEG_LAYER_III", 32000),
+                                                    (".ogg", "OGG", "OPUS", 48000), (".opus", "OGG", "OPUS", 48000)])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_speak_writes_the_format_its_extension_names(tiny_export, tmp_path, ext, fmt, subtype, rate, stream):
+    """The file is the format its name says (read back by libsndfile), as long as the WAV of the same
+    synthesis; the lossless ones hold the same samples."""
+    sf = pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    out, ref = tmp_path / f"o{ext}", tmp_path / "ref.wav"
+    extra = ["--max-new-tokens", "6", *(["--stream"] if stream else [])]
+    assert _speak(tiny_export, out, *extra) == 0 and _speak(tiny_export, ref, *extra) == 0
+    info = sf.info(str(out))
+    assert (info.format, info.subtype, info.samplerate, info.channels) == (fmt, subtype, rate, 1)
+    got, _ = sf.read(str(out), dtype="int16")
+    want, _ = sf.read(str(ref), dtype="int16")
+    assert abs(len(got) * 32000 / rate - len(want)) <= 0.06 * 32000  # codec padding / resampler delay at most
+    if ext in (".wav", ".flac"):
+        assert np.array_equal(got, want)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 # 4. Bad numbers and bad config choices are `error: ...` with exit 2, not tracebacks.
 
 @pytest.mark.parametrize("option, value", [("--threads", "0"), ("--threads", "-2"), ("--chunk-size", "0"),

@@ -9,6 +9,7 @@ Set SOPRANO_SCREENSHOT_DIR to keep the screenshot (it is always written under py
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -69,14 +70,14 @@ class Server:
         return out
 
 
-@pytest.fixture(scope="module")
-def server(tiny_export: Path) -> Iterator[Server]:
+@contextlib.contextmanager
+def _serve(**settings: Any) -> Iterator[Server]:
     import httpx
     import uvicorn
 
     from pipeline_lib.server.app import Settings, create_app
 
-    app = create_app(Settings(model=tiny_export, threads=1, max_input_chars=MAX_INPUT_CHARS))
+    app = create_app(Settings(**settings))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, name="uvicorn-test-page", daemon=True)
@@ -87,9 +88,17 @@ def server(tiny_export: Path) -> Iterator[Server]:
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("the speech server did not become ready within 120 s")
         time.sleep(0.1)
-    yield Server(base, app)
-    srv.should_exit = True
-    thread.join(30)
+    try:
+        yield Server(base, app)
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export: Path) -> Iterator[Server]:
+    with _serve(model=tiny_export, threads=1, max_input_chars=MAX_INPUT_CHARS) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +267,54 @@ def test_server_errors_are_shown_in_words(page: Any, server: Server, tmp_path: P
     assert error.text_content() == message
     assert error.get_attribute("aria-live") == "assertive"
     _save_screenshot(page, tmp_path, f"page-error-{'too-long' if text else 'empty'}.png")
+
+
+API_KEY = "page-s3cret"
+
+
+def test_the_page_with_an_api_key(browser: Any, tiny_export: Path, tmp_path: Path) -> None:
+    """A server started with --api-key: the page says what is wrong until the key is entered, then
+    works; the key stays in this tab's sessionStorage (a reload keeps it, a new session has none)
+    and never reaches the URL."""
+    with _serve(model=tiny_export, threads=1, api_key=API_KEY) as server:
+        context = browser.new_context()
+        try:
+            pg = context.new_page()
+            errors: list[str] = []
+            pg.on("pageerror", lambda exc: errors.append(str(exc)))
+            requests: list[tuple[str, str | None]] = []
+            pg.on("request", lambda r: requests.append((r.url, r.headers.get("authorization"))))
+            pg.goto(server.url + "/")
+            error = pg.locator("#error")
+            error.wait_for(state="visible", timeout=30_000)
+            assert "API key" in error.text_content()
+            pg.fill("#api_key", API_KEY)
+            pg.dispatch_event("#api_key", "change")
+            pg.wait_for_function("document.getElementById('status').textContent === 'Ready.'")
+            assert not error.is_visible()
+            assert pg.text_content('#server-info dd[data-key="backend"]') == "onnx_cpu"
+            assert pg.evaluate("sessionStorage.getItem('soprano-api-key')") == API_KEY
+            pg.fill("#max_new_tokens", "16")
+            pg.fill("#text", "Hello with a key.")
+            pg.click("#speak")
+            _wait_state(pg, "finished", 60)
+            assert pg.evaluate("window.sopranoPage.playback.samples") > 0
+            speech = [auth for url, auth in requests if url.endswith("/v1/audio/speech")]
+            assert speech and all(auth == f"Bearer {API_KEY}" for auth in speech)
+            pg.reload()
+            pg.wait_for_function("document.getElementById('status').textContent === 'Ready.'")
+            assert pg.input_value("#api_key") == API_KEY
+            assert all(API_KEY not in url for url, _ in requests) and API_KEY not in pg.url
+            assert pg.evaluate("localStorage.length") == 0 and "page-s3cret" not in pg.evaluate("document.cookie")
+            _save_screenshot(pg, tmp_path, "page-api-key.png")
+            assert not errors, errors
+        finally:
+            context.close()
+        fresh = browser.new_context()
+        try:
+            pg = fresh.new_page()
+            pg.goto(server.url + "/")
+            pg.locator("#error").wait_for(state="visible", timeout=30_000)
+            assert pg.input_value("#api_key") == ""
+        finally:
+            fresh.close()

@@ -81,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline_lib.bench.measure import DEFAULT_TEXT, BenchConfig, measure
     from pipeline_lib.cpuinfo import default_threads
-    from pipeline_lib.fsutil import write_json
+    from pipeline_lib.fsutil import check_output_file, write_json
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.json is not None:
+        check_output_file(args.json, "--json")  # before the benchmark, whose result would be lost
     cfg = BenchConfig(
         backend=args.backend,
         lm=args.lm,

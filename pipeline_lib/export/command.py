@@ -16,6 +16,21 @@ from pathlib import Path
 from pipeline_lib.errors import SopranoOnnxError
 
 
+# The ONNX opsets the export takes: below 13 torch cannot express the models; 23 is torch's highest.
+OPSETS = range(13, 24)
+
+
+def opset(text: str) -> int:
+    """argparse type: an opset in OPSETS."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in OPSETS:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset {OPSETS[0]}..{OPSETS[-1]}, got {text!r}")
+    return value  # type: ignore[return-value]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (upstream layout) or hub id, e.g. ekwek/Soprano-1.1-80M")
     p.add_argument("--revision", default="main", help="hub revision (branch, tag or commit) when --checkpoint is a hub id")
@@ -23,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     only = p.add_mutually_exclusive_group()
     only.add_argument("--decoder-only", action="store_true", help="export only the decoder")
     only.add_argument("--lm-only", action="store_true", help="export only the LM step model")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=opset, default=17, help=f"ONNX opset, {OPSETS[0]}..{OPSETS[-1]} (default: 17)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the hub")
 
 
@@ -35,7 +50,7 @@ def resolve_checkpoint(spec: str, revision: str, workdir: Path, timeout_s: float
     if path.is_dir():
         validate_checkpoint(path)
         return path
-    if spec.count("/") != 1 or path.exists():
+    if spec.count("/") != 1 or path.exists() or spec.startswith(("/", ".", "~")):
         raise SopranoOnnxError(f"--checkpoint {spec!r}: not a directory, and not a hub id of the form owner/name.")
     cfg = CheckpointConfig(name=spec.replace("/", "--"), source="hub", repo_id=spec, revision=revision, timeout_s=timeout_s)
     return fetch_checkpoint(cfg, workdir / cfg.name)

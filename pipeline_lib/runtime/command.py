@@ -1,13 +1,17 @@
-"""`soprano-onnx speak`: text -> 16-bit PCM WAV (32 kHz) with an exported model folder.
+"""`soprano-onnx speak`: text -> an audio file with an exported model folder.
+
+The output's extension names its format: .wav (16-bit PCM at the model's 32 kHz), .flac, .mp3,
+.ogg / .opus (Ogg Opus, 48 kHz), .aac (ADTS), encoded by pipeline_lib.audio.encode (the server's
+encoders); another extension is an error.
 
 Text comes from the positional argument, from `--text-file F`, or from stdin when the text is `-`.
 Heavy imports (numpy, onnxruntime, tokenizers) happen inside `run`, so building the CLI parser
 stays cheap.
 
-Checked before anything is synthesised: the output can be written (its folder exists, it is not a
-folder), the numeric options are in range. The WAV is written atomically (a temporary file beside it,
-renamed into place once complete), also with --stream; a result without audio is an error and
-writes nothing.
+Checked before anything is synthesised: the output's extension, that it can be written (its folder
+exists, it is not a folder, a file can be created there), the numeric options are in range. The file
+is written atomically (a temporary file beside it, renamed into place once complete), also with
+--stream; a result without audio is an error and writes nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline_lib.errors import InputError
 from pipeline_lib.recommend import OBJECTIVES
 from pipeline_lib.registry import BACKEND_CHOICES, DECODER_FILE, LM_FILE, TOKENIZER_FILE
+
+if TYPE_CHECKING:
+    from pipeline_lib.audio.encode import AudioFormat
 
 
 def positive_int(text: str) -> int:
@@ -56,7 +64,8 @@ def check_model_choice(args: argparse.Namespace) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", help="text to speak; '-' reads it from stdin (UTF-8)")
     p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file instead")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output WAV file (16-bit PCM, mono)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output audio file; its extension names the format: .wav (16-bit PCM, mono), .flac, .mp3, "
+                        ".ogg/.opus, .aac")
     p.add_argument("--model", type=Path, required=True,
                    help=f"export folder ({LM_FILE}.onnx, {DECODER_FILE}.onnx, JSON configs, {TOKENIZER_FILE})")
     add_model_choice_arguments(p, "the fastest for this CPU")
@@ -113,15 +122,13 @@ def no_audio_error(max_new_tokens: int) -> InputError:
 
 
 def run(args: argparse.Namespace) -> int:
-    import wave
-
-    import numpy as np
-
+    from pipeline_lib.audio.encode import format_of_file
     from pipeline_lib.fsutil import atomic_file, check_output_file
-    from pipeline_lib.runtime.tts import SopranoTTS, write_wav
+    from pipeline_lib.runtime.tts import SopranoTTS
 
     text = read_text(args)
     check_output_file(args.output, "-o/--output")
+    fmt = format_of_file(args.output)
     if args.max_new_tokens == 1:  # 0 and > 512: the library's own range error
         raise no_audio_error(1)
     check_model_choice(args)
@@ -145,32 +152,81 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     first_chunk_s = None
     if args.stream:
-        samples = 0
         chunks = tts.infer_stream(text, chunk_size=args.chunk_size, **sampling)
-        with atomic_file(args.output) as tmp:
-            with wave.open(str(tmp), "wb") as w:
-                w.setnchannels(1)
-                w.setsampwidth(2)
-                w.setframerate(tts.sample_rate)
-                for chunk in chunks:
-                    if first_chunk_s is None:
-                        first_chunk_s = time.perf_counter() - t0
-                    pcm = np.round(np.clip(chunk, -1.0, 1.0) * 32767.0).astype("<i2")
-                    w.writeframes(pcm.tobytes())
-                    samples += len(chunk)
-            if samples == 0:  # inside atomic_file: the empty file is removed, not renamed into place
-                raise no_audio_error(args.max_new_tokens)
     else:
         result = tts.synthesize(text, batch_size=args.batch_size, **sampling)
-        samples = len(result["audio"])
-        if samples == 0:
-            raise no_audio_error(args.max_new_tokens)
-        write_wav(args.output, result["audio"], tts.sample_rate)
+        chunks = iter([result["audio"]])
+    samples = 0
+    with atomic_file(args.output) as tmp:
+        writer = _AudioWriter(tmp, fmt, tts.sample_rate)
+        try:
+            for chunk in chunks:
+                if first_chunk_s is None and args.stream:
+                    first_chunk_s = time.perf_counter() - t0
+                writer.write(chunk)
+                samples += len(chunk)
+            if samples == 0:  # inside atomic_file: the empty file is removed, not renamed into place
+                raise no_audio_error(args.max_new_tokens)
+            writer.finish()
+        finally:
+            writer.close()
     wall = time.perf_counter() - t0
     audio_s = samples / tts.sample_rate
-    print(f"wrote {args.output}: {audio_s:.2f} s of audio ({samples} samples at {tts.sample_rate} Hz)")
+    print(f"wrote {args.output} ({fmt.name}, {writer.rate} Hz): {audio_s:.2f} s of audio ({samples} samples at "
+          f"{tts.sample_rate} Hz)")
     line = f"wall time {wall:.2f} s (model load {load_s:.2f} s), x-real-time {audio_s / wall if wall > 0 else 0.0:.2f}"
     if first_chunk_s is not None:
         line += f", first chunk after {first_chunk_s * 1000:.0f} ms"
     print(line)
     return 0
+
+
+class _AudioWriter:
+    """Float chunks at the model's rate -> `path` in `fmt`: WAV through Python's wave (a complete
+    header), the other formats through the server's encoders at their default rates (libsndfile's
+    writing the file itself, so headers are complete; AAC's ADTS stream as it is)."""
+
+    def __init__(self, path: Path, fmt: "AudioFormat", model_rate: int) -> None:
+        from pipeline_lib.audio.encode import StreamEncoder
+
+        self.rate = fmt.sample_rate(None, model_rate) if fmt.name != "wav" else model_rate
+        self._file: Any = None
+        self._wav: Any = None
+        self._encoder: Any = None
+        if fmt.make_file is None:  # the bytes go to the file here
+            self._file = open(path, "wb")
+        if fmt.name == "wav":
+            import wave
+
+            self._wav = wave.open(self._file, "wb")
+            self._wav.setnchannels(1)
+            self._wav.setsampwidth(2)
+            self._wav.setframerate(model_rate)
+        else:
+            self._encoder = StreamEncoder(fmt, model_rate, self.rate, path=str(path))
+
+    def write(self, audio: Any) -> None:
+        from pipeline_lib.audio.encode import to_pcm16
+
+        if self._wav is not None:
+            self._wav.writeframes(to_pcm16(audio).tobytes())
+            return
+        data = self._encoder.write(audio)
+        if self._file is not None:
+            self._file.write(data)
+
+    def finish(self) -> None:
+        if self._wav is not None:
+            self._wav.close()
+            return
+        data = self._encoder.finish()
+        if self._file is not None:
+            self._file.write(data)
+
+    def close(self) -> None:
+        if self._encoder is not None:
+            self._encoder.close()
+        if self._wav is not None:
+            self._wav.close()
+        if self._file is not None:
+            self._file.close()

@@ -9,11 +9,15 @@ scheduler with drain=True.
 
 Routes: `POST /v1/audio/speech` (OpenAI's request; audio streamed as generated, or OpenAI's
 server-sent events with stream_format "sse"), `GET /v1/models`, `GET /v1/models/{id}`,
-`GET /v1/audio/voices`, `GET /v1/server/info`, `GET /health`, `GET /metrics` (Prometheus), and the
-web page: `GET /` and `/static/...` from `pipeline_lib/server/static/`.
+`GET /v1/audio/voices`, `GET /v1/server/info`, `GET /health`, `GET /metrics` (Prometheus), the
+web page: `GET /` and `/static/...` from `pipeline_lib/server/static/`, `GET /openapi.json`
+(server.openapi: what the server really sends) and `GET /docs` (Swagger UI from the installed
+swagger-ui-bundle-v2 wheel; no /docs without it). Every GET route answers HEAD, every response
+carries x-request-id, and SIGTERM's drain refuses new requests (server.middleware).
 
 Errors are OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (request
-validation included, never 422), 401 for a missing or wrong bearer token on /v1 when an api_key is
+validation included, never 422; a body without a JSON Content-Type or that cannot be parsed says so
+with its own code), 401 for a missing or wrong bearer token on /v1 when an api_key is
 set, 404, 413 for a body over max_body_bytes (from Content-Length, or counted while reading), 429
 with Retry-After when the scheduler's queue is full, 503 (with Retry-After) while loading or
 shutting down. A client that disconnects cancels its job: the response watches for the ASGI
@@ -30,7 +34,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
@@ -41,10 +44,11 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from pipeline_lib.errors import InputError
 from pipeline_lib.runtime.scheduler import (
@@ -54,10 +58,13 @@ from pipeline_lib.runtime.scheduler import (
     SchedulerClosedError,
     SpeechJob,
 )
-from pipeline_lib.server.encode import FORMATS, StreamEncoder, open_stream
+from pipeline_lib.audio.encode import FORMATS, StreamEncoder, open_stream
 from pipeline_lib.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from pipeline_lib.server.openapi import build as build_openapi
+from pipeline_lib.server.middleware import RETRY_AFTER_S, ApiError, Guard, shutting_down
 from pipeline_lib.server.schemas import (
     MODEL_ALIASES,
+    MAX_NEW_TOKENS,
     MODEL_ID,
     SAMPLING_FIELDS,
     SpeechBody,
@@ -77,7 +84,6 @@ DEFAULT_MAX_INPUT_CHARS = 4096  # OpenAI's limit
 # surrogate pair) and a few short fields.
 _BYTES_PER_INPUT_CHAR = 12
 _BODY_OVERHEAD = 16 * 1024
-_RETRY_LOADING_S = 5
 _ENV_PREFIX = "SOPRANO_"
 
 
@@ -87,6 +93,8 @@ class Settings:
     `tts`: an already built SopranoTTS instead (tests, benchmarks), shared, not closed by the app.
     `threads`, `max_batch`, `max_queue`: None = the runtime's and scheduler's defaults.
     `max_body_bytes`: None = 12 bytes per allowed input character + 16 KiB (64 KiB at 4096).
+    `max_new_tokens`: audio tokens per sentence at most, and the default of a request that leaves
+    max_new_tokens out (1 to the runtime's 512; a request asking for more gets 400).
     `on_load_error`: called (from a worker thread) if loading fails; `soprano-onnx serve` stops.
     `precision`: `model` is a ROOT of <backend>/<precision>/ folders (artifacts/) and this names the models
     (SopranoTTS.from_dir(precision=...): "auto" picks for objective "batch", or a target, or LM+DECODER);
@@ -101,6 +109,7 @@ class Settings:
     api_key: str | None = None
     max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
     max_body_bytes: int | None = None
+    max_new_tokens: int = MAX_NEW_TOKENS
     tts: Any = None
     on_load_error: Callable[[BaseException], None] | None = field(default=None, repr=False)
 
@@ -121,6 +130,9 @@ class Settings:
                 raise InputError(f"{name} must be an int >= 1, got {v!r}")
         if isinstance(self.max_input_chars, bool) or not isinstance(self.max_input_chars, int) or self.max_input_chars < 1:
             raise InputError(f"max_input_chars must be an int >= 1, got {self.max_input_chars!r}")
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+            raise InputError(f"max_new_tokens must be an int in 1..{MAX_NEW_TOKENS}, got {n!r}")
         if self.max_body_bytes is None:
             self.max_body_bytes = _BODY_OVERHEAD + _BYTES_PER_INPUT_CHAR * self.max_input_chars
         self.api_key = self.api_key or None
@@ -128,7 +140,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """SOPRANO_MODEL, SOPRANO_BACKEND, SOPRANO_PRECISION, SOPRANO_THREADS, SOPRANO_MAX_BATCH, SOPRANO_MAX_QUEUE,
-        SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES (unset: the defaults)."""
+        SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES, SOPRANO_MAX_NEW_TOKENS (unset: the
+        defaults)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -148,19 +161,6 @@ class Settings:
             raise InputError(f"{_ENV_PREFIX}PRECISION names the backends (e.g. onnx-int4+openvino-int8); unset "
                              f"{_ENV_PREFIX}BACKEND")
         return cls(**kwargs)
-
-
-class ApiError(Exception):
-    """An error response in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = dict(headers or {})
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=self.headers)
 
 
 def _precision(config: Path | None, model: Path) -> str:
@@ -251,6 +251,7 @@ class _Service:
             "model_dir": str(s.model if s.model is not None else lm_path.parent),
             "formats": list(FORMATS),
             "max_input_chars": s.max_input_chars,
+            "max_new_tokens": s.max_new_tokens,
         }
         if self.status == "loading":
             self.status = "ready"
@@ -272,82 +273,9 @@ class _Service:
             raise ApiError(503, f"the model failed to load ({self.error}); fix the model folder and restart the server",
                            type="server_error", code="model_load_failed")
         if self.status == "draining":
-            raise ApiError(503, "the server is shutting down: send the request to another instance or retry later",
-                           type="server_error", code="shutting_down", headers={"Retry-After": str(_RETRY_LOADING_S)})
+            raise shutting_down()
         raise ApiError(503, "the model is still loading: retry when GET /health returns 200", type="server_error",
-                       code="loading", headers={"Retry-After": str(_RETRY_LOADING_S)})
-
-
-class _Guard:
-    """Pure ASGI middleware: counts responses by route and status, checks the bearer token on /v1
-    (before the body is read), and bounds the request body (Content-Length, then while reading)."""
-
-    def __init__(self, app: ASGIApp, service: _Service) -> None:
-        self.app, self.service = app, service
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def counted_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            refusal = self._refuse(scope)
-            if refusal is not None:
-                await refusal.response()(scope, receive, counted_send)
-            else:
-                await self.app(scope, self._bounded(receive), counted_send)
-        finally:
-            route = scope.get("route")
-            self.service.metrics.request_done(getattr(route, "path", "unmatched"), status)
-
-    def _refuse(self, scope: Scope) -> ApiError | None:
-        s = self.service.settings
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if s.api_key and scope.get("path", "").startswith("/v1/"):
-            auth = headers.get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if not auth:
-                return ApiError(401, "no API key: send the header 'Authorization: Bearer <key>' (the server's --api-key)",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), s.api_key.encode("utf-8")):
-                return ApiError(401, "incorrect API key: send 'Authorization: Bearer <key>' with the server's --api-key",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                return ApiError(400, f"Content-Length {length.decode('latin-1')!r} is not a number", code="invalid_header")
-            if n > s.max_body_bytes:
-                return _too_large(s.max_body_bytes)
-        return None
-
-    def _bounded(self, receive: Receive) -> Receive:
-        limit = self.service.settings.max_body_bytes
-        seen = 0
-
-        async def bounded_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise HTTPException(413, _too_large(limit).message)
-            return message
-
-        return bounded_receive
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body exceeds {limit} bytes (max_body_bytes): shorten the input",
-                    code="request_too_large")
+                       code="loading", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class _JobResponse(StreamingResponse):
@@ -439,7 +367,12 @@ def _param_of(message: str) -> str:
     return word if word in SAMPLING_FIELDS else "input"
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _validation_error(exc: RequestValidationError, content_type: str | None) -> ApiError:
     err = exc.errors()[0]
     loc = [p for p in err.get("loc", ()) if p != "body"]
     param = str(loc[0]) if loc and isinstance(loc[0], str) else None
@@ -454,6 +387,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"missing required parameter: {param!r}", param=param, code="missing_required_parameter")
     if kind == "extra_forbidden":
         return ApiError(400, f"unrecognized request argument supplied: {param!r}", param=param, code="unknown_parameter")
+    if param is None and not _is_json(content_type):
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        return ApiError(400, f"the request body was sent with {sent}: send the JSON object with the header "
+                        "`Content-Type: application/json` (curl: -H 'Content-Type: application/json')",
+                        code="invalid_content_type")
     if param is None:
         return ApiError(400, f"the request body must be a JSON object with the speech parameters ({err.get('msg')})",
                         code="invalid_type")
@@ -488,9 +426,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await loading
             await asyncio.to_thread(service.close)
 
-    app = FastAPI(title="Soprano TTS", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="Soprano TTS", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible speech API (POST /v1/audio/speech) over the Soprano TTS model.")
     app.state.service = service
-    app.add_middleware(_Guard, service=service)
+    app.add_middleware(Guard, service=service)
+    docs = swagger_ui_dir()
+    routes_doc = "GET /docs" if docs is not None else "GET /openapi.json"
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, max_input_chars=settings.max_input_chars,
+                                               max_new_tokens=settings.max_new_tokens, api_key=bool(settings.api_key))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -498,7 +447,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return _validation_error(exc, request.headers.get("content-type")).response()
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
@@ -508,10 +457,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}: see GET /docs for this server's routes"
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+            message = f"no route {request.method} {request.url.path}: see {routes_doc} for this server's routes"
+        elif exc.status_code == 405:  # the method the client sent (HEAD runs as GET: server.middleware)
+            message = f"{request.scope.get('state', {}).get('method', request.method)} is not allowed on {request.url.path}"
+        elif exc.status_code == 400:  # FastAPI's "error parsing the body": not UTF-8, or nested too deep
+            message = ("the request body could not be parsed as JSON (not UTF-8, or nested too deeply): "
+                       "send a UTF-8 JSON object of the speech parameters")
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed",
+                413: "request_too_large"}.get(exc.status_code)
         return ApiError(exc.status_code, message, type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
                         code=code, headers=getattr(exc, "headers", None)).response()
 
@@ -523,13 +476,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, f"input is {len(body.input)} characters long; the limit is {settings.max_input_chars} "
                            "(max_input_chars): split the text into several requests", param="input",
                            code="string_above_max_length")
+        if body.max_new_tokens is not None and body.max_new_tokens > settings.max_new_tokens:
+            raise ApiError(400, f"max_new_tokens {body.max_new_tokens} is above this server's limit of "
+                           f"{settings.max_new_tokens} tokens per sentence: ask for fewer or leave it out",
+                           param="max_new_tokens", code="invalid_value")
         tts = service.tts
         try:
             encoder = open_stream(body.response_format, tts.sample_rate, body.sample_rate)
         except InputError as exc:
             raise ApiError(400, str(exc), param="sample_rate", code="invalid_value") from None
         try:
-            job = await run_in_threadpool(scheduler.submit, body.speech_request())
+            job = await run_in_threadpool(scheduler.submit, body.speech_request(settings.max_new_tokens))
         except BaseException as exc:
             encoder.close()
             if isinstance(exc, InputError):
@@ -589,6 +546,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(404, f"{page} is missing: the web page is not installed", code="not_found")
         return FileResponse(page)
 
+    if docs is not None:
+
+        @app.get("/docs", include_in_schema=False)
+        async def swagger_ui() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API",
+                                       swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                       swagger_css_url="/docs/assets/swagger-ui.css",
+                                       swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+        app.mount("/docs/assets", StaticFiles(directory=docs), name="docs-assets")
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def swagger_ui_dir() -> Path | None:
+    """Swagger UI's files from the installed `swagger-ui-bundle-v2` wheel (the serve extra), so /docs
+    works offline; None without it (then there is no /docs, and 404s point to /openapi.json)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    path = Path(swagger_ui_path)
+    return path if (path / "swagger-ui-bundle.js").is_file() else None

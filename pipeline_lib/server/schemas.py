@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from pipeline_lib.runtime.scheduler import SpeechRequest
-from pipeline_lib.server.encode import FORMATS
+from pipeline_lib.audio.encode import FORMATS, SAMPLE_RATES
 
 __all__ = [
     "MODEL_ID",
@@ -45,11 +45,28 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed"
 assert set(SAMPLING_FIELDS) <= {f.name for f in fields(SpeechRequest)}
 
 
+MAX_NEW_TOKENS = 512  # the runtime's limit per sentence (the model's max_position_embeddings)
+VOICES = (VOICE_ID, *VOICE_ALIASES)
+MODELS = (MODEL_ID, *MODEL_ALIASES)
+
+
+def _doc(default: Any = None, **schema: Any) -> Any:
+    """A field's bounds for the OpenAPI document (what clients and schemathesis generate from), put on
+    the value's own branch of an optional field's anyOf; the runtime checks the values (its InputError
+    is the 400 a client gets), pydantic only the types."""
+
+    def extra(js: dict[str, Any]) -> None:
+        branches = [b for b in js.get("anyOf", [js]) if b.get("type") != "null"]
+        branches[0].update(schema)
+
+    return Field(default, json_schema_extra=extra)
+
+
 class VoiceRef(BaseModel):
     """OpenAI's voice object form: {"id": "..."}."""
 
     model_config = ConfigDict(extra="forbid")
-    id: StrictStr
+    id: StrictStr = _doc(..., enum=list(VOICES))
 
 
 class SpeechBody(BaseModel):
@@ -58,20 +75,22 @@ class SpeechBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr
+    model: StrictStr = _doc(..., enum=list(MODELS))
     input: StrictStr = Field(min_length=1)
-    voice: StrictStr | VoiceRef
+    voice: StrictStr | VoiceRef  # the OpenAPI document gives the string form the enum VOICES (server.openapi)
     response_format: ResponseFormat = "mp3"
-    speed: StrictFloat = 1.0
+    speed: StrictFloat = _doc(1.0, enum=[1.0])
     instructions: Optional[StrictStr] = None
     stream_format: Literal["audio", "sse"] = "audio"
-    temperature: Optional[StrictFloat] = None
-    top_p: Optional[StrictFloat] = None
-    top_k: Optional[StrictInt] = None
-    repetition_penalty: Optional[StrictFloat] = None
-    seed: Optional[StrictInt] = None
-    max_new_tokens: Optional[StrictInt] = None
-    sample_rate: Optional[StrictInt] = None
+    temperature: Optional[StrictFloat] = _doc(minimum=0, description="0 = greedy (the default)")
+    top_p: Optional[StrictFloat] = _doc(exclusiveMinimum=0, maximum=1)
+    top_k: Optional[StrictInt] = _doc(minimum=0, description="0 = off (the default)")
+    repetition_penalty: Optional[StrictFloat] = _doc(exclusiveMinimum=0, description="1 = off")
+    seed: Optional[StrictInt] = _doc(minimum=0)
+    max_new_tokens: Optional[StrictInt] = _doc(minimum=1, maximum=MAX_NEW_TOKENS,
+                                               description="audio tokens per sentence at most (default: the server's "
+                                                           "max_new_tokens)")
+    sample_rate: Optional[StrictInt] = _doc(enum=list(SAMPLE_RATES))
 
     @field_validator("model")
     @classmethod
@@ -108,9 +127,12 @@ class SpeechBody(BaseModel):
             raise ValueError(f"speed {v!r} is not supported: Soprano speaks at its own pace; leave speed out or pass 1.0")
         return v
 
-    def speech_request(self) -> SpeechRequest:
-        """The scheduler's request: the fields given, the runtime's defaults for the rest."""
+    def speech_request(self, max_new_tokens: int | None = None) -> SpeechRequest:
+        """The scheduler's request: the fields given, the runtime's defaults for the rest, except that
+        `max_new_tokens` (the server's cap, None: none) is the default when the body leaves it out."""
         given = {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+        if max_new_tokens is not None:
+            given.setdefault("max_new_tokens", max_new_tokens)
         return SpeechRequest(text=self.input, **given)
 
 

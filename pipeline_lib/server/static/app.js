@@ -12,6 +12,7 @@
   const downloadButton = $("download");
   const statusLine = $("status");
   const errorLine = $("error");
+  const apiKeyField = $("api_key");
   const canvas = $("wave");
   const level = $("level");
 
@@ -20,6 +21,9 @@
   const FORMAT_TYPES = {
     mp3: "audio/mpeg", opus: "audio/ogg", aac: "audio/aac", flac: "audio/flac", wav: "audio/wav", pcm: "audio/L16",
   };
+
+  // The API key lives in sessionStorage (this tab only, gone when it closes), never in the URL.
+  const API_KEY_STORAGE = "soprano-api-key";
 
   let serverInfo = {};
   let modelId = "soprano";
@@ -74,8 +78,21 @@
     return text ? `${what}: ${text.slice(0, 300)}` : what;
   }
 
+  // Request headers with the API key's Authorization when one is entered.
+  function headers(extra) {
+    const key = apiKeyField.value.trim();
+    return key ? { ...extra, Authorization: `Bearer ${key}` } : { ...extra };
+  }
+
+  function keepApiKey() {
+    const key = apiKeyField.value.trim();
+    try {
+      if (key) sessionStorage.setItem(API_KEY_STORAGE, key); else sessionStorage.removeItem(API_KEY_STORAGE);
+    } catch (_) { /* storage disabled: the key lasts as long as the page */ }
+  }
+
   async function getJson(url) {
-    const response = await fetch(url, { headers: { Accept: "application/json" } });
+    const response = await fetch(url, { headers: headers({ Accept: "application/json" }) });
     if (!response.ok) throw new Error(await errorMessage(response));
     return response.json();
   }
@@ -102,6 +119,11 @@
       for (const option of [...$("format").options]) if (!info.formats.includes(option.value)) option.remove();
     }
     if (info.max_input_chars) textBox.dataset.max = String(info.max_input_chars);
+    if (info.max_new_tokens) {
+      const tokens = $("max_new_tokens");
+      tokens.max = String(info.max_new_tokens);
+      if (Number(tokens.value) > info.max_new_tokens) tokens.value = String(info.max_new_tokens);
+    }
     countChars();
   }
 
@@ -116,7 +138,7 @@
   // /v1/server/info answers 503 while the model loads: wait for it, saying so.
   async function loadInfo() {
     for (;;) {
-      const response = await fetch("/v1/server/info", { headers: { Accept: "application/json" } });
+      const response = await fetch("/v1/server/info", { headers: headers({ Accept: "application/json" }) });
       if (response.ok) return response.json();
       if (response.status !== 503) throw new Error(await errorMessage(response));
       say("The model is still loading…");
@@ -126,6 +148,8 @@
   }
 
   async function loadServer() {
+    clearError();
+    say("Loading the server's settings…");
     const [voices, info, models] = await Promise.allSettled([getJson("/v1/audio/voices"), loadInfo(), getJson("/v1/models")]);
     if (voices.status === "fulfilled") fillVoices(voices.value);
     if (info.status === "fulfilled") fillInfo(info.value);
@@ -134,7 +158,11 @@
       if (list.length && list[0].id) modelId = list[0].id;
     }
     const failed = [voices, info, models].filter((r) => r.status === "rejected");
-    if (failed.length) showError(`Could not read the server's settings: ${failed[0].reason.message}`);
+    if (failed.length) {
+      showError(`Could not read the server's settings: ${failed[0].reason.message}`);
+      say("Not ready: see the error.");
+      return;
+    }
     say("Ready.");
   }
 
@@ -253,7 +281,7 @@
       await resumed;
       const response = await fetch("/v1/audio/speech", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: headers({ "Content-Type": "application/json" }),
         // PCM at the chosen rate, else the model's own (the server's PCM default is OpenAI's 24 kHz).
         body: JSON.stringify({
           ...body, response_format: "pcm", stream_format: "audio", sample_rate: body.sample_rate || serverInfo.sample_rate,
@@ -365,7 +393,7 @@
       try {
         const response = await fetch("/v1/audio/speech", {
           method: "POST",
-          headers: { "Content-Type": "application/json" },
+          headers: headers({ "Content-Type": "application/json" }),
           body: JSON.stringify({ ...last.body, response_format: format, stream_format: "audio" }),
         });
         if (!response.ok) throw new Error(await errorMessage(response));
@@ -431,6 +459,14 @@
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && current !== null) stop();
   });
+
+  apiKeyField.addEventListener("change", () => {
+    keepApiKey();
+    loadServer().catch((err) => showError(err.message));
+  });
+  try {
+    apiKeyField.value = sessionStorage.getItem(API_KEY_STORAGE) || "";
+  } catch (_) { /* storage disabled */ }
 
   setState("idle");
   countChars();

@@ -30,7 +30,9 @@ from pipeline_lib.errors import InputError
 
 __all__ = [
     "AudioFormat",
+    "EXTENSIONS",
     "FORMATS",
+    "format_of_file",
     "SAMPLE_RATES",
     "OPUS_SAMPLE_RATES",
     "PCM_DEFAULT_RATE",
@@ -110,24 +112,28 @@ class WavEncoder(PcmEncoder):
 
 class SndfileEncoder(Encoder):
     """libsndfile through an OS pipe (see the module docstring); both ends non-blocking, so a full
-    pipe is an error, never a deadlock."""
+    pipe is an error, never a deadlock. With `path`, libsndfile writes that (seekable) file instead,
+    headers complete (a FLAC's STREAMINFO with its length), and `write` / `finish` return b""."""
 
     def __init__(self, sample_rate: int, format: str, subtype: str, page_latency_ms: float | None = None,
-                 **options: Any) -> None:
+                 path: str | None = None, **options: Any) -> None:
         import soundfile as sf
 
-        self._r, self._w = os.pipe()
-        for fd in (self._r, self._w):
-            os.set_blocking(fd, False)
-        try:
-            import fcntl
+        self._r = self._w = -1
+        if path is None:
+            self._r, self._w = os.pipe()
+            for fd in (self._r, self._w):
+                os.set_blocking(fd, False)
+            try:
+                import fcntl
 
-            fcntl.fcntl(self._w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-        except (ImportError, AttributeError, OSError):
-            pass  # the default pipe size holds one _WRITE_BLOCK's output too
+                fcntl.fcntl(self._w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            except (ImportError, AttributeError, OSError):
+                pass  # the default pipe size holds one _WRITE_BLOCK's output too
         try:
-            self._file: Any = sf.SoundFile(self._w, mode="w", samplerate=sample_rate, channels=1, format=format,
-                                           subtype=subtype, closefd=False, **options)
+            self._file: Any = sf.SoundFile(self._w if path is None else path, mode="w", samplerate=sample_rate,
+                                           channels=1, format=format, subtype=subtype,
+                                           **({"closefd": False} if path is None else {}), **options)
         except Exception:
             self.close()
             raise
@@ -136,6 +142,8 @@ class SndfileEncoder(Encoder):
             sf._snd.sf_command(self._file._file, _SFC_SET_OGG_PAGE_LATENCY_MS, latency, sf._ffi.sizeof(latency))
 
     def _drain(self) -> bytes:
+        if self._r < 0:
+            return b""
         parts = []
         while True:
             try:
@@ -156,8 +164,9 @@ class SndfileEncoder(Encoder):
 
     def finish(self) -> bytes:
         self._file.close()
-        os.close(self._w)
-        self._w = -1
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
         return self._drain()
 
     def close(self) -> None:
@@ -236,13 +245,15 @@ class AacEncoder(Encoder):
 @dataclass(frozen=True)
 class AudioFormat:
     """One `response_format`: its content type, the sample rates it takes, its default rate (None:
-    the model's) and how to make its encoder."""
+    the model's) and how to make its encoder; `make_file` (None: the stream form is the file form)
+    makes one that writes a seekable file itself."""
 
     name: str
     content_type: str
     sample_rates: tuple[int, ...]
     default_rate: int | None
     make: Callable[[int], Encoder]
+    make_file: Callable[[int, str], Encoder] | None = None
 
     def sample_rate(self, requested: int | None, model_rate: int) -> int:
         """The output rate for a request (`requested` None: the default); InputError if unsupported."""
@@ -255,15 +266,26 @@ class AudioFormat:
         return rate
 
 
+def _mp3(sr: int, path: str | None = None) -> Encoder:
+    return SndfileEncoder(sr, "MP3", "MPEG_LAYER_III", path=path, compression_level=MP3_COMPRESSION_LEVEL,
+                          bitrate_mode="CONSTANT")
+
+
+def _opus(sr: int, path: str | None = None) -> Encoder:
+    return SndfileEncoder(sr, "OGG", "OPUS", page_latency_ms=OGG_PAGE_LATENCY_MS, path=path)
+
+
+def _flac(sr: int, path: str | None = None) -> Encoder:
+    return SndfileEncoder(sr, "FLAC", "PCM_16", path=path)
+
+
 FORMATS: dict[str, AudioFormat] = {
     f.name: f
     for f in (
-        AudioFormat("mp3", "audio/mpeg", SAMPLE_RATES, None, lambda sr: SndfileEncoder(
-            sr, "MP3", "MPEG_LAYER_III", compression_level=MP3_COMPRESSION_LEVEL, bitrate_mode="CONSTANT")),
-        AudioFormat("opus", "audio/ogg; codecs=opus", OPUS_SAMPLE_RATES, OPUS_DEFAULT_RATE,
-                    lambda sr: SndfileEncoder(sr, "OGG", "OPUS", page_latency_ms=OGG_PAGE_LATENCY_MS)),
+        AudioFormat("mp3", "audio/mpeg", SAMPLE_RATES, None, _mp3, _mp3),
+        AudioFormat("opus", "audio/ogg; codecs=opus", OPUS_SAMPLE_RATES, OPUS_DEFAULT_RATE, _opus, _opus),
         AudioFormat("aac", "audio/aac", SAMPLE_RATES, None, AacEncoder),
-        AudioFormat("flac", "audio/flac", SAMPLE_RATES, None, lambda sr: SndfileEncoder(sr, "FLAC", "PCM_16")),
+        AudioFormat("flac", "audio/flac", SAMPLE_RATES, None, _flac, _flac),
         AudioFormat("wav", "audio/wav", SAMPLE_RATES, None, WavEncoder),
         AudioFormat("pcm", "audio/pcm", SAMPLE_RATES, PCM_DEFAULT_RATE, lambda sr: PcmEncoder()),
     )
@@ -273,16 +295,17 @@ FORMATS: dict[str, AudioFormat] = {
 class StreamEncoder:
     """float32 chunks at `in_rate` -> encoded bytes at `out_rate` (soxr's streaming resampler in
     between when the rates differ). `write` returns what is ready (possibly b""), `finish` the rest;
-    `close` releases the encoder whether or not it finished."""
+    `close` releases the encoder whether or not it finished. With `path`, a format that has a
+    `make_file` writes that file itself (and returns b""); the others return their bytes."""
 
-    def __init__(self, fmt: AudioFormat, in_rate: int, out_rate: int) -> None:
+    def __init__(self, fmt: AudioFormat, in_rate: int, out_rate: int, path: str | None = None) -> None:
         self.format, self.in_rate, self.out_rate = fmt, in_rate, out_rate
         self._resampler: Any = None
         if in_rate != out_rate:
             import soxr
 
             self._resampler = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
-        self._encoder = fmt.make(out_rate)
+        self._encoder = fmt.make_file(out_rate, path) if path is not None and fmt.make_file else fmt.make(out_rate)
 
     def write(self, audio: np.ndarray) -> bytes:
         audio = np.asarray(audio, dtype=np.float32)
@@ -306,3 +329,16 @@ def open_stream(response_format: str, in_rate: int, sample_rate: int | None = No
     if fmt is None:
         raise InputError(f"response_format {response_format!r} is not supported: choose one of {', '.join(FORMATS)}")
     return StreamEncoder(fmt, in_rate, fmt.sample_rate(sample_rate, in_rate))
+
+
+# File name extensions -> response_format (`soprano-onnx speak -o`).
+EXTENSIONS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "opus", ".opus": "opus", ".aac": "aac"}
+
+
+def format_of_file(path: os.PathLike[str] | str) -> AudioFormat:
+    """The format a file name's extension names (InputError for another extension)."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in EXTENSIONS:
+        raise InputError(f"{os.fspath(path)}: the extension {ext or '(none)'!r} names no audio format this writes: "
+                         f"use {', '.join(EXTENSIONS)}")
+    return FORMATS[EXTENSIONS[ext]]
