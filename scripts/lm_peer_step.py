@@ -8,8 +8,9 @@ process, in alternating rounds (the issue-24 method).
 the export); timed by the runtime's own loop (pipeline_lib.runtime.generate: greedy, repetition penalty
 1.2, the KV cache handling), one row. `--genai LABEL=FOLDER`: a model folder written by
 `python -m onnxruntime_genai.models.builder` (genai_config.json), timed by its Generator loop (greedy; the
-stop token is held off by min_length so that every engine runs the same number of steps). Each child
-warms up with 20 steps, then times `steps` decode steps after a `prompt`-token prompt and prints the mean
+stop token is held off by min_length so that every engine runs the same number of steps); both as
+pipeline_lib.bench.peer times them (the peer stage: ours against one GenAI model). Each child warms up
+with 20 steps, then times `steps` decode steps after a `prompt`-token prompt and prints the mean
 ms per step. Prints each engine's median and range over the rounds and, per round, each engine's time
 over the first --ours engine's (the medians of those ratios).
 """
@@ -21,54 +22,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-PROMPT_FIRST_ID = 5
-
-
-def prompt_ids(n: int) -> list[int]:
-    return [PROMPT_FIRST_ID + j % 50 for j in range(n)]
-
-
-def ours_ms(folder: Path, threads: int, prompt: int, steps: int) -> tuple[float, int]:
-    from pipeline_lib import registry
-    from pipeline_lib.runtime.backends import OrtLM
-    from pipeline_lib.runtime.generate import LMSpec, generate
-    from pipeline_lib.runtime.sampling import SamplingParams
-
-    lm_path = folder / f"{registry.LM_FILE}.onnx"
-    spec = LMSpec.from_json(folder / registry.LM_CONFIG)
-    lm = OrtLM(lm_path, threads)
-    params = SamplingParams(0.0, 1.0, 0, 1.2)
-    generate(lm, spec, [prompt_ids(prompt)], max_new_tokens=20, params=params)
-    out = generate(lm, spec, [prompt_ids(prompt)], max_new_tokens=steps, params=params)
-    return 1e3 * out.timings.per_step_s, out.timings.decode_steps
-
-
-def genai_ms(folder: Path, threads: int, prompt: int, steps: int) -> tuple[float, int]:
-    import numpy as np
-    import onnxruntime_genai as og
-
-    config = og.Config(str(folder))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
-
-    def run(n: int) -> tuple[float, int]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=prompt + n + 1, min_length=prompt + n + 1)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array([prompt_ids(prompt)], dtype=np.int32))  # the prefill
-        gen.generate_next_token()
-        t0, done = time.perf_counter(), 0
-        while not gen.is_done() and done < n - 1:
-            gen.generate_next_token()
-            done += 1
-        return 1e3 * (time.perf_counter() - t0) / max(done, 1), done
-
-    run(20)
-    return run(steps)
+from pipeline_lib.bench.peer import STEP_FUNCTIONS
 
 
 def main() -> None:
@@ -83,8 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, folder = args.child
-        fn = ours_ms if kind == "ours" else genai_ms
-        ms, n = fn(Path(folder), args.threads, args.prompt, args.steps)
+        ms, n = STEP_FUNCTIONS[kind](Path(folder), args.threads, args.prompt, args.steps)
         print(json.dumps({"ms": ms, "steps": n}))
         return
     engines = [(f"ours {s.split('=', 1)[0]}", "ours", s.split("=", 1)[1]) for s in args.ours]
