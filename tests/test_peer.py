@@ -14,7 +14,7 @@ from pipeline_lib.report import peer_lines
 def test_peer_lines_report_the_ratio_or_the_reason() -> None:
     res = PeerResult(2, 24, 200, 2, 3.0, 2.5, 1.2, (3.1, 2.9), (2.6, 2.4)).to_dict()
     text = "\n".join(peer_lines({**res, "block_size": 128, "ours": "artifacts/onnx/int4/lm"}))
-    assert "What a user would pick instead" in text and "**1.2**" in text and "3.1 2.9" in text
+    assert "What a user would pick instead" in text and "**1.2**" in text and "3.10 2.90" in text
     skipped = "\n".join(peer_lines({"skipped": "onnxruntime-genai is not installed"}))
     assert "Not measured: onnxruntime-genai is not installed." in skipped
 
