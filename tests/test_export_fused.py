@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.errors import InputError
 from pipeline_lib.export.lm import FUSED_ONNX, LM_ONNX, example_inputs
-from pipeline_lib.export.lm_fused import check_call
 from pipeline_lib.export.onnx_io import ort_session
 from pipeline_lib.model.lm import load_lm
 from pipeline_lib.registry import LM_CONFIG
@@ -85,14 +83,6 @@ def test_fused_runtime_greedy_equals_traced(tiny_export: Path) -> None:
     for a, b in zip(outs[LM_ONNX].hidden, outs[FUSED_ONNX].hidden):
         assert np.abs(a - b).max() < HIDDEN_MAX_ABS
     assert outs[LM_ONNX].finish_reasons == outs[FUSED_ONNX].finish_reasons
-
-
-def test_check_call_names_the_unsupported_shape() -> None:
-    check_call(1, 5, 3)
-    check_call(4, 5, 1)
-    check_call(4, 0, 6)
-    with pytest.raises(InputError, match="row by row"):
-        check_call(2, 5, 3)
 
 
 def test_weight_only_int8_of_the_fused_graph(tiny_checkpoint: Path, tiny_export: Path, tmp_path: Path) -> None:

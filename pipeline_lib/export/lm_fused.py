@@ -20,7 +20,8 @@ in buckets) and the server are unchanged. Per layer it uses ONNX Runtime's contr
 
 Limitation (ONNX Runtime's CPU GroupQueryAttention): a call with a cache (P > 0) and several new tokens
 (S > 1) must have one row. The runtime never makes such a call (prompts are prefilled alone, decode
-steps feed one token per row); `check_call` names the rule for callers that do.
+steps feed one token per row); ONNX Runtime refuses such a call with its own error ("batch_size must be 1
+when sequence_length > 1 and past context is given").
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline_lib.errors import InputError
 from pipeline_lib.model.lm import MASK_VALUE, SopranoLMStep
 
 MS = "com.microsoft"
@@ -45,13 +45,6 @@ def rotary_tables(model: SopranoLMStep) -> tuple[np.ndarray, np.ndarray]:
     n = ROTARY_TABLE_FACTOR * model.cfg.max_position_embeddings
     freqs = torch.arange(n, dtype=torch.float32)[:, None] * model.inv_freq[None, :]
     return freqs.cos().numpy(), freqs.sin().numpy()
-
-
-def check_call(batch: int, past: int, seq: int) -> None:
-    """Raise InputError for a call shape the fused graph cannot run (see the module docstring)."""
-    if past > 0 and seq > 1 and batch > 1:
-        raise InputError(f"the fused LM step runs several new tokens with a cache on one row only "
-                         f"(got {batch} rows, {seq} tokens, cache {past}); call it row by row")
 
 
 class _Graph:
