@@ -273,7 +273,7 @@ class Synthetic:
     def __init__(self, path: str, threads: int) -> None:
         from pipeline_lib.runtime import backends
 
-        self.session = backends._ort_session(Path(path), threads)
+        self.session = backends._ort_session(Path(path), threads, mem_pattern=backends.OrtLM.MEM_PATTERN)
         self.binding = self.session.io_binding()
         self.keep = []
         for i in self.session.get_inputs():
