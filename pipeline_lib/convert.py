@@ -166,8 +166,7 @@ def convert_lm_to_openvino_stateful(
 DEFAULT_OV_INT8_MODE = "int8_sym"
 DEFAULT_ONNX: dict[str, dict[str, dict[str, Any]]] = {
     "int8": {
-        "lm": {"method": "dynamic", "op_types": ["MatMul"], "weight_type": "quint8", "per_channel": True,
-               "reduce_range": False},
+        "lm": {"method": "matmul_nbits", "bits": 8, "block_size": 128, "accuracy_level": 4},
         "decoder": {"method": "dynamic", "op_types": ["MatMul"], "weight_type": "qint8", "per_channel": True,
                     "reduce_range": False},
     },
@@ -225,9 +224,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _onnx_out(src: Path, dst_dir: Path, model: str) -> Path:
+    """An ONNX Runtime target's model file: the model's registry name, whichever export file it came from
+    (the LM's fused graph, export/lm_fused.py, is converted into soprano_lm_step.onnx)."""
+    return dst_dir / f"{MODELS[model].file}{src.suffix}"
+
+
 def link_export(src: Path, dst_dir: Path, model: str, precision: Precision, settings: ConvertSettings) -> dict[str, Any]:
     """ONNX fp32: the export itself (a hard link, else a copy)."""
-    out = dst_dir / src.name
+    out = _onnx_out(src, dst_dir, model)
     _link_or_copy(src, out)
     return {"method": "none: the fp32 export itself (hard link)", "file": out.name}
 
@@ -245,7 +250,7 @@ def onnx_quantized(src: Path, dst_dir: Path, model: str, precision: Precision, s
     if bits != int(weights[3:]):
         raise ValueError(f"params convert.onnx.{precision.name}.{model} ({kwargs}) write {bits}-bit weights, but "
                          f"precision {precision.name} stores {model} weights as {weights}")
-    out = quantize_onnx_int8(src, dst_dir / src.name, **kwargs)
+    out = quantize_onnx_int8(src, _onnx_out(src, dst_dir, model), **kwargs)
     return {"method": "onnxruntime.quantization", "settings": kwargs, "file": out.name}
 
 
@@ -301,6 +306,9 @@ class ExportModel:
     config_path: Path
     config: dict[str, Any]
     src: Path
+    # The file ONNX Runtime targets are converted from: the config's "ort_file" (the LM's fused graph,
+    # export/lm_fused.py) where it names one, else src.
+    ort_src: Path
 
 
 def read_export(lm_dir: Path | str, decoder_dir: Path | str) -> dict[str, ExportModel]:
@@ -333,11 +341,15 @@ def read_export(lm_dir: Path | str, decoder_dir: Path | str) -> dict[str, Export
         if not src.is_file():
             raise ModelFileError(f"{src}: the ONNX model named by {cfg_path.name} is missing; re-run the export "
                                  f"({EXPORT_HOW}).")
+        ort_src = src_dir / block["ort_file"] if block.get("ort_file") else src
+        if not ort_src.is_file():
+            raise ModelFileError(f"{ort_src}: the ONNX Runtime graph named by {cfg_path.name} (ort_file) is missing; "
+                                 f"re-run the export ({EXPORT_HOW}).")
         for extra in spec.extra_files:
             if extra == registry.TOKENIZER_FILE and not (src_dir / extra).is_file():
                 raise ModelFileError(f"{src_dir / extra}: not found; the LM folder must carry the tokenizer "
                                      f"({EXPORT_HOW}).")
-        found[which] = ExportModel(src_dir, cfg_path, cfg, src)
+        found[which] = ExportModel(src_dir, cfg_path, cfg, src, ort_src)
     return found
 
 
@@ -406,7 +418,8 @@ def convert_into(
     folder = Path(folder)
     figures: dict[str, Any] = {}
     for which, spec in MODELS.items():
-        src_dir, cfg, src = export[which].dir, export[which].config, export[which].src
+        src_dir, cfg = export[which].dir, export[which].config
+        src = export[which].ort_src if target.backend == "onnx" else export[which].src
         dst = folder / which
         dst.mkdir()
         log.info("%s %s: converting %s", which, target.label, src)
@@ -418,6 +431,7 @@ def convert_into(
         info["source_bytes"] = src.stat().st_size
         block = spec.block(cfg)
         block["file"], block["conversion"] = info["file"], info  # inputs and settings only: no time (figures)
+        block.pop("ort_file", None)  # a converted folder holds one model file per model
         write_json(dst / spec.config, cfg)
         for name in spec.extra_files:
             if (src_dir / name).is_file():

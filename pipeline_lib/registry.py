@@ -25,6 +25,7 @@ from pipeline_lib.errors import InputError
 # --- file names (stems: a model is <stem>.onnx, or an OpenVINO IR <stem>.xml + <stem>.bin) -----------------
 
 LM_FILE = "soprano_lm_step"                # the LM step model: the KV cache as inputs and outputs
+FUSED_FILE = "soprano_lm_fused"           # the same step model as ONNX Runtime's fused graph (export/lm_fused.py)
 STATEFUL_FILE = "soprano_lm_stateful"      # the LM with its KV cache in the backend's state (OpenVINO)
 DECODER_FILE = "soprano_decoder_preistft"  # the decoder up to its spectrum (no ISTFT inside)
 LM_CONFIG_SUFFIX = "_config.json"

@@ -177,6 +177,7 @@ def build_markdown(
     images: Sequence[str] = (XRT_PNG, BREAKDOWN_PNG),
     convert: Mapping[str, Mapping[str, Any]] | None = None,
     serve: Sequence[Mapping[str, Any]] | None = None,
+    peer: Mapping[str, Any] | None = None,
 ) -> str:
     out: list[str] = ["# Soprano CPU inference report", ""]
     if source.get("random_weights"):
@@ -236,6 +237,8 @@ def build_markdown(
         out += ["## Conversion (time and size per converted target)", "", by_metric_tables(convert), ""]
     if serve:
         out += serve_lines(serve, rows)
+    if peer:
+        out += peer_lines(peer)
     out += ["## Plots", ""]
     out += [f"![x real time by backend and threads]({images[0]})", "", f"![per-stage time breakdown]({images[1]})", ""]
     return "\n".join(out)
@@ -612,6 +615,24 @@ def plot_breakdown(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
+def peer_lines(peer: Mapping[str, Any]) -> list[str]:
+    """The section "What a user would pick instead": the peer stage's metrics (pipeline_lib.bench.peer),
+    ONNX Runtime GenAI's builder int4 LM step beside ours, or why it was skipped. Reported, not gated."""
+    out = ["## What a user would pick instead: ONNX Runtime GenAI (LM step, same run)", ""]
+    if "skipped" in peer:
+        return out + [f"Not measured: {peer['skipped']}.", ""]
+    out += [f"ONNX Runtime GenAI's model builder on the same checkpoint (int4 MatMulNBits, block {fmt(peer['block_size'])}, "
+            f"hidden states as an output), its Generator loop, against our LM ({peer['ours']}) in the runtime's loop: "
+            f"one row, a {fmt(peer['prompt_tokens'])}-token prompt, {fmt(peer['steps'])} greedy steps, "
+            f"{fmt(peer['threads'])} threads, each engine in a fresh process, {fmt(peer['rounds'])} alternating rounds "
+            "(medians; the ratio is the median of the per-round ratios; below 1: ours is faster).", "",
+            md_table(["engine", "ms per decode step", "rounds (ms)"],
+                     [["ours (onnx-int4)", fmt(peer["ours_ms"]), " ".join(f"{v:.2f}" for v in peer["ours_all"])],
+                      ["ONNX Runtime GenAI int4", fmt(peer["peer_ms"]), " ".join(f"{v:.2f}" for v in peer["peer_all"])]]),
+            "", f"Ours over GenAI: **{fmt(peer['ratio'])}**.", ""]
+    return out
+
+
 def build_report(
     bench_csv: Path,
     bench_metrics: Path,
@@ -622,6 +643,7 @@ def build_report(
     convert_files: Sequence[Path] = (),
     env_json: Path | None = None,
     serve_csv: Path | None = None,
+    peer_json: Path | None = None,
 ) -> Path:
     """Write out_dir/report.md, out_dir/xrt_by_backend.png and out_dir/stage_breakdown.png. The
     environment: `env`, else the benchmark's record `env_json` (ENV_JSON), else read here."""
@@ -642,7 +664,8 @@ def build_report(
             plot(rows, tmp)
     convert = read_parity(list(convert_files))  # same shape: {target: {figure: value}}
     serve = pd.read_csv(serve_csv, keep_default_na=False, na_values=[""]).to_dict("records") if serve_csv else None
-    text = build_markdown(rows, metrics, parity, source, env, convert=convert, serve=serve)
+    peer = read_json(peer_json) if peer_json is not None and Path(peer_json).is_file() else None
+    text = build_markdown(rows, metrics, parity, source, env, convert=convert, serve=serve, peer=peer)
     with atomic_file(out_dir / "report.md") as tmp:
         tmp.write_text(text)
     return out_dir / "report.md"

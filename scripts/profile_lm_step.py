@@ -111,9 +111,9 @@ def session_factory(profile_dir: str | None):
 
     real = backends._ort_session
 
-    def make(path: Path, num_threads: int, low_memory: bool = True, spin: bool = True) -> Any:
+    def make(path: Path, num_threads: int, low_memory: bool = True, spin: bool = True, mem_pattern: bool = True) -> Any:
         if profile_dir is None:
-            return real(path, num_threads, low_memory, spin)
+            return real(path, num_threads, low_memory, spin, mem_pattern)
         ort = backends._import_ort()
         orig = ort.SessionOptions
 
@@ -124,7 +124,7 @@ def session_factory(profile_dir: str | None):
             return o
 
         with mock.patch.object(ort, "SessionOptions", options):
-            return real(path, num_threads, low_memory, spin)
+            return real(path, num_threads, low_memory, spin, mem_pattern)
 
     return make
 
@@ -273,7 +273,7 @@ class Synthetic:
     def __init__(self, path: str, threads: int) -> None:
         from pipeline_lib.runtime import backends
 
-        self.session = backends._ort_session(Path(path), threads)
+        self.session = backends._ort_session(Path(path), threads, mem_pattern=backends.OrtLM.MEM_PATTERN)
         self.binding = self.session.io_binding()
         self.keep = []
         for i in self.session.get_inputs():

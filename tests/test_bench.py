@@ -235,7 +235,8 @@ def test_ratios_and_headline():
 def test_only_benchmark_reads_threads_and_report_follows_it():
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     readers = {name for name, s in stages.items() for p in s.get("params", []) if p in ("threads", "bench")}
-    assert readers == {"benchmark"}
+    assert readers == {"benchmark", "peer"}  # the two timing stages (peer: ONNX Runtime GenAI beside ours)
+    assert set(stages["peer"]["params"]) == {"threads", "bench.peer"}
     assert set(stages["benchmark"]["params"]) == {"threads", "bench", "convert.backends", "convert.precisions"}
     assert "params" not in stages["report"]
     assert {"reports/bench.csv", "reports/bench_env.json", "metrics/bench.json"} <= set(stages["report"]["deps"])

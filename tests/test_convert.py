@@ -18,7 +18,7 @@ from pipeline_lib.audio.istft import IstftConfig
 from pipeline_lib.convert import ConvertSettings, convert_onnx_to_openvino, convert_target
 from pipeline_lib.errors import MissingBackendError, ModelFileError
 from pipeline_lib.export.decoder import DECODER_CONFIG, DECODER_ONNX
-from pipeline_lib.export.lm import LM_CONFIG, LM_ONNX
+from pipeline_lib.export.lm import FUSED_ONNX, LM_CONFIG, LM_ONNX
 from pipeline_lib.openvino_ir import compile_openvino, load_openvino_model
 from pipeline_lib.parity import (
     ParityThresholds,
@@ -211,7 +211,8 @@ def test_target_folders_are_self_contained(targets, name):
 
 
 def test_onnx_fp32_is_the_export(targets, tiny_export):
-    assert (targets["onnx-fp32"] / "lm" / LM_ONNX).read_bytes() == (tiny_export / LM_ONNX).read_bytes()
+    """The LM: the export's fused graph (its ort_file), under the runtime's name."""
+    assert (targets["onnx-fp32"] / "lm" / LM_ONNX).read_bytes() == (tiny_export / FUSED_ONNX).read_bytes()
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])

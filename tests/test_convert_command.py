@@ -276,8 +276,11 @@ def _fake_converter(fail_on: str | None = None):
     def convert(src: Path, dst: Path, model: str, precision, settings) -> dict:
         if model == fail_on:
             raise ExportError(f"simulated failure converting the {model}")
-        (dst / src.name).write_bytes(b"converted " + model.encode())
-        return {"method": "stand-in", "file": src.name}
+        from pipeline_lib.registry import MODELS
+
+        name = f"{MODELS[model].file}.onnx"  # as the ONNX Runtime converters name it (the LM's source is its fused graph)
+        (dst / name).write_bytes(b"converted " + model.encode())
+        return {"method": "stand-in", "file": name}
     return convert
 
 

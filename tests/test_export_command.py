@@ -5,7 +5,7 @@ import sys
 import time
 
 from pipeline_lib.export.decoder import DECODER_CONFIG, DECODER_ONNX
-from pipeline_lib.export.lm import LM_CONFIG, LM_ONNX
+from pipeline_lib.export.lm import FUSED_ONNX, LM_CONFIG, LM_ONNX
 
 
 def _cli(*args, env=None):
@@ -17,9 +17,9 @@ def test_export_local_checkpoint(tiny_checkpoint, tmp_path):
     out = tmp_path / "onnx"
     proc = _cli("--checkpoint", str(tiny_checkpoint), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    for name in (DECODER_ONNX, DECODER_CONFIG, LM_ONNX, LM_CONFIG, "tokenizer.json", "tokenizer_config.json"):
+    for name in (DECODER_ONNX, DECODER_CONFIG, LM_ONNX, FUSED_ONNX, LM_CONFIG, "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
-    assert "max abs error" in proc.stdout
+    assert "max abs error" in proc.stdout and "fused for ONNX Runtime" in proc.stdout
 
 
 def test_export_decoder_only_and_lm_only(tiny_checkpoint, tmp_path):

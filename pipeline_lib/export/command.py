@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"decoder: {args.out / r.onnx_path.name} (check: max abs error {r.max_abs_error:.2e})")
             if not args.decoder_only:
                 r = export_lm(ckpt, tmp, opset=args.opset)
-                print(f"LM step: {args.out / r.onnx_path.name} (check: logits max abs error {r.max_abs_error:.2e})")
+                print(f"LM step: {args.out / r.onnx_path.name} (check: logits max abs error {r.max_abs_error:.2e}); "
+                      f"fused for ONNX Runtime: {args.out / r.fused_path.name} ({r.fused_max_abs_error:.2e})")
             copy_tokenizer_files(ckpt, tmp)
     print(f"export done in {time.perf_counter() - start:.1f} s -> {args.out}")
     return 0

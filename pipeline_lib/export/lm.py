@@ -14,10 +14,11 @@ from pipeline_lib.errors import ExportError
 from pipeline_lib.export.onnx_io import DEFAULT_OPSET, constant_reshape_shapes, export_to_onnx, ort_session
 from pipeline_lib.fsutil import write_json
 from pipeline_lib.model.lm import LMConfig, SopranoLMStep, load_lm
-from pipeline_lib.registry import LM_CONFIG, LM_FILE, TOKENIZER_FILE, TOKENIZER_FILES
+from pipeline_lib.registry import FUSED_FILE, LM_CONFIG, LM_FILE, TOKENIZER_FILE, TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 LM_ONNX = f"{LM_FILE}.onnx"
+FUSED_ONNX = f"{FUSED_FILE}.onnx"
 SPECIAL_TOKENS = ("[UNK]", "[TEXT]", "[START]", "[STOP]")
 KV_LAYOUT = ["batch", "num_kv_heads", "past_sequence", "head_dim"]
 
@@ -27,6 +28,8 @@ class LMExport:
     onnx_path: Path
     config_path: Path
     max_abs_error: float  # logits, ONNX vs torch, the largest over the export check inputs
+    fused_path: Path  # the same step model as ONNX Runtime's fused graph (export/lm_fused.py)
+    fused_max_abs_error: float  # its logits vs torch, same check inputs
 
 
 def special_token_ids(tokenizer_json: Path) -> dict[str, int]:
@@ -65,6 +68,9 @@ def lm_config_dict(model: SopranoLMStep, tokens: dict[str, int]) -> dict:
             )
     return {
         "file": LM_ONNX,
+        # The same step (inputs, outputs, KV contract) as ONNX Runtime's fused graph: the file that the
+        # ONNX Runtime targets are converted from (pipeline_lib.convert); OpenVINO converts `file`.
+        "ort_file": FUSED_ONNX,
         "inputs": inputs,
         "outputs": outputs,
         "kv_layout": KV_LAYOUT,
@@ -130,22 +136,49 @@ def export_lm(ckpt_dir: Path | str, out_dir: Path | str, opset: int = DEFAULT_OP
         # The cache may be empty (prefill): -1 must not stand for a dimension that can be 0.
         postprocess=lambda graph: constant_reshape_shapes(graph, may_be_zero=["past_sequence"]),
     )
-    # Sizes that differ from each other, so that a constant Reshape shape taking the wrong dimension
-    # shows here: prefill with and without padding, decode steps of one and of several rows.
+    fused_path = write_fused_lm(model, out_dir / FUSED_ONNX, opset)
+    err = _check_against_torch(model, onnx_path)
+    fused_err = _check_against_torch(model, fused_path)
+    config_path = out_dir / LM_CONFIG
+    write_json(config_path, lm_config_dict(model, tokens))
+    log.info("LM export check: logits max abs error %.3g (fused graph: %.3g)", err, fused_err)
+    return LMExport(onnx_path, config_path, err, fused_path, fused_err)
+
+
+def write_fused_lm(model: SopranoLMStep, path: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """ONNX Runtime's fused graph of `model` (export/lm_fused.py), written atomically."""
+    import onnx
+
+    from pipeline_lib.export.lm_fused import build_fused_lm
+    from pipeline_lib.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        try:
+            onnx.save(build_fused_lm(model, opset), str(tmp))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise ExportError(f"writing {path.name} failed: {exc}") from exc
+    return path
+
+
+def _check_against_torch(model: SopranoLMStep, onnx_path: Path) -> float:
+    """The largest logits error of the ONNX file against torch over the real tokens of check inputs of
+    sizes that differ from each other, so that a constant Reshape shape taking the wrong dimension shows
+    here: prefill with and without padding, decode steps of one and of several rows, a masked gap."""
     sess = ort_session(onnx_path)
     err = 0.0
     for seed, (batch, past, seq) in enumerate([(1, 5, 2), (3, 7, 1), (2, 0, 4)], start=1):
-        check = example_inputs(model, batch=batch, past=past, seq=seq, seed=seed)
+        check = list(example_inputs(model, batch=batch, past=past, seq=seq, seed=seed))
+        if batch > 2:  # a gap inside row 2's cache, as a row that joined a running batch has
+            check[1][2, 3] = 0
+            check[2] = (check[1].cumsum(-1) - 1).clamp(min=0)[:, past:]
         with torch.no_grad():
             ref = model(*check)[0].numpy()
         got = sess.run(["logits"], dict(zip(model.input_names(), (t.numpy() for t in check))))[0]
         if got.shape != ref.shape:
             raise ExportError(f"{onnx_path}: ONNX logits shape {got.shape} differs from torch's {ref.shape}.")
-        err = max(err, float(np.abs(got - ref).max()))
-    config_path = out_dir / LM_CONFIG
-    write_json(config_path, lm_config_dict(model, tokens))
-    log.info("LM export check: logits max abs error %.3g", err)
-    return LMExport(onnx_path, config_path, err)
+        real = check[1][:, past:].numpy() > 0  # a padding position's output is never read
+        err = max(err, float(np.abs(got - ref)[real].max()))
+    return err
 
 
 def copy_tokenizer_files(ckpt_dir: Path | str, out_dir: Path | str) -> list[Path]:

@@ -188,7 +188,8 @@ def release_free_heap() -> bool:
     return True
 
 
-def _ort_session(path: Path, num_threads: int, low_memory: bool = True, spin: bool = True) -> Any:
+def _ort_session(path: Path, num_threads: int, low_memory: bool = True, spin: bool = True,
+                 mem_pattern: bool = True) -> Any:
     """low_memory (default): no CPU memory arena (its chunks, sized for the largest batch seen, stay
     allocated) and a fixed glibc mmap threshold (see fix_malloc_mmap_threshold). Measured on the
     80M model, 2 threads: peak RSS of a 128-token synthesis 553 MiB instead of 580-870 MiB (the
@@ -207,6 +208,7 @@ def _ort_session(path: Path, num_threads: int, low_memory: bool = True, spin: bo
     opts.log_severity_level = 3
     if low_memory:
         opts.enable_cpu_mem_arena = False
+    opts.enable_mem_pattern = bool(mem_pattern)
     if not spin:  # see OrtDecoder
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
@@ -220,11 +222,13 @@ def _ort_session(path: Path, num_threads: int, low_memory: bool = True, spin: bo
 
 class _OrtBase:
     SPIN = True  # ONNX Runtime's default: the session's worker threads busy-wait after a run
+    # ONNX Runtime's memory pattern: one block per run for all of the run's intermediate tensors.
+    MEM_PATTERN = True
 
     def __init__(self, path: Path, num_threads: int, low_memory: bool = True) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.session = _ort_session(path, num_threads, low_memory, self.SPIN)
+        self.session = _ort_session(path, num_threads, low_memory, self.SPIN, self.MEM_PATTERN or not low_memory)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -252,7 +256,14 @@ class OrtLM(_OrtBase, LMBackend):
 
     Output shapes come from the model's symbolic dimensions (batch, sequence, past_sequence,
     total_sequence), resolved from the fed arrays; a model whose outputs cannot be resolved that way
-    (or a feed that does not name every input) runs plainly."""
+    (or a feed that does not name every input) runs plainly.
+
+    No memory pattern in low_memory mode: without the arena, the pattern's per-run block of the fused
+    step graph (export/lm_fused.py: 2-16 MiB) is above the fixed mmap threshold, so every step mapped
+    and unmapped it: 450-680 page faults per decode step and 5.9 instead of 3.7 ms CPU (int4, 1 thread,
+    100 cached tokens; docs/design.md, "The fused step graph"). Each intermediate tensor is then
+    allocated on its own, from the heap."""
+    MEM_PATTERN = False
 
     def __init__(self, path: Path, num_threads: int, low_memory: bool = True) -> None:
         super().__init__(path, num_threads, low_memory)

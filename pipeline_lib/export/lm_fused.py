@@ -1,0 +1,203 @@
+"""The LM step as a fused ONNX Runtime graph, written node by node from the torch reference's weights.
+
+Same inputs, outputs and KV contract as the traced step model (pipeline_lib.model.lm, `lm_config_dict`):
+
+    inputs : input_ids [B, S], attention_mask [B, P+S], position_ids [B, S], past_key_i / past_value_i [B, kv, P, D]
+    outputs: logits [B, S, vocab], hidden_states [B, S, hidden], new_key_i / new_value_i [B, kv, S, D]
+
+so the runtime's KVCache / SlotCache (rows share one column index, gaps masked by attention_mask, widths
+in buckets) and the server are unchanged. Per layer it uses ONNX Runtime's contrib operators:
+
+- ``SkipSimplifiedLayerNormalization``: the residual add and the next RMS norm in one op;
+- one packed q/k/v ``MatMul`` and one packed gate/up ``MatMul`` (MatMulNBits once quantised);
+- Qwen3's per-head q / k norms as ``SimplifiedLayerNormalization`` over the head axis, then
+  ``RotaryEmbedding`` with the rows' own position_ids (the rotary sits outside the attention op because
+  GroupQueryAttention's internal rotary ignores position_ids on a prompt call, so a left-padded prompt
+  would store keys rotated at the wrong positions);
+- ``GroupQueryAttention``: KV append and attention in one op. Every row gets seqlens_k = P + S - 1 (the
+  shared column index: the new tokens go at column P in every row), and attention_bias (0 / MASK_VALUE,
+  [B, 1, S, P+S]) masks each row's gaps and padding exactly as the traced graph does.
+
+Limitation (ONNX Runtime's CPU GroupQueryAttention): a call with a cache (P > 0) and several new tokens
+(S > 1) must have one row. The runtime never makes such a call (prompts are prefilled alone, decode
+steps feed one token per row); ONNX Runtime refuses such a call with its own error ("batch_size must be 1
+when sequence_length > 1 and past context is given").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipeline_lib.model.lm import MASK_VALUE, SopranoLMStep
+
+MS = "com.microsoft"
+# RotaryEmbedding reads cos/sin from a table indexed by position: rows for positions 0 .. this factor x
+# max_position_embeddings - 1 (the runtime keeps prompts to half of max_position_embeddings and new tokens
+# to max_position_embeddings, so positions stay below 1.5x).
+ROTARY_TABLE_FACTOR = 2
+
+
+def rotary_tables(model: SopranoLMStep) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin [positions, head_dim // 2], computed as the torch reference computes them."""
+    n = ROTARY_TABLE_FACTOR * model.cfg.max_position_embeddings
+    freqs = torch.arange(n, dtype=torch.float32)[:, None] * model.inv_freq[None, :]
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+class _Graph:
+    def __init__(self) -> None:
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, domain: str = "", name: str | None = None,
+           outputs: Sequence[str] | None = None, **attrs) -> list[str]:
+        from onnx import helper
+
+        self._n += 1
+        base = name or f"{op_type}_{self._n}"
+        outs = list(outputs) if outputs is not None else [f"{base}_out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))
+        return outs
+
+
+def _w(linear: torch.nn.Module) -> np.ndarray:
+    """A Linear's weight as the right operand of MatMul ([in, out])."""
+    return linear.weight.detach().numpy().T
+
+
+def build_fused_lm(model: SopranoLMStep, opset: int = 17, pack_gate_up: bool = True):
+    """The fused step graph (an onnx.ModelProto) holding `model`'s weights in fp32. pack_gate_up: one
+    MatMul for the MLP's gate and up projections, then a Split (False: two MatMuls, as ONNX Runtime
+    GenAI's builder writes them; docs/design.md has the measurement behind the default)."""
+    from onnx import TensorProto, helper
+
+    c = model.cfg
+    H, KV, D, E = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+    g = _Graph()
+    st = model.model
+    eps = float(c.rms_norm_eps)
+
+    # Shared per call: the total width, seqlens_k, the additive bias, the rotary tables.
+    mask_shape = g.op("Shape", ["attention_mask"], name="mask_shape")[0]
+    ids_shape = g.op("Shape", ["input_ids"], name="ids_shape")[0]
+    g.const("i0", np.array([0], np.int64))
+    g.const("i1", np.array([1], np.int64))
+    total = g.op("Gather", [mask_shape, "i1"], name="total")[0]          # [1]: P + S
+    batch = g.op("Gather", [ids_shape, "i0"], name="batch")[0]           # [1]: B
+    seq = g.op("Gather", [ids_shape, "i1"], name="seq")[0]               # [1]: S
+    past_len = g.op("Sub", [total, seq], name="past_len")[0]             # [1]: P
+    total32 = g.op("Cast", [total], name="total32", to=TensorProto.INT32)[0]
+    g.const("scalar_shape", np.array([], np.int64))
+    total_scalar = g.op("Reshape", [total32, "scalar_shape"], name="total_sequence_length")[0]
+    g.const("one32", np.array([1], np.int32))
+    last32 = g.op("Sub", [total32, "one32"], name="last_index")[0]
+    seqlens = g.op("Expand", [last32, batch], name="seqlens_k")[0]       # [B] int32, P + S - 1 in every row
+    # bias[b, 0, i, j] = 0 where key j <= query P + i and attention_mask[b, j] > 0, else MASK_VALUE.
+    g.const("zero_i64", np.array(0, np.int64))
+    g.const("one_i64", np.array(1, np.int64))
+    total_s = g.op("Squeeze", [total, "i0"], name="total_s")[0]
+    seq_s = g.op("Squeeze", [seq, "i0"], name="seq_s")[0]
+    key_idx = g.op("Range", ["zero_i64", total_s, "one_i64"], name="key_idx")[0]        # [T]
+    q_rel = g.op("Range", ["zero_i64", seq_s, "one_i64"], name="query_rel")[0]          # [S]
+    q_idx = g.op("Add", [q_rel, past_len], name="query_idx")[0]
+    q_col = g.op("Unsqueeze", [q_idx, "i1"], name="query_col")[0]                       # [S, 1]
+    causal = g.op("LessOrEqual", [key_idx, q_col], name="causal")[0]                     # [S, T]
+    g.const("mask_zero", np.array(0, np.int64))
+    kept = g.op("Greater", ["attention_mask", "mask_zero"], name="kept")[0]              # [B, T]
+    g.const("i1_2", np.array([1, 2], np.int64))
+    kept4 = g.op("Unsqueeze", [kept, "i1_2"], name="kept4")[0]                           # [B, 1, 1, T]
+    allowed = g.op("And", [kept4, causal], name="allowed")[0]                            # [B, 1, S, T]
+    g.const("bias_zero", np.array(0.0, np.float32))
+    g.const("bias_masked", np.array(MASK_VALUE, np.float32))
+    bias = g.op("Where", [allowed, "bias_zero", "bias_masked"], name="attention_bias")[0]
+    cos, sin = rotary_tables(model)
+    g.const("cos_cache", cos)
+    g.const("sin_cache", sin)
+
+    x = g.op("Gather", [g.const("embed_tokens", st.embed_tokens.weight.detach().numpy()), "input_ids"],
+             name="embed")[0]
+    g.const("q_heads_shape", np.array([0, 0, H, D], np.int64))
+    g.const("k_heads_shape", np.array([0, 0, KV, D], np.int64))
+    g.const("q_flat_shape", np.array([0, 0, H * D], np.int64))
+    g.const("k_flat_shape", np.array([0, 0, KV * D], np.int64))
+    g.const("kv_heads_shape" if KV > 1 else "kv_one_head_shape", np.array([0, 0, KV, D] if KV > 1 else [0, 1, -1, D], np.int64))
+    g.const("qkv_split", np.array([H * D, KV * D, KV * D], np.int64))
+    g.const("gate_up_split", np.array([c.intermediate_size, c.intermediate_size], np.int64))
+    residual, pending = x, None  # pending: the previous block's output, not yet added to residual
+    for i, layer in enumerate(st.layers):
+        a = layer.self_attn
+        p = f"layers.{i}"
+        ln_in = g.const(f"{p}.input_layernorm.weight", layer.input_layernorm.weight.detach().numpy())
+        if pending is None:
+            h = g.op("SimplifiedLayerNormalization", [residual, ln_in], name=f"{p}.input_norm", axis=-1, epsilon=eps)[0]
+        else:
+            h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, ln_in], 4, MS,
+                                     name=f"{p}.input_norm", epsilon=eps)
+        wqkv = np.concatenate([_w(a.q_proj), _w(a.k_proj), _w(a.v_proj)], axis=1)
+        qkv = g.op("MatMul", [h, g.const(f"{p}.qkv_proj.weight", wqkv)], name=f"{p}.qkv_proj")[0]
+        q, k, v = g.op("Split", [qkv, "qkv_split"], 3, name=f"{p}.qkv_split", axis=-1)
+        heads = []
+        for kind, t, norm, n_heads in (("q", q, a.q_norm, H), ("k", k, a.k_norm, KV)):
+            t = g.op("Reshape", [t, f"{kind}_heads_shape"], name=f"{p}.{kind}_heads")[0]
+            t = g.op("SimplifiedLayerNormalization", [t, g.const(f"{p}.{kind}_norm.weight", norm.weight.detach().numpy())],
+                     name=f"{p}.{kind}_norm", axis=-1, epsilon=eps)[0]
+            t = g.op("Reshape", [t, f"{kind}_flat_shape"], name=f"{p}.{kind}_flat")[0]
+            t = g.op("RotaryEmbedding", [t, "position_ids", "cos_cache", "sin_cache"], domain=MS,
+                     name=f"{p}.{kind}_rotary", num_heads=n_heads, interleaved=0)[0]
+            heads.append(t)
+        q, k = heads
+        attn = g.op("GroupQueryAttention",
+                    [q, k, v, f"past_key_{i}", f"past_value_{i}", seqlens, total_scalar, "", "", "", bias],
+                    3, MS, name=f"{p}.attention", num_heads=H, kv_num_heads=KV, scale=float(D ** -0.5))[0]
+        # This call's keys / values, [B, kv, S, D], as the cache stores them (keys after norm and rotary).
+        for kind, t in (("key", k), ("value", v)):
+            if KV == 1:  # [B, S, D] and [B, 1, S, D] are the same bytes: one Reshape
+                g.op("Reshape", [t, "kv_one_head_shape"], name=f"{p}.new_{kind}", outputs=[f"new_{kind}_{i}"])
+                continue
+            t = g.op("Reshape", [t, "kv_heads_shape"], name=f"{p}.new_{kind}_heads")[0]
+            g.op("Transpose", [t], name=f"{p}.new_{kind}", outputs=[f"new_{kind}_{i}"], perm=[0, 2, 1, 3])
+        o = g.op("MatMul", [attn, g.const(f"{p}.o_proj.weight", _w(a.o_proj))], name=f"{p}.o_proj")[0]
+        ln_post = g.const(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight.detach().numpy())
+        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ln_post], 4, MS,
+                                 name=f"{p}.post_attention_norm", epsilon=eps)
+        m = layer.mlp
+        if pack_gate_up:
+            wgu = np.concatenate([_w(m.gate_proj), _w(m.up_proj)], axis=1)
+            gu = g.op("MatMul", [h, g.const(f"{p}.gate_up_proj.weight", wgu)], name=f"{p}.gate_up_proj")[0]
+            gate, up = g.op("Split", [gu, "gate_up_split"], 2, name=f"{p}.gate_up_split", axis=-1)
+        else:
+            gate = g.op("MatMul", [h, g.const(f"{p}.gate_proj.weight", _w(m.gate_proj))], name=f"{p}.gate_proj")[0]
+            up = g.op("MatMul", [h, g.const(f"{p}.up_proj.weight", _w(m.up_proj))], name=f"{p}.up_proj")[0]
+        sig = g.op("Sigmoid", [gate], name=f"{p}.gate_sigmoid")[0]
+        silu = g.op("Mul", [gate, sig], name=f"{p}.gate_silu")[0]
+        act = g.op("Mul", [silu, up], name=f"{p}.gate_times_up")[0]
+        pending = g.op("MatMul", [act, g.const(f"{p}.down_proj.weight", _w(m.down_proj))], name=f"{p}.down_proj")[0]
+    g.op("SkipSimplifiedLayerNormalization", [pending, residual, g.const("norm.weight", st.norm.weight.detach().numpy())],
+         domain=MS, name="final_norm", outputs=["hidden_states", "", "", ""], epsilon=eps)
+    g.op("MatMul", ["hidden_states", g.const("lm_head.weight", _w(model.lm_head))], name="lm_head", outputs=["logits"])
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", c.vocab_size]),
+               helper.make_tensor_value_info("hidden_states", f32, ["batch", "sequence", E])]
+    for i in range(c.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f32, ["batch", KV, "past_sequence", D]))
+            outputs.append(helper.make_tensor_value_info(f"new_{kind}_{i}", f32, ["batch", KV, "sequence", D]))
+    graph = helper.make_graph(g.nodes, "soprano_lm_fused", inputs, outputs, initializer=g.inits)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                                   producer_name="soprano-onnx")
+    onnx_model.ir_version = 8
+    return onnx_model
