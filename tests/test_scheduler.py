@@ -66,11 +66,11 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("which,policy", [("tts", "deadline"), ("tts", "legacy"), ("openvino_tts", "deadline")])
-def test_eight_requests_in_one_batch_equal_solo_synthesis(request, which, policy):
+@pytest.mark.parametrize("which", ["tts", "openvino_tts"])
+def test_eight_requests_in_one_batch_equal_solo_synthesis(request, which):
     tts = request.getfixturevalue(which)
     steps = _Steps()
-    sched = BatchScheduler(tts, max_batch=8, observer=steps, policy=policy).start()
+    sched = BatchScheduler(tts, max_batch=8, observer=steps).start()
     try:
         jobs = [sched.submit(SpeechRequest(t, max_new_tokens=24)) for t in TEXTS]
         got = [j.audio() for j in jobs]
@@ -317,13 +317,13 @@ def _ahead_s(job) -> float:
     return job.play_end - time.perf_counter()
 
 
-def _long_job_then_a_new_one(tts, policy, ahead_s=0.6, **scheduler):
+def _long_job_then_a_new_one(tts, ahead_s=0.6, **scheduler):
     """A long request streams until its listener has over `ahead_s` of audio in hand; then a new
     request comes. Default: small later windows (max_chunk 4): the long one has a window due every
     fourth step, so one falls in the new row's wait (its prefill, then four steps). The events, the
     jobs, their audio, the scheduler."""
     scheduler = {"max_batch": 4, "first_chunk": 1, "chunk_growth": 4, "max_chunk": 4, "margin_s": 0.05, **scheduler}
-    sched = BatchScheduler(tts, policy=policy, **scheduler)
+    sched = BatchScheduler(tts, **scheduler)
     events = _Events(sched)
     sched.start()
     try:
@@ -352,17 +352,9 @@ def _windows_while_waiting(items, long, new):
 def test_a_new_rows_first_audio_does_not_wait_behind_later_windows(tts):
     """Deadline policy: while the new request waits for its first audio, the long one (far ahead of
     real time) decodes nothing; both results still equal solo synthesis."""
-    items, long, new, long_audio, new_audio, _ = _long_job_then_a_new_one(tts, "deadline")
+    items, long, new, long_audio, new_audio, _ = _long_job_then_a_new_one(tts)
     assert _windows_while_waiting(items, long, new) == []
     assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=400)["audio"]) <= 1e-4
-    assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
-
-
-def test_the_legacy_policy_decodes_later_windows_before_a_new_rows_first_audio(tts):
-    """The same scene under the old policy (one due later window per step): the long job's windows go
-    ahead of the new job's first one; this is what the deadline policy removes."""
-    items, long, new, long_audio, new_audio, _ = _long_job_then_a_new_one(tts, "legacy")
-    assert len(_windows_while_waiting(items, long, new)) >= 1
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
 
 
@@ -410,15 +402,13 @@ def test_a_later_sentence_starts_after_its_jobs_first_audio(tts):
     assert _rel(audio, tts.synthesize(text, max_new_tokens=20)["audio"]) <= 1e-4
 
 
-def test_policy_is_validated_and_switchable(tts, monkeypatch):
-    monkeypatch.delenv("SOPRANO_SCHEDULER_POLICY", raising=False)
-    assert BatchScheduler(tts).policy == "deadline"
-    monkeypatch.setenv("SOPRANO_SCHEDULER_POLICY", "legacy")
-    assert BatchScheduler(tts).policy == "legacy"
-    with pytest.raises(InputError, match="policy"):
-        BatchScheduler(tts, policy="fifo")
+def test_scheduler_settings_are_validated(tts):
     with pytest.raises(InputError, match="margin_s"):
         BatchScheduler(tts, margin_s=-1)
+    with pytest.raises(InputError, match="max_unread_s"):
+        BatchScheduler(tts, max_unread_s=0)
+    with pytest.raises(InputError, match="max_prefill_tokens"):
+        BatchScheduler(tts, max_prefill_tokens=0)
 
 
 def test_deadline_decodes_long_sentences_in_bounded_windows(tts, monkeypatch):
@@ -433,7 +423,7 @@ def test_deadline_decodes_long_sentences_in_bounded_windows(tts, monkeypatch):
         return decode(hidden)
 
     monkeypatch.setattr(tts, "_decode", recording)
-    sched = BatchScheduler(tts, max_batch=4, max_chunk=8, policy="deadline").start()
+    sched = BatchScheduler(tts, max_batch=4, max_chunk=8).start()
     try:
         jobs = [sched.submit(SpeechRequest(t, max_new_tokens=60)) for t in TEXTS[:4]]
         got = [np.concatenate(list(j)) for j in jobs]
@@ -492,11 +482,11 @@ def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(request, whi
     backends (OpenVINO: the step IR, whose inputs are then views of the batch's tail rows)."""
     tts = request.getfixturevalue(which)
     scene = {"ahead_s": 1.0, "first_chunk": 1, "chunk_growth": 8, "max_chunk": 64, "margin_s": 0.15}
-    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, "deadline", lane=True, **scene)
+    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, lane=True, **scene)
     assert sched.lane_steps >= tts.stream_context, sched.lane_steps
     assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=400)["audio"]) <= 1e-4
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
-    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, "deadline", lane=False, **scene)
+    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, lane=False, **scene)
     assert sched.lane_steps == 0
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
 

@@ -87,6 +87,9 @@ class Settings:
     `tts`: an already built SopranoTTS instead (tests, benchmarks), shared, not closed by the app.
     `threads`, `max_batch`, `max_queue`: None = the runtime's and scheduler's defaults.
     `max_body_bytes`: None = 12 bytes per allowed input character + 16 KiB (64 KiB at 4096).
+    `max_unread_s`, `read_timeout_s`: backpressure (BatchScheduler): a response's audio generated
+    ahead of what its client has read is bounded by max_unread_s seconds (its rows stop stepping);
+    a client that reads nothing for read_timeout_s seconds is cancelled.
     `on_load_error`: called (from a worker thread) if loading fails; `soprano-onnx serve` stops.
     `precision`: `model` is a ROOT of <backend>/<precision>/ folders (artifacts/) and this names the models
     (SopranoTTS.from_dir(precision=...): "auto" picks for objective "batch", or a target, or LM+DECODER);
@@ -101,6 +104,8 @@ class Settings:
     api_key: str | None = None
     max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
     max_body_bytes: int | None = None
+    max_unread_s: float = 5.0
+    read_timeout_s: float = 30.0
     tts: Any = None
     on_load_error: Callable[[BaseException], None] | None = field(default=None, repr=False)
 
@@ -115,6 +120,10 @@ class Settings:
             self.backend = normalize_backend(self.backend)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        for name in ("max_unread_s", "read_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise InputError(f"{name} must be a number > 0 (seconds), got {v!r}")
         for name in ("threads", "max_batch", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -128,7 +137,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """SOPRANO_MODEL, SOPRANO_BACKEND, SOPRANO_PRECISION, SOPRANO_THREADS, SOPRANO_MAX_BATCH, SOPRANO_MAX_QUEUE,
-        SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES (unset: the defaults)."""
+        SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES, SOPRANO_MAX_UNREAD_S,
+        SOPRANO_READ_TIMEOUT_S (unset: the defaults)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -139,6 +149,11 @@ class Settings:
                 continue
             if f.name in ("model", "backend", "api_key", "precision"):
                 kwargs[f.name] = raw
+            elif f.name in ("max_unread_s", "read_timeout_s"):
+                try:
+                    kwargs[f.name] = float(raw)
+                except ValueError:
+                    raise InputError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r}: expected a number of seconds") from None
             else:
                 try:
                     kwargs[f.name] = int(raw)
@@ -228,7 +243,8 @@ class _Service:
         try:
             tts = s.tts if s.tts is not None else _load_tts(s)
             limits = {k: getattr(s, k) for k in ("max_batch", "max_queue") if getattr(s, k) is not None}
-            scheduler = BatchScheduler(tts, observer=self.metrics, **limits).start()
+            scheduler = BatchScheduler(tts, observer=self.metrics, max_unread_s=s.max_unread_s,
+                                       read_timeout_s=s.read_timeout_s, **limits).start()
         except Exception as exc:  # noqa: BLE001 - reported by /health and the log; serve stops
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("loading the model failed: %s", self.error)
@@ -523,6 +539,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, f"input is {len(body.input)} characters long; the limit is {settings.max_input_chars} "
                            "(max_input_chars): split the text into several requests", param="input",
                            code="string_above_max_length")
+        try:  # queue room first: a refusal costs no text preparation (429 in milliseconds)
+            scheduler.check_room()
+        except QueueFullError as exc:
+            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
+        except SchedulerClosedError as exc:
+            raise ApiError(503, str(exc), type="server_error", code="shutting_down") from None
         tts = service.tts
         try:
             encoder = open_stream(body.response_format, tts.sample_rate, body.sample_rate)
