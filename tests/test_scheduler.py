@@ -563,3 +563,108 @@ def test_a_row_sits_out_a_lane_step_only_while_its_listener_has_audio_enough(tts
     sched._row_period = 0.1  # slower than real time: no early windows, a window needs all 64 blocks
     job.play_end = now + 1.0
     assert not sched._can_skip(row, now)
+
+
+LONG_TEXT = ("123456789 " * 410)[:4096]  # the issue's long request: 97 sentences
+
+
+def test_a_full_queue_refuses_before_preparing_the_text(tts, monkeypatch):
+    """A 429 costs milliseconds: the queue's room is checked before the text is prepared."""
+    sched = BatchScheduler(tts, max_queue=1)  # not started: the first job stays queued
+    sched.submit(SpeechRequest(TEXTS[0]))
+    prepared = []
+    monkeypatch.setattr(tts, "prepare", lambda texts: prepared.append(texts))
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        with pytest.raises(QueueFullError):
+            sched.submit(SpeechRequest(LONG_TEXT))
+        times.append(time.perf_counter() - t0)
+    assert prepared == []
+    assert sorted(times)[18] < 0.005  # p95 of 20
+
+
+def test_a_client_that_stops_reading_parks_its_rows_then_resumes_with_the_same_audio(tts):
+    """Backpressure: with `max_unread_s` unread the job's rows leave the batch (no token is made
+    while the client reads nothing), the unread audio stays bounded, and once the client reads on,
+    the rows rejoin with their own KV history: the audio equals solo synthesis."""
+    text, n = TEXTS[1], 160  # two sentences of 160 tokens: about 20 s of audio
+    sched = BatchScheduler(tts, max_batch=4, max_chunk=8, max_unread_s=1.0).start()
+    try:
+        job = sched.submit(SpeechRequest(text, max_new_tokens=n))
+        chunks = [next(iter(job))]  # one chunk read, then nothing
+        _wait_for(lambda: sched.parks >= 1)
+        time.sleep(0.2)
+        tokens = job.tokens
+        time.sleep(0.5)
+        assert job.tokens == tokens  # flat while stuck
+        assert not job.done and job.unread_s <= 1.0 + 2 * 8 * sched._block_s  # the bound, plus a window or two
+        chunks += list(job)
+    finally:
+        sched.close()
+    assert job.error is None
+    assert _rel(np.concatenate(chunks), tts.synthesize(text, max_new_tokens=n)["audio"]) <= 1e-4
+
+
+def test_a_client_that_reads_nothing_for_read_timeout_s_is_cancelled(tts):
+    sched = BatchScheduler(tts, max_unread_s=0.5, read_timeout_s=0.5).start()
+    try:
+        job = sched.submit(SpeechRequest(TEXTS[1], max_new_tokens=200))
+        _wait_for(lambda: job.done, timeout=60)
+    finally:
+        sched.close()
+    with pytest.raises(JobCancelled, match="read_timeout_s"):
+        job.audio()
+
+
+def _scene_listener_stall(tts, long_text, long_tokens, delay_s=1.0):
+    """The issue's scene: a listener streams "Hello there." (300 tokens, read as it comes); `delay_s`
+    later, if given, a long request comes (read as it comes too). The listener's total stall (s), the
+    most rows in the batch while the listener ran, the long job (None without one)."""
+    import threading
+
+    sched = BatchScheduler(tts).start()
+    rows_seen = []
+
+    def drain(job):
+        for _ in job:
+            rows_seen.append(len(sched.rows)) if job is listener else None
+
+    try:
+        listener = sched.submit(SpeechRequest("Hello there.", max_new_tokens=300))
+        t = threading.Thread(target=drain, args=(listener,))
+        t.start()
+        long = None
+        if long_text is not None:
+            time.sleep(delay_s)
+            long = sched.submit(SpeechRequest(long_text, max_new_tokens=long_tokens))
+            t2 = threading.Thread(target=drain, args=(long,))
+            t2.start()
+        t.join()
+        if long is not None:
+            t2.join()
+    finally:
+        sched.close()
+    assert listener.error is None and listener.done
+    return listener.stall_s, max(rows_seen), long
+
+
+@pytest.mark.slow
+def test_a_long_request_beside_a_listener_keeps_it_playing(tts):
+    """The issue's scene on tiny: a listener, then a many-sentence request. Paced, the long request
+    runs one or two rows beside the listener, so the listener's stall stays within 1 s of what it
+    is alone on this machine (the same test measures both: CI machines are shared, and on a loaded
+    one tiny alone stalls too), and the long request completes. Before pacing it took 15 of 16
+    rows and the listener stalled for seconds (65 s with the 4096-character text, 2 cores shared)."""
+    alone, _, _ = _scene_listener_stall(tts, None, 0)
+    stall, rows, long = _scene_listener_stall(tts, LONG_TEXT[:1200], 32)
+    assert long.done and long.error is None and len(long._ids) >= 20
+    assert rows <= 3  # the listener's row, and at most two of the long request's
+    assert stall <= alone + 1.0, (stall, alone)
+
+
+def _wait_for(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

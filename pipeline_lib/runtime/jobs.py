@@ -105,6 +105,7 @@ class SpeechJob:
         # started, before its first read).
         self.read_samples = 0
         self.last_read_at = self.submitted_at
+        self.generated_samples = 0  # audio the job's tokens stand for, decoded or not (the scheduler counts)
         self._items: collections.deque[Any] = collections.deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -168,6 +169,12 @@ class SpeechJob:
     def unread_s(self) -> float:
         """Seconds of audio pushed that the consumer has not taken yet."""
         return (self.samples - self.read_samples) / self.sample_rate
+
+    @property
+    def ahead_s(self) -> float:
+        """Seconds of audio generated (as tokens: decoded, waiting for a window, or held behind an
+        earlier sentence) beyond what the consumer has taken: what backpressure bounds."""
+        return (self.generated_samples - self.read_samples) / self.sample_rate
 
     def _pop(self) -> Any:
         item = self._items.popleft()

@@ -18,10 +18,12 @@ Contract:
 * `job.cancel()` (or a client that goes away) removes the job's rows at the next step; the other
   jobs are not disturbed. A job that fails ends with its error, raised from its iterator; the
   other jobs go on.
-* Backpressure (off unless asked for; the server asks): a job whose consumer has `max_unread_s` or
-  more audio unread has its rows parked (out of the batch, each with its own KV history, so it
-  resumes without a prefill) and starts no sentence until the consumer has read it down; a job
-  whose consumer read nothing for `read_timeout_s` while audio waited is cancelled.
+* Backpressure (off unless asked for; the server asks): a job that has generated `max_unread_s`
+  or more audio beyond what its consumer read (SpeechJob.ahead_s), with audio waiting unread, has
+  its rows parked (out of the
+  batch, each with its own KV history, so it resumes without a prefill) and starts no sentence
+  until the consumer has read it down; a job whose consumer read nothing for `read_timeout_s`
+  while audio waited for it (pushed and unread, or parked rows) is cancelled.
 * `close(drain=True)` stops taking requests and returns when the jobs in flight have finished.
 """
 
@@ -71,7 +73,7 @@ class BatchScheduler(WindowPhase):
 
     One iteration between two decode steps of the running batch:
     * cancelled jobs leave (their rows at once); jobs whose consumer stopped reading are cancelled
-      (`read_timeout_s`); rows of jobs with `max_unread_s` unread are parked, parked rows whose job
+      (`read_timeout_s`); rows of jobs `max_unread_s` ahead of their reader are parked, parked rows whose job
       was read down rejoin (SlotCache.take / add: the row's own columns, no prefill);
     * every row samples its next token with its own settings and generator; rows that end ([STOP]
       or max_new_tokens) leave the batch at once (their slot is free for the next row), their last
@@ -90,6 +92,7 @@ class BatchScheduler(WindowPhase):
       `headroom`, any of these may join; beyond it, only a running job's next sentence when the
       job has no row (its listener needs it, so running streams are served first); a new request,
       or a second row of a job, waits (a new request in the queue, where max_queue and 429 apply).
+      A job alone on the engine takes free rows within capacity too, so a newcomer finds room.
       Prefill is bounded: at most `max_prefill_tokens` prompt tokens per iteration (at least one
       row), so a burst of arrivals is prefilled over several iterations;
     * a job's sentences are emitted in order (a later sentence's audio waits for the earlier ones).
@@ -278,7 +281,8 @@ class BatchScheduler(WindowPhase):
         for job in list(self._jobs):
             if job.cancelled:
                 self._end_job(job, JobCancelled("cancelled"))
-            elif job.unread_s > 0 and now - job.last_read_at > self.read_timeout_s:
+            elif ((job.unread_s > 0 or job.ahead_s >= self.max_unread_s)  # audio waits for its reader
+                  and now - job.last_read_at > self.read_timeout_s):
                 self._end_job(job, JobCancelled(f"the client read no audio for {self.read_timeout_s:g} s "
                                                 "(read_timeout_s)"))
         t0 = time.perf_counter()
@@ -324,10 +328,15 @@ class BatchScheduler(WindowPhase):
             self.observer.on_step(0, self.queue_depth, 0, 0.0)  # the batch is empty now
 
     def _backpressure(self) -> None:
-        """Park the rows of jobs whose client has `max_unread_s` unread (they leave the batch with
-        their own KV history: no slot, no step, no gap columns growing the others' cache), and bring
-        back parked rows whose client read below half of it."""
-        for r in [r for r in self.rows if r.job.unread_s >= self.max_unread_s and not r.finished]:
+        """Park the rows of jobs that have generated `max_unread_s` of audio beyond what their client
+        read (SpeechJob.ahead_s) while audio waits unread: they leave the batch with their own KV
+        history (no slot, no step, no gap columns growing the others' cache; their due windows are
+        still decoded). Bring back parked rows whose client read below half of it, or read all
+        that was sent (a window the client waits for may need the row's next tokens)."""
+        def stuck(job: SpeechJob) -> bool:  # far ahead, and audio waits unread (no window can unblock it)
+            return job.ahead_s >= self.max_unread_s and job.unread_s > 0
+
+        for r in [r for r in self.rows if stuck(r.job) and not r.finished]:
             i = self.rows.index(r)
             r.kv, moved = self._cache.take(i)
             if moved is not None:
@@ -335,7 +344,7 @@ class BatchScheduler(WindowPhase):
             self.rows.pop()
             self._parked.append(r)
             self.parks += 1
-        for r in [r for r in self._parked if r.job.unread_s < 0.5 * self.max_unread_s]:
+        for r in [r for r in self._parked if r.job.ahead_s < 0.5 * self.max_unread_s or r.job.unread_s == 0]:
             if len(self.rows) >= self.max_batch:
                 break
             self._parked.remove(r)
@@ -361,7 +370,7 @@ class BatchScheduler(WindowPhase):
         return wants_next_sentence(
             first_audio_sent=job.first_audio_at is not None, next_is_emitting=job._next_start == job._next_emit,
             active=job._active, alone=alone, ahead_s=ahead, lead_s=self.lead_s,
-            unread_s=job.unread_s, max_unread_s=self.max_unread_s)
+            unread_s=job.ahead_s, max_unread_s=self.max_unread_s)
 
     def _admit(self, lm: Any) -> list[_Row]:
         """Free rows to waiting sentences (see the class docstring); the rows that joined."""
@@ -424,6 +433,8 @@ class BatchScheduler(WindowPhase):
         if token != self.tts.spec.stop_id:
             r.hidden[r.n] = r.last_hidden
             r.n += 1
+            if r.n > 1:  # n hidden vectors give n - 1 blocks of audio
+                r.job.generated_samples += self.tts.samples_per_token
         if token == self.tts.spec.stop_id or r.steps >= r.max_new_tokens:
             r.finished = True
         r.logits = None

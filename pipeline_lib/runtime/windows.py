@@ -103,7 +103,7 @@ class WindowPhase:
         self._last_decode_at = now
         margin = self.margin_s + 2.0 * self._period
         later, early = [], []
-        for r in [*self.rows, *self._draining]:
+        for r in [*self.rows, *self._draining, *self._parked]:
             if self._needs_first_audio(r):
                 if r.finished or self._due(r):
                     self._decode_row(r, limit=1)
