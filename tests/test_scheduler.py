@@ -652,15 +652,15 @@ def _scene_listener_stall(tts, long_text, long_tokens, delay_s=1.0):
 @pytest.mark.slow
 def test_a_long_request_beside_a_listener_keeps_it_playing(tts):
     """The issue's scene on tiny: a listener, then a many-sentence request. Paced, the long request
-    runs one or two rows beside the listener, so the listener's stall stays within 1 s of what it
-    is alone on this machine (the same test measures both: CI machines are shared, and on a loaded
-    one tiny alone stalls too), and the long request completes. Before pacing it took 15 of 16
+    runs one or two rows beside the listener, so the listener's stall stays near what it is alone
+    on this machine (twice that plus 1 s: the same test measures both; CI machines are shared, and
+    on a loaded one tiny alone stalls too), and the long request completes. Before pacing it took 15 of 16
     rows and the listener stalled for seconds (65 s with the 4096-character text, 2 cores shared)."""
     alone, _, _ = _scene_listener_stall(tts, None, 0)
     stall, rows, long = _scene_listener_stall(tts, LONG_TEXT[:1200], 32)
     assert long.done and long.error is None and len(long._ids) >= 20
     assert rows <= 3  # the listener's row, and at most two of the long request's
-    assert stall <= alone + 1.0, (stall, alone)
+    assert stall <= 2 * alone + 1.0, (stall, alone)
 
 
 def _wait_for(cond, timeout=30.0):

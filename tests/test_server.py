@@ -431,6 +431,9 @@ class _FailingScheduler:
 
     queue_depth = active_rows = 0
 
+    def check_room(self) -> None:
+        pass
+
     def submit(self, request: Any) -> Any:
         from pipeline_lib.runtime.scheduler import SpeechJob
 
@@ -703,3 +706,13 @@ def test_a_stuck_reader_stops_its_rows_and_is_cancelled(tts: Any) -> None:
         finally:
             sock.close()
         _wait(lambda: metric(u, "soprano_speech_in_flight") == 0)
+
+
+def test_server_info_gives_the_runtimes_sampling_defaults(url: str) -> None:
+    """The web page fills its sampling fields from these: the values live in SamplingParams only."""
+    from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+
+    got = httpx.get(f"{url}/v1/server/info").json()["sampling_defaults"]
+    want = SamplingParams()
+    assert got == {"temperature": want.temperature, "top_p": want.top_p, "top_k": want.top_k,
+                   "repetition_penalty": want.repetition_penalty, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}

@@ -215,6 +215,15 @@ def _load_tts(s: Settings) -> Any:
     return SopranoTTS.from_dir(Path(s.model), stateful=False, static_decode_width=None, **kwargs)  # type: ignore[arg-type]
 
 
+def _sampling_defaults() -> dict[str, float | int]:
+    """The runtime's sampling defaults (SamplingParams, DEFAULT_MAX_NEW_TOKENS), for the web page."""
+    from dataclasses import asdict
+
+    from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULTS
+
+    return {**asdict(DEFAULTS), "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+
+
 def _decoder_config(decoder: Path) -> Path | None:
     own = decoder.with_name(decoder.stem + "_istft_config.json")
     return own if own.is_file() else next(iter(sorted(decoder.parent.glob("*_istft_config.json"))), None)
@@ -267,6 +276,7 @@ class _Service:
             "model_dir": str(s.model if s.model is not None else lm_path.parent),
             "formats": list(FORMATS),
             "max_input_chars": s.max_input_chars,
+            "sampling_defaults": _sampling_defaults(),
         }
         if self.status == "loading":
             self.status = "ready"
