@@ -1,7 +1,7 @@
 """Where the server's worker spends its time under load: the scheduler in-process, no HTTP.
 
     python scripts/profile_scheduler.py --model artifacts/onnx/int8 [--threads 2] [--clients 1 8] \
-        [--seconds 12] [--max-new-tokens 64] [--rounds 2] [--policy deadline] \
+        [--seconds 12] [--max-new-tokens 64] [--rounds 2] \
         [--variant NAME:KEY=VALUE,...]...
 
 C client threads in a closed loop (the load benchmark's texts in turn, `--max-new-tokens` per
@@ -60,12 +60,12 @@ class Timers:
         setattr(obj, name, timed)
 
 
-def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, policy: str, max_batch: int,
+def run_level(tts: Any, clients: int, seconds: float, max_new_tokens: int, max_batch: int,
               **scheduler: Any) -> dict[str, Any]:
     from pipeline_lib.bench.serve_load import TEXTS
     from pipeline_lib.runtime.scheduler import BatchScheduler, SpeechRequest
 
-    sched = BatchScheduler(tts, max_batch=max_batch, max_queue=64, policy=policy, **scheduler)
+    sched = BatchScheduler(tts, max_batch=max_batch, max_queue=64, **scheduler)
     timers = Timers()
     timers.wrap(sched, "_prefill", "prefill")
     timers.wrap(sched, "_sample", "sample")
@@ -180,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--policy", default="deadline")
     p.add_argument("--variant", action="append", default=None, metavar="NAME:KEY=VALUE,...",
                    help="BatchScheduler keyword values to A/B (repeatable; default: one variant, the defaults)")
     args = p.parse_args(argv)
@@ -192,12 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     tts = SopranoTTS.from_dir(args.model, backend=args.backend, num_threads=args.threads, stateful=False,
                               static_decode_width=None)
     print(f"{args.model} ({args.backend}, {args.threads} threads), {args.max_new_tokens} tokens per sentence, "
-          f"policy {args.policy}; random weights: noise audio, valid timings", flush=True)
+          f"random weights: noise audio, valid timings", flush=True)
     results: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for rnd in range(args.rounds):
         for c in args.clients:
             for name, kwargs in variants:
-                r = run_level(tts, c, args.seconds, args.max_new_tokens, args.policy, args.max_batch, **kwargs)
+                r = run_level(tts, c, args.seconds, args.max_new_tokens, args.max_batch, **kwargs)
                 results[name, c].append(r)
                 w = r["wall_s"]
                 rest = w - r["step_s"] - r["prefill_s"] - r["decoder_s"] - r["sample_s"]

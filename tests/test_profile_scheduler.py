@@ -18,7 +18,7 @@ def test_run_level_accounts_for_the_worker(prof, tiny_export):
     from pipeline_lib.runtime.tts import SopranoTTS
 
     tts = SopranoTTS.from_dir(tiny_export, num_threads=1, stateful=False, static_decode_width=None)
-    r = prof.run_level(tts, clients=3, seconds=0.6, max_new_tokens=8, policy="deadline", max_batch=16)
+    r = prof.run_level(tts, clients=3, seconds=0.6, max_new_tokens=8, max_batch=16)
     assert r["jobs"] >= 3
     assert r["xrt"] > 0
     assert r["prefills"] >= r["jobs"]  # one per sentence; texts have 1-2 sentences

@@ -66,11 +66,11 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("which,policy", [("tts", "deadline"), ("tts", "legacy"), ("openvino_tts", "deadline")])
-def test_eight_requests_in_one_batch_equal_solo_synthesis(request, which, policy):
+@pytest.mark.parametrize("which", ["tts", "openvino_tts"])
+def test_eight_requests_in_one_batch_equal_solo_synthesis(request, which):
     tts = request.getfixturevalue(which)
     steps = _Steps()
-    sched = BatchScheduler(tts, max_batch=8, observer=steps, policy=policy).start()
+    sched = BatchScheduler(tts, max_batch=8, observer=steps).start()
     try:
         jobs = [sched.submit(SpeechRequest(t, max_new_tokens=24)) for t in TEXTS]
         got = [j.audio() for j in jobs]
@@ -317,13 +317,13 @@ def _ahead_s(job) -> float:
     return job.play_end - time.perf_counter()
 
 
-def _long_job_then_a_new_one(tts, policy, ahead_s=0.6, **scheduler):
+def _long_job_then_a_new_one(tts, ahead_s=0.6, **scheduler):
     """A long request streams until its listener has over `ahead_s` of audio in hand; then a new
     request comes. Default: small later windows (max_chunk 4): the long one has a window due every
     fourth step, so one falls in the new row's wait (its prefill, then four steps). The events, the
     jobs, their audio, the scheduler."""
     scheduler = {"max_batch": 4, "first_chunk": 1, "chunk_growth": 4, "max_chunk": 4, "margin_s": 0.05, **scheduler}
-    sched = BatchScheduler(tts, policy=policy, **scheduler)
+    sched = BatchScheduler(tts, **scheduler)
     events = _Events(sched)
     sched.start()
     try:
@@ -352,17 +352,9 @@ def _windows_while_waiting(items, long, new):
 def test_a_new_rows_first_audio_does_not_wait_behind_later_windows(tts):
     """Deadline policy: while the new request waits for its first audio, the long one (far ahead of
     real time) decodes nothing; both results still equal solo synthesis."""
-    items, long, new, long_audio, new_audio, _ = _long_job_then_a_new_one(tts, "deadline")
+    items, long, new, long_audio, new_audio, _ = _long_job_then_a_new_one(tts)
     assert _windows_while_waiting(items, long, new) == []
     assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=400)["audio"]) <= 1e-4
-    assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
-
-
-def test_the_legacy_policy_decodes_later_windows_before_a_new_rows_first_audio(tts):
-    """The same scene under the old policy (one due later window per step): the long job's windows go
-    ahead of the new job's first one; this is what the deadline policy removes."""
-    items, long, new, long_audio, new_audio, _ = _long_job_then_a_new_one(tts, "legacy")
-    assert len(_windows_while_waiting(items, long, new)) >= 1
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
 
 
@@ -410,15 +402,13 @@ def test_a_later_sentence_starts_after_its_jobs_first_audio(tts):
     assert _rel(audio, tts.synthesize(text, max_new_tokens=20)["audio"]) <= 1e-4
 
 
-def test_policy_is_validated_and_switchable(tts, monkeypatch):
-    monkeypatch.delenv("SOPRANO_SCHEDULER_POLICY", raising=False)
-    assert BatchScheduler(tts).policy == "deadline"
-    monkeypatch.setenv("SOPRANO_SCHEDULER_POLICY", "legacy")
-    assert BatchScheduler(tts).policy == "legacy"
-    with pytest.raises(InputError, match="policy"):
-        BatchScheduler(tts, policy="fifo")
+def test_scheduler_settings_are_validated(tts):
     with pytest.raises(InputError, match="margin_s"):
         BatchScheduler(tts, margin_s=-1)
+    with pytest.raises(InputError, match="max_unread_s"):
+        BatchScheduler(tts, max_unread_s=0)
+    with pytest.raises(InputError, match="max_prefill_tokens"):
+        BatchScheduler(tts, max_prefill_tokens=0)
 
 
 def test_deadline_decodes_long_sentences_in_bounded_windows(tts, monkeypatch):
@@ -433,7 +423,7 @@ def test_deadline_decodes_long_sentences_in_bounded_windows(tts, monkeypatch):
         return decode(hidden)
 
     monkeypatch.setattr(tts, "_decode", recording)
-    sched = BatchScheduler(tts, max_batch=4, max_chunk=8, policy="deadline").start()
+    sched = BatchScheduler(tts, max_batch=4, max_chunk=8).start()
     try:
         jobs = [sched.submit(SpeechRequest(t, max_new_tokens=60)) for t in TEXTS[:4]]
         got = [np.concatenate(list(j)) for j in jobs]
@@ -492,11 +482,11 @@ def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(request, whi
     backends (OpenVINO: the step IR, whose inputs are then views of the batch's tail rows)."""
     tts = request.getfixturevalue(which)
     scene = {"ahead_s": 1.0, "first_chunk": 1, "chunk_growth": 8, "max_chunk": 64, "margin_s": 0.15}
-    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, "deadline", lane=True, **scene)
+    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, lane=True, **scene)
     assert sched.lane_steps >= tts.stream_context, sched.lane_steps
     assert _rel(long_audio, tts.synthesize(TEXTS[4], max_new_tokens=400)["audio"]) <= 1e-4
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
-    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, "deadline", lane=False, **scene)
+    _, _, _, long_audio, new_audio, sched = _long_job_then_a_new_one(tts, lane=False, **scene)
     assert sched.lane_steps == 0
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
 
@@ -573,3 +563,108 @@ def test_a_row_sits_out_a_lane_step_only_while_its_listener_has_audio_enough(tts
     sched._row_period = 0.1  # slower than real time: no early windows, a window needs all 64 blocks
     job.play_end = now + 1.0
     assert not sched._can_skip(row, now)
+
+
+LONG_TEXT = ("123456789 " * 410)[:4096]  # the issue's long request: 97 sentences
+
+
+def test_a_full_queue_refuses_before_preparing_the_text(tts, monkeypatch):
+    """A 429 costs milliseconds: the queue's room is checked before the text is prepared."""
+    sched = BatchScheduler(tts, max_queue=1)  # not started: the first job stays queued
+    sched.submit(SpeechRequest(TEXTS[0]))
+    prepared = []
+    monkeypatch.setattr(tts, "prepare", lambda texts: prepared.append(texts))
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        with pytest.raises(QueueFullError):
+            sched.submit(SpeechRequest(LONG_TEXT))
+        times.append(time.perf_counter() - t0)
+    assert prepared == []
+    assert sorted(times)[18] < 0.005  # p95 of 20
+
+
+def test_a_client_that_stops_reading_parks_its_rows_then_resumes_with_the_same_audio(tts):
+    """Backpressure: with `max_unread_s` unread the job's rows leave the batch (no token is made
+    while the client reads nothing), the unread audio stays bounded, and once the client reads on,
+    the rows rejoin with their own KV history: the audio equals solo synthesis."""
+    text, n = TEXTS[1], 160  # two sentences of 160 tokens: about 20 s of audio
+    sched = BatchScheduler(tts, max_batch=4, max_chunk=8, max_unread_s=1.0).start()
+    try:
+        job = sched.submit(SpeechRequest(text, max_new_tokens=n))
+        chunks = [next(iter(job))]  # one chunk read, then nothing
+        _wait_for(lambda: sched.parks >= 1)
+        time.sleep(0.2)
+        tokens = job.tokens
+        time.sleep(0.5)
+        assert job.tokens == tokens  # flat while stuck
+        assert not job.done and job.unread_s <= 1.0 + 2 * 8 * sched._block_s  # the bound, plus a window or two
+        chunks += list(job)
+    finally:
+        sched.close()
+    assert job.error is None
+    assert _rel(np.concatenate(chunks), tts.synthesize(text, max_new_tokens=n)["audio"]) <= 1e-4
+
+
+def test_a_client_that_reads_nothing_for_read_timeout_s_is_cancelled(tts):
+    sched = BatchScheduler(tts, max_unread_s=0.5, read_timeout_s=0.5).start()
+    try:
+        job = sched.submit(SpeechRequest(TEXTS[1], max_new_tokens=200))
+        _wait_for(lambda: job.done, timeout=60)
+    finally:
+        sched.close()
+    with pytest.raises(JobCancelled, match="read_timeout_s"):
+        job.audio()
+
+
+def _scene_listener_stall(tts, long_text, long_tokens, delay_s=1.0):
+    """The issue's scene: a listener streams "Hello there." (300 tokens, read as it comes); `delay_s`
+    later, if given, a long request comes (read as it comes too). The listener's total stall (s), the
+    most rows in the batch while the listener ran, the long job (None without one)."""
+    import threading
+
+    sched = BatchScheduler(tts).start()
+    rows_seen = []
+
+    def drain(job):
+        for _ in job:
+            rows_seen.append(len(sched.rows)) if job is listener else None
+
+    try:
+        listener = sched.submit(SpeechRequest("Hello there.", max_new_tokens=300))
+        t = threading.Thread(target=drain, args=(listener,))
+        t.start()
+        long = None
+        if long_text is not None:
+            time.sleep(delay_s)
+            long = sched.submit(SpeechRequest(long_text, max_new_tokens=long_tokens))
+            t2 = threading.Thread(target=drain, args=(long,))
+            t2.start()
+        t.join()
+        if long is not None:
+            t2.join()
+    finally:
+        sched.close()
+    assert listener.error is None and listener.done
+    return listener.stall_s, max(rows_seen), long
+
+
+@pytest.mark.slow
+def test_a_long_request_beside_a_listener_keeps_it_playing(tts):
+    """The issue's scene on tiny: a listener, then a many-sentence request. Paced, the long request
+    runs one or two rows beside the listener, so the listener's stall stays near what it is alone
+    on this machine (twice that plus 1 s: the same test measures both; CI machines are shared, and
+    on a loaded one tiny alone stalls too), and the long request completes. Before pacing it took 15 of 16
+    rows and the listener stalled for seconds (65 s with the 4096-character text, 2 cores shared)."""
+    alone, _, _ = _scene_listener_stall(tts, None, 0)
+    stall, rows, long = _scene_listener_stall(tts, LONG_TEXT[:1200], 32)
+    assert long.done and long.error is None and len(long._ids) >= 20
+    assert rows <= 3  # the listener's row, and at most two of the long request's
+    assert stall <= 2 * alone + 1.0, (stall, alone)
+
+
+def _wait_for(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -427,6 +427,9 @@ class _FailingScheduler:
 
     queue_depth = active_rows = 0
 
+    def check_room(self) -> None:
+        pass
+
     def submit(self, request: Any) -> Any:
         from pipeline_lib.runtime.scheduler import SpeechJob
 
@@ -584,3 +587,91 @@ def test_an_empty_body_and_a_request_that_gives_no_audio_are_400s(url: str) -> N
     r = httpx.post(f"{url}/v1/audio/speech", json=speech(max_new_tokens=1, response_format="mp3"))
     assert r.status_code == 400 and "audio needs at least two" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "max_new_tokens"
+
+
+LONG_INPUT = ("123456789 " * 410)[:4096]
+
+
+def test_a_full_queue_answers_429_in_milliseconds_for_a_long_input(tts: Any) -> None:
+    """The queue's room is checked before the text is prepared: 429s for a 4096-character input
+    with a full queue take milliseconds (p95 of 20 under 50 ms, HTTP round trip included)."""
+    app = create_app(Settings(tts=tts, max_batch=1, max_queue=1))
+    service = app.state.service
+    long = speech(input="This one is long, and it keeps going.", max_new_tokens=512, response_format="pcm")
+    with running(app) as u:
+        wait_ready(u)
+        with httpx.Client(base_url=u, timeout=60) as c1, httpx.Client(base_url=u, timeout=60) as c2:
+            with c1.stream("POST", "/v1/audio/speech", json=long) as running_r:
+                chunks = running_r.iter_bytes()
+                next(chunks)
+                with c2.stream("POST", "/v1/audio/speech", json=long) as waiting_r:
+                    assert waiting_r.status_code == 200
+                    _wait(lambda: service.scheduler.queue_depth == 1)
+                    times = []
+                    for _ in range(20):  # raw HTTP/1.1 on a fresh connection: the server's time, not a client's
+                        t0 = time.perf_counter()
+                        status, reply = _raw_post(u, speech(input=LONG_INPUT))
+                        times.append(time.perf_counter() - t0)
+                        assert status == 429 and json.loads(reply)["error"]["code"] == "queue_full"
+    assert sorted(times)[18] < 0.05, times
+
+
+def _raw_post(url: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    """POST /v1/audio/speech over a plain socket (Connection: close); the status and the body."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest
+
+
+def test_a_stuck_reader_stops_its_rows_and_is_cancelled(tts: Any) -> None:
+    """A client that reads nothing: its job's audio ahead of what it read is bounded (max_unread_s),
+    so its rows stop stepping (soprano_tokens_total flat while it is stuck), and after
+    read_timeout_s without a read the job is cancelled."""
+    app = create_app(Settings(tts=tts, max_unread_s=1.0, read_timeout_s=15.0))
+    body = json.dumps(speech(input=LONG_INPUT, max_new_tokens=64, response_format="pcm")).encode()
+    with running(app) as u:
+        wait_ready(u)
+        host, port = u.removeprefix("http://").split(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for us
+        sock.connect((host, int(port)))
+        try:
+            sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            assert sock.recv(12).startswith(b"HTTP/1.1 200")  # then nothing more is read
+            # The server goes on until the socket's kernel buffers are full (they are not the
+            # server's memory); from then on its rows are parked and no token is made.
+            sched = app.state.service.scheduler
+            _wait(lambda: sched.parks >= 1)
+            job = sched._jobs[0]
+            deadline = time.monotonic() + 60
+            while True:
+                tokens = metric(u, "soprano_tokens_total")
+                time.sleep(1.0)
+                if metric(u, "soprano_tokens_total") == tokens:
+                    break
+                assert time.monotonic() < deadline, "tokens never stopped"
+            assert not job.done and job.unread_s <= 1.0 + 2 * sched.max_chunk * sched._block_s
+            _wait(lambda: job.done, timeout=30)  # read_timeout_s: the job ends, its rows are gone
+            assert "read_timeout_s" in str(job.error) and sched.active_rows == 0 and not sched._parked
+        finally:
+            sock.close()
+        _wait(lambda: metric(u, "soprano_speech_in_flight") == 0)
+
+
+def test_server_info_gives_the_runtimes_sampling_defaults(url: str) -> None:
+    """The web page fills its sampling fields from these: the values live in SamplingParams only."""
+    from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+
+    got = httpx.get(f"{url}/v1/server/info").json()["sampling_defaults"]
+    want = SamplingParams()
+    assert got == {"temperature": want.temperature, "top_p": want.top_p, "top_k": want.top_k,
+                   "repetition_penalty": want.repetition_penalty, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}

@@ -75,11 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads (default: the physical cores this process may use, cgroup quota included)")
     p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are generated")
     p.add_argument("--chunk-size", type=positive_int, default=1, help="tokens per streamed chunk (with --stream)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
-    p.add_argument("--repetition-penalty", type=float, default=1.2)
-    p.add_argument("--max-new-tokens", type=int, default=512, help="audio tokens per sentence, at most 512")
+    # Sampling defaults: None here, the library's (SamplingParams, DEFAULT_MAX_NEW_TOKENS) in `run`,
+    # so the parser imports no numpy and the values are written once.
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: the library's)")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off (the default)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off (default: the library's)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="audio tokens per sentence (default: the library's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="sentences per LM batch")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
@@ -117,7 +120,7 @@ def no_audio_error(max_new_tokens: int) -> InputError:
                "two (a sentence of n hidden vectors gives n - 1 tokens of audio)")
     else:
         why = "every sentence ended (the model emitted [STOP]) before its second hidden vector, and audio needs two"
-    return InputError(f"no audio to write: {why}; raise --max-new-tokens (default 512) or change the text. "
+    return InputError(f"no audio to write: {why}; raise --max-new-tokens or change the text. "
                       "Nothing was written.")
 
 
@@ -126,6 +129,13 @@ def run(args: argparse.Namespace) -> int:
     from pipeline_lib.fsutil import atomic_file, check_output_file
     from pipeline_lib.runtime.tts import SopranoTTS
 
+    from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULTS
+
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(DEFAULTS, name))
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     text = read_text(args)
     check_output_file(args.output, "-o/--output")
     fmt = format_of_file(args.output)

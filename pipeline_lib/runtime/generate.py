@@ -37,13 +37,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from pipeline_lib.errors import InputError, ModelFileError
 from pipeline_lib.registry import KV_CACHE_INPUTS, KV_CACHE_STATE
 from pipeline_lib.runtime.backends import LMBackend
+from pipeline_lib.runtime.kv_cache import KV_BUCKET, KVCache, StateCache
 from pipeline_lib.runtime.sampling import SamplingParams, select_tokens
 
 __all__ = [
@@ -63,7 +64,6 @@ __all__ = [
 # Upstream's hallucination_detector constants: a run of near-identical consecutive hidden states.
 HALLUCINATION_DIFF_THRESHOLD = 300.0  # L1 distance below which two consecutive states count as "same"
 HALLUCINATION_MAX_RUNLENGTH = 16
-KV_BUCKET = 64  # the KV cache's width grows in steps of this many columns
 
 
 @dataclass(frozen=True)
@@ -212,124 +212,6 @@ class HallucinationGuard:
 
     def select(self, idx: np.ndarray) -> None:
         self.prev, self.has_prev, self.run = self.prev[idx], self.has_prev[idx], self.run[idx]
-
-
-def _checked_bucket(bucket: int) -> int:
-    if bucket < 1:
-        raise ValueError(f"kv_bucket must be >= 1, got {bucket}")
-    return int(bucket)
-
-
-class KVCache:
-    """The past keys and values of every layer, in arrays [B, kv_heads, width, head_dim] whose width
-    is a multiple of `bucket`. Columns [0, used) hold the tokens so far (left-padded rows have
-    mask 0 in their padding columns); columns [used, width) are zero and masked out. `feed()` gives
-    the step model's past_* inputs and attention_mask (width + 1 columns: the new token last)."""
-
-    def __init__(self, past_names: Sequence[str], kv: Sequence[np.ndarray], mask: np.ndarray, bucket: int = KV_BUCKET) -> None:
-        self.past_names, self.bucket = list(past_names), _checked_bucket(bucket)
-        self.used = mask.shape[1]
-        self._alloc(list(kv), mask, self.used)
-
-    def _alloc(
-        self,
-        layers: list[np.ndarray],
-        mask: np.ndarray,
-        used: int,
-        take: Callable[[np.ndarray], np.ndarray] = lambda a: a,
-    ) -> None:
-        """Fresh arrays with room for at least one more column, holding the first `used` columns of
-        `take(layer)` for each layer, and of `mask`. `layers` is replaced in place, one layer at a
-        time, so each old array is dropped as soon as it is copied: the transient memory is one
-        layer's array, not a second copy of the whole cache (8 rows at 320 columns: 45 MiB)."""
-        width = -(-(used + 1) // self.bucket) * self.bucket
-        rows = mask.shape[0]
-        for i in range(len(layers)):
-            p = take(layers[i])
-            a = np.zeros((rows, p.shape[1], width, p.shape[3]), dtype=np.float32)
-            a[:, :, :used] = p[:, :, :used]
-            layers[i] = a
-        self.arrays = layers
-        self.mask = np.zeros((rows, width + 1), dtype=np.int64)
-        self.mask[:, :used] = mask[:, :used]
-        self.mask[:, width] = 1  # the new token's column
-        self.used = used
-
-    @property
-    def width(self) -> int:
-        return self.mask.shape[1] - 1
-
-    def feed(self) -> dict[str, np.ndarray]:
-        feed = dict(zip(self.past_names, self.arrays))
-        feed["attention_mask"] = self.mask
-        return feed
-
-    def append(self, new: Sequence[np.ndarray]) -> None:
-        """Store the new token's key / value (each new_* output, [B, kv_heads, 1, head_dim])."""
-        col = self.used
-        for a, p in zip(self.arrays, new):
-            a[:, :, col] = p[:, :, -1]
-        self.mask[:, col] = 1
-        self.used += 1
-        if self.used == self.width:
-            self._alloc(self.arrays, self.mask, self.used)
-
-    def select(self, idx: np.ndarray, bucket: int | None = None) -> None:
-        """Keep rows `idx`, and drop the leading columns none of them attends to; `bucket`, if given,
-        becomes the width step from here on."""
-        if bucket is not None:
-            self.bucket = _checked_bucket(bucket)
-        mask = self.mask[idx, : self.used]
-        first = int(np.argmax(mask.any(axis=0)))
-        used = self.used - first
-        end = self.used
-        self._alloc(self.arrays, mask[:, first:], used, take=lambda a: a[idx, :, first:end])
-
-
-class StateCache:
-    """The cache of a stateful backend (OpenVINO state, see pipeline_lib.openvino_stateful): the keys and
-    values live in the backend; here only what the step model is fed about them. Same interface as
-    KVCache. The state holds `used` columns per row (left padding included), so each call's
-    attention_mask has used + 1 columns, the new token last; beam_idx names the rows of the previous
-    call's state that go on (all of them, except on the step after rows finish). Columns cannot be
-    dropped from the state, so `select` keeps the leading ones that no remaining row needs, masked."""
-
-    def __init__(self, mask: np.ndarray, bucket: int = KV_BUCKET) -> None:
-        self.bucket = _checked_bucket(bucket)
-        self.used = mask.shape[1]
-        self._alloc(mask)
-        self._every = np.arange(mask.shape[0], dtype=np.int32)  # beam_idx when every row goes on
-        self.beam = self._every
-
-    def _alloc(self, mask: np.ndarray) -> None:
-        """A mask buffer with room for the tokens so far and at least one more, in steps of `bucket`."""
-        width = -(-(self.used + 1) // self.bucket) * self.bucket
-        self.mask = np.zeros((mask.shape[0], width), dtype=np.int64)
-        self.mask[:, : self.used] = mask[:, : self.used]
-
-    @property
-    def width(self) -> int:
-        return self.used
-
-    def feed(self) -> dict[str, np.ndarray]:
-        self.mask[:, self.used] = 1  # the new token's column
-        feed = {"attention_mask": self.mask[:, : self.used + 1], "beam_idx": self.beam}
-        self.beam = self._every  # from the next call on: every row (the same array: no re-binding)
-        return feed
-
-    def append(self, new: Sequence[np.ndarray] = ()) -> None:
-        """The step's key / value went into the backend's state: one more column."""
-        self.used += 1
-        if self.used + 1 > self.mask.shape[1]:
-            self._alloc(self.mask)
-
-    def select(self, idx: np.ndarray, bucket: int | None = None) -> None:
-        """Keep rows `idx` (the next call's beam_idx makes the state follow)."""
-        if bucket is not None:
-            self.bucket = _checked_bucket(bucket)
-        self.mask = self.mask[idx]
-        self.beam = np.asarray(idx, dtype=np.int32)
-        self._every = np.arange(len(idx), dtype=np.int32)
 
 
 def _prefill_stateful(

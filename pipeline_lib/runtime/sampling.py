@@ -27,6 +27,8 @@ from pipeline_lib.errors import InputError
 
 __all__ = [
     "SamplingParams",
+    "DEFAULTS",
+    "DEFAULT_MAX_NEW_TOKENS",
     "apply_repetition_penalty",
     "apply_temperature",
     "top_k_filter",
@@ -40,6 +42,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """A row's sampling settings. The field defaults are the project's defaults, written here only
+    (`DEFAULTS`): the library, the CLI, the scheduler and the web page read them from this class."""
+
     temperature: float = 0.0
     top_p: float = 0.95
     top_k: int = 0
@@ -65,6 +70,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+DEFAULTS = SamplingParams()
+# Audio tokens per sentence when a caller does not say (about 33 s of audio; the LM allows more).
+DEFAULT_MAX_NEW_TOKENS = 512
 
 
 def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

@@ -60,7 +60,7 @@ from pipeline_lib.runtime.generate import (
     generate_steps,
     validate_max_new_tokens,
 )
-from pipeline_lib.runtime.sampling import SamplingParams, row_generators, validate_seed
+from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULTS, SamplingParams, row_generators, validate_seed
 from pipeline_lib.text import SPECIAL_TOKENS, SentencePrompt, fit_to_positions, prepare_prompts
 
 __all__ = ["SopranoTTS", "stream_context_tokens", "write_wav", "LM_FILE", "DECODER_FILE"]
@@ -375,7 +375,7 @@ class SopranoTTS:
         if ids is None:
             ids = self.prepare(["Hello world 1."])[1][:1]
         n = min(self.stream_context + 2, self.spec.max_position_embeddings)
-        for _ in self._stream(ids, None, 1, n, SamplingParams(0.0, 0.95, 0, 1.2), False):
+        for _ in self._stream(ids, None, 1, n, DEFAULTS, False):
             pass
         self._release_heap()
 
@@ -502,6 +502,18 @@ class SopranoTTS:
         audio = istft(spec, self.istft_config, use_torch=self.use_torch_istft)
         return audio, t1 - t0, time.perf_counter() - t1
 
+    def decode_window(self, hidden: np.ndarray, start: int, end: int) -> np.ndarray:
+        """The streaming window cut, shared by `infer_stream` and the server's scheduler: the audio of
+        sample blocks [start, end) of one sentence (block j lies between tokens j and j + 1), from
+        `hidden` [n, H], the sentence's hidden vectors so far. The decoder sees `stream_context`
+        tokens on each side where they exist ([max(0, start - ctx), min(end + ctx, n - 1)]), so a
+        block is exact (equal to decoding the whole sentence) once token j + 1 + ctx exists, or the
+        sentence ended."""
+        ctx, spt = self.stream_context, self.samples_per_token
+        a, last = max(0, start - ctx), min(end + ctx, len(hidden) - 1)
+        audio, _, _ = self._decode(hidden[None, a:last + 1])
+        return audio[0, (start - a) * spt:(end - a) * spt]
+
     def _decode_sentences(self, hidden: list[np.ndarray]) -> tuple[list[np.ndarray], float, float]:
         """Per sentence audio; sentences of equal length are decoded together (no padding)."""
         audio: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(hidden)
@@ -587,11 +599,11 @@ class SopranoTTS:
     def synthesize(
         self,
         text: str,
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 0.95,
-        top_k: int = 0,
-        repetition_penalty: float = 1.2,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = DEFAULTS.temperature,
+        top_p: float = DEFAULTS.top_p,
+        top_k: int = DEFAULTS.top_k,
+        repetition_penalty: float = DEFAULTS.repetition_penalty,
         seed: int | None = None,
         batch_size: int | None = None,
         hallucination_guard: bool = False,
@@ -611,9 +623,9 @@ class SopranoTTS:
         self,
         text: str,
         out_path: str | Path | None = None,
-        top_p: float = 0.95,
-        temperature: float = 0.0,
-        repetition_penalty: float = 1.2,
+        top_p: float = DEFAULTS.top_p,
+        temperature: float = DEFAULTS.temperature,
+        repetition_penalty: float = DEFAULTS.repetition_penalty,
         **kwargs: Any,
     ) -> np.ndarray:
         """Upstream-compatible: audio as a float32 array; also a 16-bit WAV at out_path if given.
@@ -631,11 +643,11 @@ class SopranoTTS:
         self,
         texts: Sequence[str],
         out_dir: str | Path | None = None,
-        top_p: float = 0.95,
-        temperature: float = 0.0,
-        repetition_penalty: float = 1.2,
-        max_new_tokens: int = 512,
-        top_k: int = 0,
+        top_p: float = DEFAULTS.top_p,
+        temperature: float = DEFAULTS.temperature,
+        repetition_penalty: float = DEFAULTS.repetition_penalty,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        top_k: int = DEFAULTS.top_k,
         seed: int | None = None,
         batch_size: int | None = None,
         hallucination_guard: bool = False,
@@ -665,11 +677,11 @@ class SopranoTTS:
         self,
         text: str,
         chunk_size: int = 1,
-        top_p: float = 0.95,
-        temperature: float = 0.0,
-        repetition_penalty: float = 1.2,
-        max_new_tokens: int = 512,
-        top_k: int = 0,
+        top_p: float = DEFAULTS.top_p,
+        temperature: float = DEFAULTS.temperature,
+        repetition_penalty: float = DEFAULTS.repetition_penalty,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        top_k: int = DEFAULTS.top_k,
         seed: int | None = None,
         hallucination_guard: bool = False,
     ) -> Iterator[np.ndarray]:
@@ -708,17 +720,11 @@ class SopranoTTS:
         params: SamplingParams,
         hallucination_guard: bool,
     ) -> Iterator[np.ndarray]:
-        ctx, spt = self.stream_context, self.samples_per_token
+        ctx = self.stream_context
         for row, prompt in enumerate(ids):
             buf = np.zeros((max_new_tokens, self.spec.hidden_size), dtype=np.float32)
             n = 0  # hidden vectors so far
             done = 0  # sample blocks (one per pair of neighbouring tokens) already yielded
-
-            def window(start: int, end: int, last: int) -> np.ndarray:
-                """Blocks [start, end) from a window of tokens [max(0, start - ctx), last]."""
-                a = max(0, start - ctx)
-                audio, _, _ = self._decode(buf[None, a:last + 1])
-                return audio[0, (start - a) * spt:(end - a) * spt]
 
             for ev in generate_steps(
                 lm, self.spec, [prompt], max_new_tokens=max_new_tokens, params=params,
@@ -730,7 +736,7 @@ class SopranoTTS:
                 if ev.finished:
                     break
                 while n - 1 - ctx - done >= chunk_size:  # block j is exact once token j + 1 + ctx exists
-                    yield window(done, done + chunk_size, done + chunk_size + ctx)
+                    yield self.decode_window(buf[:n], done, done + chunk_size)
                     done += chunk_size
             if n - 1 > done:
-                yield window(done, n - 1, n - 1)
+                yield self.decode_window(buf[:n], done, n - 1)

@@ -95,6 +95,9 @@ class Settings:
     `max_body_bytes`: None = 12 bytes per allowed input character + 16 KiB (64 KiB at 4096).
     `max_new_tokens`: audio tokens per sentence at most, and the default of a request that leaves
     max_new_tokens out (1 to the runtime's 512; a request asking for more gets 400).
+    `max_unread_s`, `read_timeout_s`: backpressure (BatchScheduler): a response's audio generated
+    ahead of what its client has read is bounded by max_unread_s seconds (its rows stop stepping);
+    a client that reads nothing for read_timeout_s seconds is cancelled.
     `on_load_error`: called (from a worker thread) if loading fails; `soprano-onnx serve` stops.
     `precision`: `model` is a ROOT of <backend>/<precision>/ folders (artifacts/) and this names the models
     (SopranoTTS.from_dir(precision=...): "auto" picks for objective "batch", or a target, or LM+DECODER);
@@ -110,6 +113,8 @@ class Settings:
     max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
     max_body_bytes: int | None = None
     max_new_tokens: int = MAX_NEW_TOKENS
+    max_unread_s: float = 5.0
+    read_timeout_s: float = 30.0
     tts: Any = None
     on_load_error: Callable[[BaseException], None] | None = field(default=None, repr=False)
 
@@ -124,6 +129,10 @@ class Settings:
             self.backend = normalize_backend(self.backend)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        for name in ("max_unread_s", "read_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise InputError(f"{name} must be a number > 0 (seconds), got {v!r}")
         for name in ("threads", "max_batch", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -140,8 +149,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """SOPRANO_MODEL, SOPRANO_BACKEND, SOPRANO_PRECISION, SOPRANO_THREADS, SOPRANO_MAX_BATCH, SOPRANO_MAX_QUEUE,
-        SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES, SOPRANO_MAX_NEW_TOKENS (unset: the
-        defaults)."""
+        SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES, SOPRANO_MAX_NEW_TOKENS,
+        SOPRANO_MAX_UNREAD_S, SOPRANO_READ_TIMEOUT_S (unset: the defaults)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -152,6 +161,11 @@ class Settings:
                 continue
             if f.name in ("model", "backend", "api_key", "precision"):
                 kwargs[f.name] = raw
+            elif f.name in ("max_unread_s", "read_timeout_s"):
+                try:
+                    kwargs[f.name] = float(raw)
+                except ValueError:
+                    raise InputError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r}: expected a number of seconds") from None
             else:
                 try:
                     kwargs[f.name] = int(raw)
@@ -200,6 +214,23 @@ def _load_tts(s: Settings) -> Any:
     return SopranoTTS.from_dir(Path(s.model), stateful=False, static_decode_width=None, **kwargs)  # type: ignore[arg-type]
 
 
+def _refusal(exc: QueueFullError | SchedulerClosedError) -> ApiError:
+    """The answer to a request the scheduler cannot take: 429 with Retry-After (queue full), or 503 (closing)."""
+    if isinstance(exc, QueueFullError):
+        return ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+    return ApiError(503, str(exc), type="server_error", code="shutting_down")
+
+
+def _sampling_defaults(max_new_tokens: int) -> dict[str, float | int]:
+    """The runtime's sampling defaults (SamplingParams) and this server's max_new_tokens default, for the page."""
+    from dataclasses import asdict
+
+    from pipeline_lib.runtime.sampling import DEFAULTS
+
+    return {**asdict(DEFAULTS), "max_new_tokens": max_new_tokens}
+
+
 def _decoder_config(decoder: Path) -> Path | None:
     own = decoder.with_name(decoder.stem + "_istft_config.json")
     return own if own.is_file() else next(iter(sorted(decoder.parent.glob("*_istft_config.json"))), None)
@@ -228,7 +259,8 @@ class _Service:
         try:
             tts = s.tts if s.tts is not None else _load_tts(s)
             limits = {k: getattr(s, k) for k in ("max_batch", "max_queue") if getattr(s, k) is not None}
-            scheduler = BatchScheduler(tts, observer=self.metrics, **limits).start()
+            scheduler = BatchScheduler(tts, observer=self.metrics, max_unread_s=s.max_unread_s,
+                                       read_timeout_s=s.read_timeout_s, **limits).start()
         except Exception as exc:  # noqa: BLE001 - reported by /health and the log; serve stops
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("loading the model failed: %s", self.error)
@@ -252,6 +284,7 @@ class _Service:
             "formats": list(FORMATS),
             "max_input_chars": s.max_input_chars,
             "max_new_tokens": s.max_new_tokens,
+            "sampling_defaults": _sampling_defaults(s.max_new_tokens),
         }
         if self.status == "loading":
             self.status = "ready"
@@ -476,6 +509,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, f"input is {len(body.input)} characters long; the limit is {settings.max_input_chars} "
                            "(max_input_chars): split the text into several requests", param="input",
                            code="string_above_max_length")
+        try:  # queue room first: a refusal costs no text preparation (429 in milliseconds)
+            scheduler.check_room()
+        except (QueueFullError, SchedulerClosedError) as exc:
+            raise _refusal(exc) from None
         if body.max_new_tokens is not None and body.max_new_tokens > settings.max_new_tokens:
             raise ApiError(400, f"max_new_tokens {body.max_new_tokens} is above this server's limit of "
                            f"{settings.max_new_tokens} tokens per sentence: ask for fewer or leave it out",
@@ -491,11 +528,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             encoder.close()
             if isinstance(exc, InputError):
                 raise ApiError(400, str(exc), param=_param_of(str(exc)), code="invalid_value") from None
-            if isinstance(exc, QueueFullError):
-                raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
-            if isinstance(exc, SchedulerClosedError):
-                raise ApiError(503, str(exc), type="server_error", code="shutting_down") from None
+            if isinstance(exc, (QueueFullError, SchedulerClosedError)):
+                raise _refusal(exc) from None
             raise
         headers = {"X-Sample-Rate": str(encoder.out_rate), "X-Audio-Format": body.response_format,
                    "Cache-Control": "no-store"}

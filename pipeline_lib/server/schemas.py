@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
+from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS as MAX_NEW_TOKENS  # also the most a request may ask
 from pipeline_lib.runtime.scheduler import SpeechRequest
 from pipeline_lib.audio.encode import FORMATS, SAMPLE_RATES
 
@@ -45,7 +46,6 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed"
 assert set(SAMPLING_FIELDS) <= {f.name for f in fields(SpeechRequest)}
 
 
-MAX_NEW_TOKENS = 512  # the runtime's limit per sentence (the model's max_position_embeddings)
 VOICES = (VOICE_ID, *VOICE_ALIASES)
 MODELS = (MODEL_ID, *MODEL_ALIASES)
 

@@ -119,6 +119,11 @@
       for (const option of [...$("format").options]) if (!info.formats.includes(option.value)) option.remove();
     }
     if (info.max_input_chars) textBox.dataset.max = String(info.max_input_chars);
+    // The runtime's sampling defaults (SamplingParams), written once there: the page shows them.
+    for (const [name, value] of Object.entries(info.sampling_defaults || {})) {
+      const field = $(name);
+      if (field && field.value === "") field.value = String(value);
+    }
     if (info.max_new_tokens) {
       const tokens = $("max_new_tokens");
       tokens.max = String(info.max_new_tokens);
