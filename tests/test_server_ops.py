@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -181,7 +182,12 @@ def test_sigterm_readiness_503_at_once_stream_completes_byte_exact(tiny_export: 
         assert during["speech"].headers["retry-after"]
         assert error_of(during["models"], 503)["code"] == "shutting_down"
         assert during["head"].status_code == 503
-        assert data == want  # the stream in flight, byte-exact
+        # The stream in flight completes: every sample, equal to an undisturbed request's up to rounding (its
+        # decoder windows fall where its timing puts them, an early window under load, and each decoder call
+        # rounds on its own, as in test_page and test_voice_agent); a cut or a dropped piece would be far off.
+        assert len(data) == len(want)
+        got, ref = np.frombuffer(data, dtype="<i2"), np.frombuffer(want, dtype="<i2")
+        assert int(np.abs(got.astype(np.int32) - ref.astype(np.int32)).max()) <= 2
         if done_s < drain - 0.5:  # the listener is still open for the rest of the drain period
             assert httpx.get(f"{u}/health").status_code == 503
         assert proc.wait(drain + 30) in (0, -signal.SIGTERM)
