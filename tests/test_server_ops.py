@@ -89,6 +89,24 @@ def test_request_id_echoed_or_made_and_logged(url: str, caplog: pytest.LogCaptur
         assert any(f"request_id={rid} " in line and f'" {status} ' in line for line in lines), (rid, lines)
 
 
+def test_an_internal_error_is_a_500_in_openais_shape_with_the_request_id(tts: Any, caplog) -> None:
+    app = create_app(Settings(tts=tts))
+    with running(app) as u:
+        wait_ready(u)
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        app.state.service.ready = broken  # what a bug in a route looks like
+        with caplog.at_level(logging.ERROR, logger="pipeline_lib.server"):
+            r = httpx.get(f"{u}/v1/server/info", headers={"x-request-id": "trace-500"})
+        assert r.headers["x-request-id"] == "trace-500"
+        err = error_of(r, 500)
+        assert err["code"] == "internal_error" and "trace-500" in err["message"] and "a bug" not in err["message"]
+        assert any("request_id=trace-500" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        assert httpx.get(f"{u}/health").status_code == 200
+
+
 def test_docs_are_served_offline(url: str) -> None:
     assert swagger_ui_dir() is not None, "the serve extra installs swagger-ui-bundle-v2"
     page = httpx.get(f"{url}/docs").text
