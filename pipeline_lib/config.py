@@ -262,8 +262,10 @@ def _check_release(p: _Problems, release: Mapping[str, Any], convert: Mapping[st
     if not isinstance(targets, list) or not targets:
         p.add("release.targets", "a non-empty list of ONNX targets, e.g. [onnx-int8]", targets)
         return
+    from pipeline_lib.release import VARIANT_SUFFIX
+
     for t in targets:
-        if t not in ("onnx-fp32", "onnx-int8", "onnx-int4") or (built and t not in built):
+        if t not in [f"onnx-{precision}" for precision in VARIANT_SUFFIX] or (built and t not in built):
             p.add("release.targets", f"ONNX targets that convert.targets builds ({', '.join(sorted(built))})", t)
     if release.get("default") not in targets:
         p.add("release.default", f"one of release.targets {targets}", release.get("default"))

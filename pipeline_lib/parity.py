@@ -478,3 +478,11 @@ def convert_thresholds(precision: str, parity_params: Mapping[str, Any],
     if trained:
         limits.update(override)
     return THRESHOLDS[p.parity].from_mapping(limits)
+
+
+def has_quality_limits(precision: str, parity_params: Mapping[str, Any]) -> bool:
+    """Whether `precision`'s limits have a ``trained`` block: only then is a trained checkpoint's miss a quality
+    verdict (certificate "fail"); without one (fp32, checked against the torch reference) the limits stay
+    guards, and a miss is a broken conversion on any checkpoint."""
+    block = parity_params.get(registry.precision(precision).parity_key) or {}
+    return bool(block.get(TRAINED_KEY))

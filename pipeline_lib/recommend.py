@@ -117,14 +117,34 @@ def present(root: Path, choice: registry.Choice) -> bool:
                                          registry.DECODER_DIR) is not None)
 
 
+# Model files (weights and graphs) as opposed to their JSON configs, which a conversion rewrites.
+_MODEL_SUFFIXES = (".onnx", ".xml", ".bin", ".data")
+
+
 def certificate_of(root: Path, t: registry.Target) -> certificate.Status:
     """The certificate of target `t` under `root`: the first of its folders (registry.folders_under) that holds
     one (onnx-fp32: ROOT/onnx/fp32, whose files are the export's), checked against that folder's files;
-    "uncertified" where none does."""
+    "uncertified" where none does. Where the runtime loads a model from another folder than the certificate's
+    (onnx-fp32: ROOT/export comes first), that folder's model files must be the certified ones too, else the
+    certificate is "stale" (an export rebuilt after its fp32 target was certified)."""
     folders = registry.folders_under(root, t.backend, t.precision)
     for folder in folders:
         if (folder / certificate.CERTIFICATE_FILE).is_file():
-            return certificate.status(folder)
+            status = certificate.status(folder)
+            if status.certificate is None or status.state == "stale":
+                return status
+            for which in registry.MODELS:
+                loaded = registry.model_dir_under(root, t.backend, t.precision, which)
+                if loaded is None or loaded == folder / which:
+                    continue
+                for key, sha in status.certificate.get("files", {}).items():
+                    sub, _, name = key.partition("/")
+                    if sub == which and name.endswith(_MODEL_SUFFIXES) and (
+                            not (loaded / name).is_file() or certificate.sha256_file(loaded / name) != sha):
+                        return certificate.Status(folder, "stale", f"{folder / certificate.CERTIFICATE_FILE}: "
+                                                  f"certifies other files than {loaded / name}, which is loaded; "
+                                                  "rerun convert and parity_convert (dvc repro)", status.certificate)
+            return status
     return certificate.status(folders[-1] if folders else Path(root))
 
 

@@ -9,8 +9,9 @@ hidden-state cosine (min, mean), teacher-forced top-1 agreement, free-running gr
 audio SNR, and the log-mel distance of the audio decoded end to end from the same token sequence. Limits and reasons: conf/parity/default.yaml,
 convert_<precision> (its `trained` block replaces them for a checkpoint whose weights are not random). On
 random weights the limits are guards: a miss means a broken conversion and fails the stage (no certificate).
-On a trained checkpoint a miss is a quality verdict: the certificate says "fail" (so precision="auto" skips
-the target), the stage succeeds and says so. A backend with a stateful LM (OpenVINO): that LM gets the same LM checks (metrics
+On a trained checkpoint a miss of a precision with `trained` limits (int8, bf16, int4) is a quality verdict:
+the certificate says "fail" (so precision="auto" skips the target), the stage succeeds and says so; fp32
+has none (its limits check a correct export against the reference), so its miss fails the stage there too. A backend with a stateful LM (OpenVINO): that LM gets the same LM checks (metrics
 prefixed stateful_). A bf16 target on a CPU without bf16 instructions is not checked (OpenVINO would
 compute it in f32): the metrics record that it was skipped and why, the certificate says "unchecked".
 """
@@ -31,6 +32,7 @@ from pipeline_lib.parity import (
     check_quantized,
     convert_thresholds,
     format_report,
+    has_quality_limits,
     model_file,
     runner_for,
 )
@@ -50,7 +52,10 @@ if __name__ == "__main__":
     cert_path = target / certificate.CERTIFICATE_FILE
     with stage_outputs(name, metrics, cert_path):
         identity = certificate.checkpoint_identity(ckpt)
+        # a miss is a quality verdict (certificate "fail", the stage succeeds) only on a trained checkpoint and
+        # where the precision has trained limits; elsewhere the limits are guards and a miss fails the stage
         trained = not identity["random_weights"]
+        verdict_only = trained and has_quality_limits(precision, params)
         target_info = registry.target(backend, precision)
         reference = ("the torch reference (checkpoint)" if prec.parity == registry.PARITY_REFERENCE
                      else "the fp32 ONNX export run by ONNX Runtime, same inputs")
@@ -91,7 +96,7 @@ if __name__ == "__main__":
                     report.merge(check_quantized(ref_lm, runner(stateful), None, None, lm_config, istft_config, th),
                                  "stateful_")  # the LM only: the decoder is the one checked above
             print(f"{name}:\n{format_report(report)}")
-            if not report.passed and not trained:
+            if not report.passed and not verdict_only:
                 raise ParityError("; ".join(report.failures))
             # certificate_passed: 0 only on a trained checkpoint's quality miss (a guard miss fails the stage)
             write_json(metrics, {f"{backend}_{precision}": {**report.metrics,

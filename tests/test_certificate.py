@@ -131,3 +131,16 @@ def test_auto_skips_the_failed_certificate(certified_root, caplog):
     cfg.write_text(cfg.read_text() + " ")
     assert certificate.status(root / "onnx/int8").state == "stale"
     assert recommend.pick(root, "stream", AVX2).choice.label == "onnx-fp32"
+
+
+def test_a_broken_fp32_fails_the_stage_on_a_trained_checkpoint(certified_root, tmp_path):
+    """fp32 is checked against the torch reference and has no `trained` limits: its limits stay guards on a
+    trained checkpoint too, so a miss is a broken export that fails the stage, never a certificate "fail"."""
+    root, work, _, trained, export = certified_root
+    broken = tmp_path / "onnx/fp32"
+    for which in (registry.LM_DIR, registry.DECODER_DIR):
+        shutil.copytree(root.parent / "other_export", broken / which)  # another checkpoint's export
+    proc = _parity_convert(work, "onnx-fp32", trained, export, broken)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "stage parity_convert@onnx-fp32 failed" in proc.stderr and "lm_greedy_token_agreement" in proc.stderr
+    assert not (broken / certificate.CERTIFICATE_FILE).exists()

@@ -46,3 +46,16 @@ def test_convert_targets_must_be_the_registered_pairs():
     wrong = {**params["convert"]["targets"], "onnx-int4": {"backend": "onnx", "precision": "int8"}}
     with pytest.raises(InputError, match=r"convert.targets.onnx-int4"):
         validate_params({**params, "convert": {**params["convert"], "targets": wrong}})
+
+
+@pytest.mark.parametrize("release, where", [({"targets": ["openvino-int8"], "default": "openvino-int8"}, "release.targets"),
+                                            ({"targets": [], "default": "onnx-int8"}, "release.targets"),
+                                            ({"targets": ["onnx-int8"], "default": "onnx-int4"}, "release.default")])
+def test_release_params_are_bundleable_onnx_targets(release, where):
+    from pipeline_lib.config import validate_params
+    from pipeline_lib.errors import InputError
+
+    params = compose(conf_dir=REPO_ROOT / "conf")
+    validate_params({**params, "release": {"targets": ["onnx-int8", "onnx-int4", "onnx-fp32"], "default": "onnx-fp32"}})
+    with pytest.raises(InputError, match=where):
+        validate_params({**params, "release": release})

@@ -1,6 +1,6 @@
 """The runtime installs light: `pip install '.[serve]'` into a clean venv (no torch, NNCF, DVC or transformers
 there), then `soprano-onnx speak` from a release bundle and `soprano-onnx serve --model BUNDLE` answers a
-speech request. Needs PyPI (CI has it); the install time and the venv's size are printed (-s to see them)."""
+speech request and serves its web page. Needs PyPI (CI has it); the install time and the venv's size are printed (-s to see them)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,10 @@ def test_speak_and_serve_a_bundle(light_venv, bundle, tmp_path):
             audio = r.read()
             assert r.status == 200
         assert audio[:4] == b"RIFF" and len(audio) > 2000
+        # the web page is package data: it must be in the installed package, not only in the source tree
+        for path, kind in (("/", "text/html"), ("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+                assert r.status == 200 and kind in r.headers["content-type"], (path, r.headers["content-type"])
     finally:
         server.terminate()  # the server this test started
         try:

@@ -301,3 +301,22 @@ def test_params_check_pairs_against_what_the_run_builds():
     twice = compose(["bench.pairs=[onnx-int4+openvino-int8,onnx-int4+openvino-int8]"])
     with pytest.raises(InputError, match="each pair once"):
         validate_params(twice)
+
+
+def test_fp32_certificate_covers_the_export_the_runtime_loads(tmp_path):
+    """onnx-fp32 loads from ROOT/export (first of its folders) while parity_convert certifies ROOT/onnx/fp32:
+    an export rebuilt after the certificate leaves it stale, not passed."""
+    t = registry.choice("onnx-fp32").lm
+    for base in (tmp_path / "export", tmp_path / "onnx/fp32"):
+        for which in (registry.LM_DIR, registry.DECODER_DIR):
+            (base / which).mkdir(parents=True)
+            (base / which / f"{registry.MODELS[which].file}.onnx").write_text(f"{which} graph")
+            (base / which / "config.json").write_text(base.name)  # configs differ by design (conversion record)
+    certify(tmp_path / "onnx/fp32", "onnx-fp32")
+    assert registry.model_dir_under(tmp_path, "onnx", "fp32", registry.LM_DIR) == tmp_path / "export/lm"
+    assert recommend.certificate_of(tmp_path, t).state == "passed"
+    (tmp_path / "export/lm" / f"{registry.LM_FILE}.onnx").write_text("rebuilt graph")
+    status = recommend.certificate_of(tmp_path, t)
+    assert status.state == "stale" and "export/lm" in status.why
+    with pytest.raises(ModelFileError, match="stale"):
+        recommend.pick(tmp_path, "stream", AVX2)

