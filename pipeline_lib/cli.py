@@ -45,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SopranoOnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # an optional package of an extra that is not installed
+        if exc.name and exc.name.split(".")[0] == "pipeline_lib":
+            raise
+        print(f"error: the Python package {exc.name!r} is not installed; `soprano-onnx {args.command}` needs it: "
+              "install the soprano-onnx extra that brings it (README: [serve] for serve, [export] for export, "
+              "[openvino] for OpenVINO)", file=sys.stderr)
+        return 2
     except OSError as exc:  # a file the checks before the work could not foresee (a full disk, a race)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)

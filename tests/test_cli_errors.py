@@ -115,3 +115,26 @@ def test_bad_input_is_one_error_line_without_traceback(line: str, wanted: str | 
     assert len(errors) == 1, proc.stderr
     assert any(w in errors[0] for w in ((wanted,) if isinstance(wanted, str) else wanted)), proc.stderr
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in scratch.iterdir()), "a temporary file was left"
+
+
+# A runtime-only install (`pip install .`) lacks the serve extra: the command says which package, no traceback.
+BLOCK = "import sys; sys.modules.update({m: None for m in sys.argv[1].split(',')}); sys.argv[1:2] = []; " \
+        "from pipeline_lib.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize("blocked, line, wanted", [
+    ("soundfile", "speak Hi. -o out.mp3 --model {M} --max-new-tokens 8", "'soundfile' is not installed"),
+    ("av", "speak Hi. -o out.aac --model {M} --max-new-tokens 8", "'av' is not installed"),
+    ("uvicorn", "serve --model {M} --port {FREE}", "'uvicorn' is not installed"),
+], ids=["speak-mp3", "speak-aac", "serve"])
+def test_a_missing_extra_is_one_error_line(blocked: str, line: str, wanted: str, scratch: Path,
+                                           tiny_export: Path) -> None:
+    import shlex
+
+    argv = shlex.split(line.format(M=tiny_export, FREE=_free_port()))
+    proc = subprocess.run([sys.executable, "-c", BLOCK, blocked, *argv], cwd=scratch, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and wanted in errors[0] and "[serve]" in errors[0], proc.stderr
+    assert "wrote" not in proc.stdout and not list(scratch.glob("out.*"))

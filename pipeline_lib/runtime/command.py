@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         tts = SopranoTTS.from_dir(args.model, backend=BACKEND_CHOICES[args.backend or "onnx"], num_threads=args.threads)
     load_s = time.perf_counter() - start
+    _check_encoder(fmt, tts.sample_rate, args.output)
     sampling = dict(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -189,6 +190,19 @@ def run(args: argparse.Namespace) -> int:
         line += f", first chunk after {first_chunk_s * 1000:.0f} ms"
     print(line)
     return 0
+
+
+def _check_encoder(fmt: "AudioFormat", model_rate: int, output: Path) -> None:
+    """Open and close the encoder `_AudioWriter` will use, before the synthesis: a runtime-only install
+    (`pip install .`) lacks the serve extra's soundfile / av / soxr that .flac, .mp3, .ogg, .aac need."""
+    from pipeline_lib.audio.encode import StreamEncoder
+    from pipeline_lib.errors import MissingBackendError
+
+    try:
+        StreamEncoder(fmt, model_rate, fmt.sample_rate(None, model_rate) if fmt.name != "wav" else model_rate).close()
+    except ModuleNotFoundError as exc:
+        raise MissingBackendError(f"-o {output}: the Python package {exc.name!r} is not installed, and writing "
+                                  f"{fmt.name} needs it: pip install 'soprano-onnx[serve]', or write a .wav") from None
 
 
 class _AudioWriter:
