@@ -91,10 +91,15 @@ def build_bundle(root: Path | str, labels: Sequence[str], out: Path | str, defau
         for t in targets:
             suffix = VARIANT_SUFFIX[t.precision]
             entry: dict[str, Any] = {"backend": t.backend, "precision": t.precision}
-            status = certificate_of(root, t)
+            # The bundle ships the files a certificate vouches for: the target folder that holds the
+            # certificate (onnx-fp32: ROOT/onnx/fp32, whose LM is the fused graph, not the export's traced one).
+            certified = next((f for f in registry.folders_under(root, t.backend, t.precision)
+                              if (f / certificate.CERTIFICATE_FILE).is_file()), None)
+            status = certificate.status(certified) if certified is not None else certificate_of(root, t)
             renamed: dict[str, str] = {}
             for which, spec in registry.MODELS.items():
-                src_dir = registry.model_dir_under(root, t.backend, t.precision, which)
+                src_dir = (certified / which if certified is not None and (certified / which / f"{spec.file}.onnx").is_file()
+                           else registry.model_dir_under(root, t.backend, t.precision, which))
                 if src_dir is None:
                     raise ModelFileError(f"{root}: no {which} of {t.label}; build it first (dvc repro convert@{t.label})")
                 src = src_dir / f"{spec.file}.onnx"

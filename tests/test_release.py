@@ -148,3 +148,26 @@ def test_release_command(built, tmp_path):
     assert main(["release", "--artifacts", str(root), "--targets", "onnx-int8", "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b/onnx/soprano_lm_step_quantized.onnx").is_file()
     assert main(["release", "--artifacts", str(root), "--targets", "openvino-int8", "--out", str(tmp_path / "c")]) == 2
+
+
+def test_the_bundle_ships_the_certified_files_where_the_export_differs(built, tiny_export, tmp_path):
+    """onnx-fp32's certificate lives in ROOT/onnx/fp32 (the fused LM graph) while ROOT/export holds the traced one:
+    the bundle takes the certified folder's files, so its fp32 variant passes and is byte for byte what was checked."""
+    from pipeline_lib.release import build_bundle
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(built[0], root)
+    export_lm = root / "export" / registry.LM_DIR
+    shutil.copytree(root / "onnx/fp32" / registry.LM_DIR, export_lm)
+    shutil.copytree(root / "onnx/fp32" / registry.DECODER_DIR, root / "export" / registry.DECODER_DIR)
+    step = export_lm / f"{registry.LM_FILE}.onnx"
+    step.unlink()
+    shutil.copyfile(tiny_export / f"{registry.FUSED_FILE}.onnx", step)  # another graph than the certified one
+    certified = root / "onnx/fp32" / registry.LM_DIR / f"{registry.LM_FILE}.onnx"
+    assert certificate.sha256_file(step) != certificate.sha256_file(certified)
+
+    out = build_bundle(root, ["onnx-fp32"], tmp_path / "bundle", "onnx-fp32")
+    cert = json.loads((out / "certificates/onnx-fp32.json").read_text())
+    assert cert["verdict"] == "pass" and cert["passed"], cert.get("failures")
+    shipped = out / json.loads((out / "config.json").read_text())["soprano_onnx"]["variants"]["onnx-fp32"]["lm"]
+    assert certificate.sha256_file(shipped) == certificate.sha256_file(certified)
