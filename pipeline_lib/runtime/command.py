@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline_lib.errors import InputError
 from pipeline_lib.recommend import OBJECTIVES
@@ -30,15 +30,23 @@ if TYPE_CHECKING:
     from pipeline_lib.audio.encode import AudioFormat
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (so a bad --threads is a usage error, not a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+def ranged(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert(text)``, accepted where ``ok(value)``; anything else is a usage error
+    "expected EXPECTED, got ..." (one line from argparse, never a traceback)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = ranged(int, lambda v: v >= 1, "a whole number >= 1")  # e.g. --threads
 
 
 def add_model_choice_arguments(p: argparse.ArgumentParser, auto: str) -> None:

@@ -18,6 +18,7 @@ uvicorn's own access log is off.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -25,43 +26,21 @@ import threading
 from pathlib import Path
 
 from pipeline_lib.errors import InputError
+from pipeline_lib.runtime.command import ranged
 
 
 DEFAULT_DRAIN_S = 5.0
 
 
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 1 to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {value}")
-    return value
-
-
-def seconds(text: str) -> float:
-    """argparse type: a finite number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text}")
-    return value
+port_number = ranged(int, lambda v: 1 <= v <= 65535, "a port number 1..65535")
+seconds = ranged(float, lambda v: 0 <= v < math.inf, "seconds >= 0")
 
 
 def token_count(text: str) -> int:
+    """argparse type: audio tokens per sentence, 1 to the runtime's MAX_NEW_TOKENS."""
     from pipeline_lib.server.schemas import MAX_NEW_TOKENS
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number 1..{MAX_NEW_TOKENS}, got {text!r}") from None
-    if not 1 <= value <= MAX_NEW_TOKENS:
-        raise argparse.ArgumentTypeError(f"expected a whole number 1..{MAX_NEW_TOKENS}, got {value}")
-    return value
+    return ranged(int, lambda v: 1 <= v <= MAX_NEW_TOKENS, f"a whole number 1..{MAX_NEW_TOKENS}")(text)
 
 
 def listen(host: str, port: int) -> socket.socket:
