@@ -132,16 +132,16 @@ def test_exp_apply_restores_an_experiments_models(built):
     repo, env = built
     lm = repo / "artifacts/onnx/int8/lm/soprano_lm_step.onnx"
     base = lm.read_bytes()
-    _run(["dvc", "exp", "run", "-n", "pertensor", "-S", "convert.onnx.int8.lm.per_channel=false", "convert@onnx-int8"],
+    _run(["dvc", "exp", "run", "-n", "block64", "-S", "convert.onnx.int8.lm.block_size=64", "convert@onnx-int8"],
          repo, env)
     exp = lm.read_bytes()
-    assert exp != base  # per-tensor weights: another model
+    assert exp != base  # 8-bit blocks of 64 weights, not 128: another model
     _run(["git", "checkout", "--", "."], repo, env)
     _run(["dvc", "checkout", "convert@onnx-int8"], repo, env)
     assert lm.read_bytes() == base
     # The outs of stages this partial pipeline never ran are in no cache, so DVC reports them as missing
     # (exit 255) after restoring the rest; a full `dvc repro` caches every out.
-    proc = subprocess.run(["dvc", "exp", "apply", "pertensor"], cwd=repo, env=env, capture_output=True, text=True,
+    proc = subprocess.run(["dvc", "exp", "apply", "block64"], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=600)
     missing = proc.stderr.split("missing", 1)[-1] if proc.returncode else ""
     assert not re.search(r"artifacts/(onnx/int8|export|checkpoints)", missing), proc.stderr[-3000:]
