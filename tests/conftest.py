@@ -67,3 +67,25 @@ def load_script():
         return mod
 
     return load
+
+
+@pytest.fixture(scope="session")
+def copy_repo():
+    """A function that copies the repository's tracked and untracked-not-ignored files to `dest` (a fresh
+    checkout, without artifacts or caches) and returns the environment to run dvc there: this venv's
+    executables first on PATH, the hub offline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    def copy(dest: Path) -> dict[str, str]:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
+                               text=True, check=True).stdout.split()
+        for name in files:
+            if (REPO_ROOT / name).is_file():
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO_ROOT / name, dest / name)
+        return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+
+    return copy

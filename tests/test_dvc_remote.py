@@ -5,11 +5,8 @@ pulled folder speaks the same audio."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +44,10 @@ def _reflink_works(folder: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, copy_repo):
     """A copy of the repository on the tiny checkpoint, with TARGET reproduced and dvc.lock committed."""
     dest = tmp_path_factory.mktemp("dvc") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO_ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO_ROOT / name, dest / name)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    env = copy_repo(dest)
     conf = dest / "conf/config.yaml"
     conf.write_text(conf.read_text().replace("checkpoint: random-80m", "checkpoint: tiny"))
     parity = dest / "conf/parity/default.yaml"

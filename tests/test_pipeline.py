@@ -1,10 +1,7 @@
 """`dvc repro` on a fresh copy of the repository, offline, with the tiny checkpoint."""
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,15 +30,9 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fresh_clone(tmp_path_factory):
+def fresh_clone(tmp_path_factory, copy_repo):
     dest = tmp_path_factory.mktemp("clone") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO_ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO_ROOT / name, dest / name)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    env = copy_repo(dest)
     # The clone's own conf/ selects the tiny checkpoint and small benchmark settings, so that `dvc exp run`
     # (which recomposes params.yaml from conf/) stays on them. The test checks wiring, not figures.
     _edit(dest / "conf/config.yaml", "checkpoint: random-80m", "checkpoint: tiny")
