@@ -3,8 +3,8 @@ overhead of the generation loop, and the step's memory-bandwidth floor.
 
     python scripts/profile_lm_step.py --model artifacts/onnx/int4 [--threads 1 2] [--rows 1 8] [--steps 150]
 
-For each (threads, rows) pair, the runtime's own path (`runtime.backends.OrtLM`, IO binding, the
-session options of `backends._ort_session`, and `runtime.generate.generate_steps`, greedy with the
+For each (threads, rows) pair, the runtime's own path (`runtime.ort_backend.OrtLM`, IO binding, the
+session options of `ort_backend.ort_session`, and `runtime.generate.generate_steps`, greedy with the
 repetition penalty) decodes `--warmup` steps, then `--steps` measured steps, from prompts of
 `--prompt` + i tokens (row i), in `--rounds` rounds. Two sessions per pair, alternating each round:
 
@@ -106,15 +106,15 @@ def step_bytes(model_path: Path) -> tuple[int, int, int]:
 
 
 def session_factory(profile_dir: str | None):
-    """A replacement for backends._ort_session: the same options, plus the profiler when asked."""
-    from pipeline_lib.runtime import backends
+    """A replacement for ort_backend.ort_session: the same options, plus the profiler when asked."""
+    from pipeline_lib.runtime import ort_backend
 
-    real = backends._ort_session
+    real = ort_backend.ort_session
 
     def make(path: Path, num_threads: int, low_memory: bool = True, spin: bool = True, mem_pattern: bool = True) -> Any:
         if profile_dir is None:
             return real(path, num_threads, low_memory, spin, mem_pattern)
-        ort = backends._import_ort()
+        ort = ort_backend._import_ort()
         orig = ort.SessionOptions
 
         def options() -> Any:
@@ -130,10 +130,10 @@ def session_factory(profile_dir: str | None):
 
 
 def load_lm(lm_path: Path, threads: int, profile_dir: str | None) -> Any:
-    from pipeline_lib.runtime import backends
+    from pipeline_lib.runtime import ort_backend
 
-    with mock.patch.object(backends, "_ort_session", session_factory(profile_dir)):
-        return backends.OrtLM(lm_path, threads)
+    with mock.patch.object(ort_backend, "ort_session", session_factory(profile_dir)):
+        return ort_backend.OrtLM(lm_path, threads)
 
 
 class Timed:
@@ -271,9 +271,9 @@ class Synthetic:
     output buffers (as OrtLM runs the step)."""
 
     def __init__(self, path: str, threads: int) -> None:
-        from pipeline_lib.runtime import backends
+        from pipeline_lib.runtime import ort_backend
 
-        self.session = backends._ort_session(Path(path), threads, mem_pattern=backends.OrtLM.MEM_PATTERN)
+        self.session = ort_backend.ort_session(Path(path), threads, mem_pattern=ort_backend.OrtLM.MEM_PATTERN)
         self.binding = self.session.io_binding()
         self.keep = []
         for i in self.session.get_inputs():

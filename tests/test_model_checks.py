@@ -18,6 +18,7 @@ import pytest
 
 from pipeline_lib import cpuinfo
 from pipeline_lib.errors import InputError, ModelFileError
+from pipeline_lib.runtime import model_files
 from pipeline_lib.runtime import tts as tts_module
 from pipeline_lib.runtime.generate import LMSpec
 from pipeline_lib.runtime.sampling import row_generators, validate_seed
@@ -138,21 +139,21 @@ def _spec(tiny_export: Path, tmp_path: Path, drop: tuple[str, ...] = (), **field
 def test_audio_token_range_is_read_from_the_lm_config(tiny_export, tmp_path):
     spec = _spec(tiny_export, tmp_path)
     assert (spec.audio_token_first_id, spec.audio_token_count) == (4, 8000)
-    tok = tts_module._load_tokenizer(tiny_export / TOKENIZER, spec)
+    tok = model_files.load_tokenizer(tiny_export / TOKENIZER, spec)
     assert tok.token_to_id("[7999]") == 8003
     # An LM config that expects another count of audio tokens: the tokenizer is not its own.
     with pytest.raises(ModelFileError, match=r"expected the audio tokens \[0\]\.\.\[3999\] at ids 4\.\.4003 .*"
                                              r"audio_token_count 4000\); found audio tokens outside that range"):
-        tts_module._load_tokenizer(tiny_export / TOKENIZER, _spec(tiny_export, tmp_path, audio_token_count=4000))
+        model_files.load_tokenizer(tiny_export / TOKENIZER, _spec(tiny_export, tmp_path, audio_token_count=4000))
 
 
 def test_lm_config_without_audio_fields_takes_the_range_from_the_tokenizer(tiny_export, tmp_path):
     spec = _spec(tiny_export, tmp_path, drop=("audio_token_first_id", "audio_token_count"))
     assert spec.audio_token_first_id is None and spec.audio_token_count is None
-    tts_module._load_tokenizer(tiny_export / TOKENIZER, spec)
+    model_files.load_tokenizer(tiny_export / TOKENIZER, spec)
     bad = _with_tokenizer(tiny_export, tmp_path, _swap_audio_tokens) / TOKENIZER
     with pytest.raises(ModelFileError, match=r"\[0\]\.\.\[7999\] at ids 4\.\.8003 \(.*has no audio_token_\* fields"):
-        tts_module._load_tokenizer(bad, spec)
+        model_files.load_tokenizer(bad, spec)
 
 
 # --- 9: swapped LM and decoder ----------------------------------------------------------------------------

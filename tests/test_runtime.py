@@ -688,7 +688,7 @@ def test_openvino_int8_note_only_for_int8_weights_without_vnni(tmp_path, monkeyp
     ov = pytest.importorskip("openvino")
     import openvino.opset13 as ops
 
-    from pipeline_lib.runtime import backends
+    from pipeline_lib.runtime import openvino_backend as backends
 
     def model(weight_dtype):
         x = ops.parameter([1, 4], np.float32, name="x")
