@@ -2,7 +2,7 @@
 prebuilt wheel for most CPUs: building it took ~21 minutes on 2 cores, too long for CI).
 
     # 1. once: build llama-cpp-python for this CPU, and get llama.cpp's converter (same release)
-    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python gguf
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python sentencepiece   # the converter imports sentencepiece; it uses its own gguf-py
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llama-src && tar xf /tmp/llama-src/*.tar.gz -C /tmp/llama-src
     # 2. convert, quantise, time (alternating fresh processes, as scripts/lm_peer_step.py)
     python scripts/llama_cpp_compare.py --checkpoint artifacts/checkpoints/random-80m \
@@ -40,8 +40,30 @@ def need_llama_cpp():
         import llama_cpp
     except ImportError:
         sys.exit('error: llama_cpp is not installed; build it first: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install '
-                 "llama-cpp-python gguf (about 21 minutes on 2 cores)")
+                 "llama-cpp-python sentencepiece (about 21 minutes on 2 cores)")
     return llama_cpp
+
+
+# Runs convert_hf_to_gguf.py (argv[1]) with its own gguf-py, and with llama.cpp's BPE pre-tokenizer
+# table extended by one answer: a tokenizer it does not know (the offline checkpoints' generated
+# tokenizer; Soprano's real one) is written as "default". The step timed here is fed token ids, so the
+# pre-tokenizer never runs; only the file's metadata needs a name.
+_CONVERT = """
+import runpy, sys
+from pathlib import Path
+conv = Path(sys.argv[1]).resolve()
+sys.path[:0] = [str(conv.parent), str(conv.parent / "gguf-py")]
+from conversion import base
+known = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return "default"
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = sys.argv[1:]
+runpy.run_path(str(conv), run_name="__main__")
+"""
 
 
 def convert(checkpoint: Path, converter: Path, out_dir: Path) -> dict[str, Path]:
@@ -53,8 +75,8 @@ def convert(checkpoint: Path, converter: Path, out_dir: Path) -> dict[str, Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     f32 = out_dir / "soprano-lm-f32.gguf"
     if not f32.is_file():
-        proc = subprocess.run([sys.executable, str(converter), str(checkpoint), "--outtype", "f32", "--outfile", str(f32)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", _CONVERT, str(converter), str(checkpoint), "--outtype", "f32",
+                               "--outfile", str(f32)], capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"error: convert_hf_to_gguf.py failed on {checkpoint}:\n{proc.stderr[-2000:]}")
     files = {"f32": f32}
@@ -78,14 +100,22 @@ def llama_step_ms(gguf: Path, threads: int, prompt: int, steps: int) -> tuple[fl
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompt + WARMUP_STEPS + steps + 8, n_threads=threads,
                           n_threads_batch=threads, n_batch=prompt, verbose=False)
 
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:
+        # the last evaluated token's logits, from the context itself (Llama.eval keeps them only with
+        # logits_all, which would compute every prompt row's logits too)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        return int(np.argmax(logits))
+
     def run(n: int) -> tuple[float, int]:
         llm.reset()
         llm.eval(prompt_ids(prompt))  # the prefill
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_argmax()
         t0 = time.perf_counter()
         for _ in range(n - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = last_argmax()
         return 1e3 * (time.perf_counter() - t0) / max(n - 1, 1), n - 1
 
     run(WARMUP_STEPS)
