@@ -154,7 +154,8 @@ def open_loop_lines(open_rows: Sequence[Mapping[str, Any]]) -> list[str]:
         "or two, streamed (pcm) and measured as in the closed loop. Offered load: the rate x the mix's mean audio "
         f"length ({fmt(first['mean_audio_s'])} s), in audio seconds per second: the mean number of listeners "
         "playing at once. Requests still running past the time bound plus a drain time are cut, as in the closed "
-        "loop; their audio so far counts in the stall figures. Upstream's server runs one request at a time, so it "
+        "loop; their audio so far counts in the stall figures, up to the cut (a listener whose audio had run out "
+        "by then is waiting), and one cut before any audio played nothing. Upstream's server runs one request at a time, so it "
         "gets no open loop.", "",
         columns_table(rows, OPEN_TABLE), "",
         f"Capacity: the highest rate whose p95 time to first audio is at most {fmt(cap['ttfa_p95_limit_ms'])} ms "

@@ -34,8 +34,11 @@ def test_poisson_schedule_is_seeded_and_has_the_rate_and_the_mix():
     share = np.mean([i in long_ for _, i in sched])
     assert share == pytest.approx(0.2, abs=0.02)
     assert {i for _, i in sched} == set(range(len(s.texts)))  # every text is drawn
-    # Another rate: another schedule, at its own rate
-    assert len(sl.arrival_schedule(0.5, s)) / s.level_s == pytest.approx(0.5, rel=0.06)
+    # Another rate: the same arrivals and texts, closer together or further apart (common random numbers)
+    slow = sl.arrival_schedule(0.5, s)
+    assert len(slow) / s.level_s == pytest.approx(0.5, rel=0.06)
+    assert [i for _, i in slow] == [i for _, i in sched[:len(slow)]]
+    assert [t for t, _ in slow] == pytest.approx([3 * t for t, _ in sched[:len(slow)]])
 
 
 def test_the_mix_is_mostly_short_and_the_long_texts_are_several_sentences():
@@ -103,23 +106,25 @@ def _req(start, arrivals, error=None, text_index=0, total=None, status=200):
 def test_open_summary_counts_stalls_over_the_limit_429s_and_cut_requests():
     """Rate 100 samples/s audio: 100 samples = 1 s. A smooth response, one with a single 150 ms stall,
     one with two 60 ms stalls (over the total but under the single-stall limit), a cut long request
-    with a 500 ms stall so far, and a 429."""
+    with a 500 ms stall so far, a cut one before any audio, and a 429."""
     reqs = [
         _req(0.0, [(0.05, 100), (1.05, 200)]),                        # smooth
         _req(0.5, [(0.1, 100), (1.25, 200)]),                         # waits 0.15 s once
         _req(1.0, [(0.1, 100), (1.16, 200), (2.22, 300)], text_index=9),  # two 0.06 s waits
         _req(1.2, [(0.2, 100), (1.7, 200)], error="cut", text_index=8, total=3.0),  # cut, waited 0.5 s
         _req(1.3, [], error="http_429", status=429),
+        _req(1.4, [], error="cut", total=2.8),                         # cut before any audio: plays nothing
     ]
     level = sl.LevelResult(0, 0.0, 2.0, reqs, 0.5, finished=4.2, rate=2.5)
     row = sl.summarize_open_level(level, 100, long_texts={8, 9})
-    assert (row["rate_per_s"], row["requests_sent"], row["requests_ok"], row["errors"], row["cut"]) == (2.5, 5, 3, 1, 1)
+    assert (row["rate_per_s"], row["requests_sent"], row["requests_ok"], row["errors"], row["cut"]) == (2.5, 6, 3, 1, 2)
     assert row["rejected_429"] == 1 and row["errors_by_status"] == "429:1" and row["long_sent"] == 2
     assert row["requests_ok"] + row["errors"] + row["cut"] == row["requests_sent"]
-    assert row["peak_in_flight"] == 4  # at 1.2 s: requests 2 (to 1.75), 3 (to 3.22), 4 (to 4.2), and 1 ended at 1.05
+    # Open at 1.3 s: requests 2 (0.5-1.75), 3 (1.0-3.22), 4 (1.2-4.2), 5 (1.3-1.31); 1 ended at 1.05, 6 starts at 1.4
+    assert row["peak_in_flight"] == 4
     # Heard: 4 responses (3 complete + 1 cut), 2 with a single stall over 100 ms
     assert row["stalled_over_limit_share"] == pytest.approx(2 / 4)
-    assert row["smooth_share"] == pytest.approx(2 / 5)  # the 429 played nothing
+    assert row["smooth_share"] == pytest.approx(2 / 6)  # the 429 and the request cut before any audio played nothing
     assert row["within_capacity"] == 0
     assert row["stall_p95_ms"] > 150 and row["ttfa_p50_ms"] > 0
     from pipeline_lib.bench.serve_summary import peak_in_flight
@@ -134,6 +139,9 @@ def test_longest_stall_is_the_single_longest_wait():
     assert longest_stall_s(arrivals, 1000) == pytest.approx(0.4)
     assert sl.stall_s(arrivals, 1000) == pytest.approx(0.5)
     assert longest_stall_s([], 1000) == 0.0 and longest_stall_s([(0.0, 10_000)], 1000) == 0.0
+    # Cut at 1.3 s: the listener ran out at 1.0 s (0.6 s of audio from 0.4 s on) and waits 0.3 s at the cut
+    assert longest_stall_s([(0.4, 600)], 1000, until=1.3) == pytest.approx(0.3)
+    assert longest_stall_s([(0.4, 600)], 1000, until=0.9) == 0.0 and longest_stall_s([], 1000, until=5.0) == 0.0
 
 
 @pytest.mark.slow  # our server in its own process on the tiny export, one open level of a few seconds

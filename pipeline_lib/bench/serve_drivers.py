@@ -134,18 +134,23 @@ def rates_for_streams(streams: Sequence[float], settings: OpenLoopSettings, geom
 
 
 def arrival_schedule(rate: float, settings: OpenLoopSettings) -> list[tuple[float, int]]:
-    """(seconds after the level's start, text index) of each arrival: exponential gaps of mean 1/rate
-    until level_s, and for each a long text with probability long_share (uniform among the long, else
-    among the short). One generator per (seed, rate): the same schedule every run."""
-    rng = np.random.default_rng([int(settings.seed), int(round(rate * 1e6))])
+    """(seconds after the level's start, text index) of each arrival before level_s: a Poisson process
+    of `rate` (exponential gaps of mean 1/rate), each arrival a long text with probability long_share
+    (uniform among the long, else among the short). Every rate scales one sequence drawn from `seed`
+    (unit-rate gaps divided by the rate; the same texts in the same order): the same schedule every
+    run, and a higher rate is the same arrivals, closer together (common random numbers: the levels
+    differ by their rate, not by their draws)."""
+    rng = np.random.default_rng(int(settings.seed))
     long_, short = settings.long_indices(), settings.short_indices()
     out: list[tuple[float, int]] = []
-    t = float(rng.exponential(1.0 / rate))
-    while t < settings.level_s:
+    unit_t = 0.0
+    while True:
+        unit_t += float(rng.exponential(1.0))
         pool = long_ if rng.random() < settings.long_share else short
-        out.append((t, int(pool[int(rng.integers(len(pool)))])))
-        t += float(rng.exponential(1.0 / rate))
-    return out
+        index = int(pool[int(rng.integers(len(pool)))])
+        if unit_t / rate >= settings.level_s:
+            return out
+        out.append((unit_t / rate, index))
 
 
 async def run_level(target: Target, clients: int, settings: LoadSettings, geometry: AudioGeometry,

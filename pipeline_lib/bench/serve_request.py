@@ -229,9 +229,10 @@ async def one_request(client: Any, target: Target, text_index: int, settings: Re
     return res
 
 
-def _waits(arrivals: Sequence[tuple[float, int]], sample_rate: int) -> Iterator[float]:
+def _waits(arrivals: Sequence[tuple[float, int]], sample_rate: int, until: float | None = None) -> Iterator[float]:
     """Each wait of a listener who plays the body from its first audio byte on, pausing whenever it
-    runs out: one per underrun, in seconds."""
+    runs out: one per underrun, in seconds. `until`: when the body was cut (a request still running
+    at a level's end); a listener whose audio had run out by then is waiting, and that wait counts."""
     play_end, prev = None, 0
     for t, n in arrivals:
         if play_end is None:
@@ -241,14 +242,17 @@ def _waits(arrivals: Sequence[tuple[float, int]], sample_rate: int) -> Iterator[
             play_end = t
         play_end += (n - prev) / sample_rate
         prev = n
+    if until is not None and play_end is not None and until > play_end:
+        yield until - play_end
 
 
-def stall_s(arrivals: Sequence[tuple[float, int]], sample_rate: int) -> float:
+def stall_s(arrivals: Sequence[tuple[float, int]], sample_rate: int, until: float | None = None) -> float:
     """Seconds a listener playing the body from its first audio byte on (pausing whenever it runs
-    out) would have waited for audio: the underruns of a streamed response, in total."""
-    return float(sum(_waits(arrivals, sample_rate)))
+    out) would have waited for audio: the underruns of a streamed response, in total (`until`: see
+    `_waits`)."""
+    return float(sum(_waits(arrivals, sample_rate, until)))
 
 
-def longest_stall_s(arrivals: Sequence[tuple[float, int]], sample_rate: int) -> float:
+def longest_stall_s(arrivals: Sequence[tuple[float, int]], sample_rate: int, until: float | None = None) -> float:
     """The longest single wait of that listener (0.0: it never ran dry)."""
-    return max(_waits(arrivals, sample_rate), default=0.0)
+    return max(_waits(arrivals, sample_rate, until), default=0.0)

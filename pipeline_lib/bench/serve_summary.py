@@ -10,8 +10,10 @@ the bound; to the cut if none ended in between.
 
 Requests still running `drain_s` after the time bound are cut: not errors, and their times so far
 enter the TTFA and latency percentiles as lower bounds (both loops). In the open loop their playback
-so far also counts in the stall figures and the capacity rule (the long requests are the ones most
-likely still running when a level ends; leaving them out would flatter an overloaded level).
+so far also counts in the stall figures and the capacity rule, up to the cut (a listener whose audio
+had run out by then is waiting, and that wait counts); a cut request with no audio yet played nothing
+and counts against the smooth share. The long requests are the ones most likely still running when a
+level ends; leaving them out would flatter an overloaded level.
 
 The capacity rule on the open loop's rows: pipeline_lib.bench.capacity.
 """
@@ -85,10 +87,10 @@ OPEN_COLUMNS = (
     "ttfa_p95_ms",
     "latency_p50_ms",
     "latency_p95_ms",
-    "stall_p50_ms",      # total stall per response (complete and cut), as in the closed loop
+    "stall_p50_ms",      # total stall per response heard (complete, or cut after some audio; up to the cut)
     "stall_p95_ms",
-    "stalled_over_limit_share",  # of the responses (complete and cut): share with a single stall over STALL_LIMIT_S
-    "smooth_share",      # of all requests sent: share that played without a stall over STALL_LIMIT_S
+    "stalled_over_limit_share",  # of the responses heard: share with a single stall over STALL_LIMIT_S
+    "smooth_share",      # of all requests sent: share heard without a stall over STALL_LIMIT_S (the capacity rule)
     "within_capacity",   # 1: this rate passes the capacity rule, 0: it does not
     "settle_s",
     "load_avg",
@@ -186,11 +188,18 @@ def peak_in_flight(requests: Sequence[RequestResult]) -> int:
 
 def summarize_open_level(level: LevelResult, sample_rate: int, long_texts: Collection[int] = ()) -> dict[str, Any]:
     """An open-loop level's figures (a subset of OPEN_COLUMNS). `long_texts`: the text indices that
-    are long (for `long_sent`). Stalls count complete and cut responses (see the module docstring)."""
+    are long (for `long_sent`). Stalls count complete responses and cut ones with audio (see the
+    module docstring); smooth_share: of all requests sent, those heard without a stall over the limit."""
     reqs = level.requests
-    heard = [r for r in reqs if r.ok or r.error == "cut"]
-    stalls = [stall_s(r.arrivals, sample_rate) for r in heard]
-    longest = [longest_stall_s(r.arrivals, sample_rate) for r in heard]
+    # Heard: complete, or cut after some audio (a cut listener whose audio had run out is still waiting:
+    # that wait counts). A cut request with no audio yet plays nothing (its wait is its TTFA).
+    heard = [r for r in reqs if r.ok or (r.error == "cut" and r.arrivals)]
+
+    def until(r: RequestResult) -> float | None:
+        return r.started + r.total_s if r.error == "cut" and r.total_s is not None else None
+
+    stalls = [stall_s(r.arrivals, sample_rate, until(r)) for r in heard]
+    longest = [longest_stall_s(r.arrivals, sample_rate, until(r)) for r in heard]
     over = sum(s > STALL_LIMIT_S for s in longest)
     row = {
         "rate_per_s": level.rate,
