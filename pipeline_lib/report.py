@@ -5,8 +5,9 @@ the benchmark metrics JSON (headline figures), the parity metrics JSON files, an
 source.json, and the environment the benchmark ran in (CPU, cores, library versions, when: the benchmark
 stage's bench_env.json, `pipeline_lib.environment.Environment.here()` in that stage); without that file
 it is read where the report is built, and the report says so.
-With the server load benchmark's CSV (serve.csv, pipeline_lib.bench.serve_load.COLUMNS) the report
-gains the section "Server under load" (`serve_lines`).
+With the server load benchmark's CSV (serve.csv, pipeline_lib.bench.serve_summary.COLUMNS) the report
+gains the section "Server under load" (pipeline_lib.report_serve), with the open loop's table and the
+capacity when serve_open.csv is given too.
 Every number in the report is formatted by `fmt` from those inputs; none is written here.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 # Environment and its helpers live in pipeline_lib.environment (the benchmark stage records one); the
 # report reads them, and they stay importable from here.
@@ -23,6 +24,8 @@ from pipeline_lib.environment import ENV_JSON, Environment, cpu_model, utc_now  
 from pipeline_lib import recommend, registry
 from pipeline_lib.errors import InputError
 from pipeline_lib.registry import BACKENDS, DISPLAY_NAMES, PRECISIONS, REFERENCES, TARGETS
+from pipeline_lib.report_format import columns_table, fmt, md_table  # noqa: F401  (fmt: the report's readers)
+from pipeline_lib.report_serve import SERVE_PNG, serve_lines  # noqa: F401
 
 RANDOM_WEIGHTS_LINE = "**Random weights: audio is noise, timings are valid.**"
 XRT_PNG = "xrt_by_backend.png"
@@ -49,32 +52,6 @@ RUN_TABLE = (
     ("batch_audio_s", "batch audio (s)"), ("batch_wall_s", "batch wall (s)"), ("load_avg", "load average"),
     ("note", "note"),
 )
-
-
-def fmt(value: Any) -> str:
-    """How the report writes a value: 4 significant digits for floats, ints as they are, '-' for missing."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            value = value.item()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        if value == int(value) and abs(value) < 1e6:
-            return str(int(value))
-        return f"{value:.4g}"
-    return str(value)
 
 
 def read_json(path: Path | str) -> Any:
@@ -112,16 +89,6 @@ def _sort_key(row: Mapping[str, Any]) -> tuple:
 def _records(df) -> list[dict[str, Any]]:
     rows = df.to_dict("records")
     return sorted(rows, key=_sort_key)
-
-
-def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _columns_table(rows: Sequence[Mapping[str, Any]], spec: Sequence[tuple[str, str]]) -> str:
-    return md_table([h for _, h in spec], ([r.get(c) for c, _ in spec] for r in rows))
 
 
 def checkpoint_lines(source: Mapping[str, Any]) -> list[str]:
@@ -178,6 +145,7 @@ def build_markdown(
     convert: Mapping[str, Mapping[str, Any]] | None = None,
     serve: Sequence[Mapping[str, Any]] | None = None,
     peer: Mapping[str, Any] | None = None,
+    serve_open: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     out: list[str] = ["# Soprano CPU inference report", ""]
     if source.get("random_weights"):
@@ -220,14 +188,14 @@ def build_markdown(
     out += ["## Real-time factor by backend, precision and threads", "",
             "Speedups are x real time over the PyTorch reference at the same thread count, and over fp32 of the "
             "same backend and threads.", "",
-            _columns_table(rows, RTF_TABLE), ""]
+            columns_table(rows, RTF_TABLE), ""]
     out += ["## Per-stage times", "",
             "One synthesis: the median of the repeats by wall time, so the stages add up to the wall time. "
             "Per token: one LM decode step (choosing the token and its forward pass). "
             "Other: text front end, tokenizer and glue (wall minus LM, decoder and ISTFT). "
             "Upstream's LM is not split into prefill and decode, and its decoder time includes the ISTFT.", "",
-            _columns_table(rows, STAGE_TABLE), ""]
-    out += ["## Runs", "", _columns_table(rows, RUN_TABLE), ""]
+            columns_table(rows, STAGE_TABLE), ""]
+    out += ["## Runs", "", columns_table(rows, RUN_TABLE), ""]
     out += ["## Parity (exported vs torch reference)", ""]
     if parity:
         out += [by_metric_tables(parity), ""]
@@ -236,7 +204,7 @@ def build_markdown(
     if convert:
         out += ["## Conversion (time and size per converted target)", "", by_metric_tables(convert), ""]
     if serve:
-        out += serve_lines(serve, rows)
+        out += serve_lines(serve, rows, serve_open)
     if peer:
         out += peer_lines(peer)
     out += ["## Plots", ""]
@@ -421,106 +389,6 @@ def per_token_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             md_table(["figure", "threads", "first (ms)", "second (ms)", "ratio", "target", "verdict"], table), ""]
 
 
-SERVE_PNG = "serve_xrt.png"  # written beside serve.csv by the serve_bench stage
-SERVE_TABLE = (
-    ("server", "server"), ("clients", "clients"), ("requests_sent", "requests"), ("requests_ok", "complete"),
-    ("errors", "errors"), ("errors_by_status", "errors by status"), ("cut", "cut at the time bound"),
-    ("window_s", "window (s)"), ("audio_s", "audio (s)"), ("xrt", "x real time"), ("ttfa_p50_ms", "TTFA p50 (ms)"),
-    ("ttfa_p95_ms", "TTFA p95 (ms)"), ("latency_p50_ms", "latency p50 (ms)"), ("latency_p95_ms", "latency p95 (ms)"),
-    ("stall_p50_ms", "playback stalls p50 (ms)"), ("stall_p95_ms", "playback stalls p95 (ms)"),
-    ("settle_s", "idle wait before (s)"), ("load_avg", "load average"),
-)
-# Targets of the project's serving issue: our server at 8 concurrent clients against 1 client and
-# against upstream's server at 8, its 1-client time to first audio against the runtime's own
-# streaming first chunk (reports/bench.csv), and its p95 time to first audio at 8 against 1 client.
-SERVE_SCALING_TARGET = 3.0
-SERVE_UPSTREAM_TARGET = 10.0
-SERVE_TTFA_OVERHEAD_TARGET = 1.2
-SERVE_TTFA_P95_GROWTH_TARGET = 4.0
-
-
-def serve_lines(serve: Sequence[Mapping[str, Any]], bench: Sequence[Mapping[str, Any]] = ()) -> list[str]:
-    """The "Server under load" section: the table of serve.csv (one row per server x level), the
-    ratios the serving issue targets with verdicts, and the plot. `bench`: the benchmark's rows, for
-    the runtime's streaming first chunk of the same backend, precision and threads as our server."""
-
-    def num(r: Mapping[str, Any] | None, key: str) -> float:
-        try:
-            v = float(r.get(key)) if r is not None and r.get(key) is not None else math.nan
-        except (TypeError, ValueError):
-            return math.nan
-        return v
-
-    def level(server: str, clients: int) -> Mapping[str, Any] | None:
-        return next((r for r in serve if r["server"] == server and int(r["clients"]) == clients), None)
-
-    rows = sorted(serve, key=lambda r: (0 if r["server"] == "ours" else 1, int(r["clients"])))
-    ours1, ours8, up8 = level("ours", 1), level("ours", 8), level("upstream", 8)
-    chunk_row = None
-    if ours1 is not None:
-        chunk_row = next((b for b in bench if b["backend"] == ours1["backend"] and b["precision"] == ours1["precision"]
-                          and int(b["threads"]) == int(ours1["threads"])), None)
-    table = []
-
-    def add(what: str, a: float, b: float, target: float, higher: bool, how: str) -> None:
-        ratio = a / b if not (math.isnan(a) or math.isnan(b)) and b != 0 else math.nan
-        verdict = "-" if math.isnan(ratio) else ("met" if (ratio >= target if higher else ratio <= target) else "not met")
-        table.append([what, fmt(a), fmt(b), fmt(ratio), (">= " if higher else "<= ") + fmt(target), verdict, how])
-
-    add("x real time, ours at 8 clients over ours at 1", num(ours8, "xrt"), num(ours1, "xrt"), SERVE_SCALING_TARGET,
-        True, "aggregate audio s / wall s")
-    add("x real time, ours at 8 clients over upstream at 8", num(ours8, "xrt"), num(up8, "xrt"),
-        SERVE_UPSTREAM_TARGET, True, "same checkpoint, threads and token count")
-    chunk_what = ("runtime first chunk: " + (chunk_row["config"] if chunk_row is not None and "config" in chunk_row
-                                            else "no benchmark row of the same backend, precision and threads"))
-    add("TTFA at 1 client (p50, ms) over the runtime's streaming first chunk (ms)", num(ours1, "ttfa_p50_ms"),
-        num(chunk_row, "first_chunk_ms"), SERVE_TTFA_OVERHEAD_TARGET, False, chunk_what + " (reports/bench.csv)")
-    add("TTFA p95, ours at 8 clients over 1 client (ms)", num(ours8, "ttfa_p95_ms"), num(ours1, "ttfa_p95_ms"),
-        SERVE_TTFA_P95_GROWTH_TARGET, False, "p95 time to first audio byte")
-    below = [r for r in serve if r["server"] == "ours" and not math.isnan(num(r, "max_queue"))
-             and int(r["clients"]) <= num(r, "max_queue")]
-    errors = sum(int(num(r, "errors")) for r in below if not math.isnan(num(r, "errors")))
-    if below:
-        table.append(["errors, ours, levels at or below the queue limit (max_queue "
-                      f"{fmt(int(num(below[0], 'max_queue')))})", fmt(errors), "-", "-", "= 0",
-                      "met" if errors == 0 else "not met",
-                      "clients " + ", ".join(fmt(int(r["clients"])) for r in below)])
-    tokens = sorted({int(num(r, "max_new_tokens")) for r in serve if not math.isnan(num(r, "max_new_tokens"))})
-    threads = sorted({int(num(r, "threads")) for r in serve if not math.isnan(num(r, "threads"))})
-    fmts = ", ".join(f"{s}: {f}" for s, f in dict((r["server"], r["response_format"]) for r in rows).items())
-    # The server uses `threads` cores and the load generator a little: a higher load is other work.
-    busy = [r for r in rows if num(r, "load_avg") > num(r, "threads") + 1]
-    busy_lines = [f"> **Other work competed for the cores in {len(busy)} of {len(rows)} levels** (1-minute load "
-                  f"average above threads + 1, up to {fmt(max(num(r, 'load_avg') for r in busy))}; column `load "
-                  "average`): their figures are low, upstream's most (torch's thread pool slows down sharply when "
-                  "a core is taken).", ""] if busy else []
-    return [
-        "## Server under load", "",
-        f"> **Random weights produce noise, not speech; max_new_tokens is fixed at {', '.join(map(fmt, tokens))} "
-        "tokens per sentence for both servers** (random weights never emit [STOP]; upstream's generate() is held "
-        "to the same count), so every complete response is (max_new_tokens - 1) x samples per token samples per "
-        "sentence; any other length counts as an error (`incomplete`).", "",
-        f"Concurrent clients on loopback (closed loop: each posts its next request when one ends; the texts of "
-        f"`pipeline_lib.bench.serve_load.TEXTS` in turn, one or two sentences each), against our server "
-        f"(`soprano-onnx serve`) and upstream's (`soprano.server` on the same checkpoint, transformers on CPU), each "
-        f"in its own process with {', '.join(map(fmt, threads))} threads, one after the other (formats: {fmts}). "
-        "x real time: audio seconds received by all clients within the window per second of it (the window runs "
-        "from the level's start to the first request end after its time bound, so that it ends on a request "
-        "boundary). TTFA: request start to the first audio byte (WAV: after the header; "
-        "upstream sends its WAV in one piece, so its TTFA is its latency). Playback stalls: how long a listener who "
-        "plays each complete response from its first audio byte on, pausing whenever it runs out, would have waited "
-        "for audio (per response; upstream's WAV is not streamed, so none). Requests still running past the time "
-        "bound plus a drain time are cut: not errors, and their times so far enter the percentiles as lower bounds; "
-        "upstream's server cannot notice a client that left (its handler blocks its event loop), so each level "
-        "waits until the server process is idle (`idle wait before`). "
-        "The load generator shares the machine with the server, and on a shared machine one run is one sample.", "",
-        *busy_lines,
-        _columns_table(rows, SERVE_TABLE), "",
-        md_table(["figure", "value", "against", "ratio", "target", "verdict", "how"], table), "",
-        f"![x real time and p95 time to first audio against concurrent clients]({SERVE_PNG})", "",
-    ]
-
-
 def _label(row: Mapping[str, Any]) -> str:
     name = BACKEND_NAMES.get(row["backend"], row["backend"])
     return f"{name}\n{row['precision']}"
@@ -644,6 +512,7 @@ def build_report(
     env_json: Path | None = None,
     serve_csv: Path | None = None,
     peer_json: Path | None = None,
+    serve_open_csv: Path | None = None,
 ) -> Path:
     """Write out_dir/report.md, out_dir/xrt_by_backend.png and out_dir/stage_breakdown.png. The
     environment: `env`, else the benchmark's record `env_json` (ENV_JSON), else read here."""
@@ -664,8 +533,11 @@ def build_report(
             plot(rows, tmp)
     convert = read_parity(list(convert_files))  # same shape: {target: {figure: value}}
     serve = pd.read_csv(serve_csv, keep_default_na=False, na_values=[""]).to_dict("records") if serve_csv else None
+    serve_open = (pd.read_csv(serve_open_csv, keep_default_na=False, na_values=[""]).to_dict("records")
+                  if serve_open_csv else [])
     peer = read_json(peer_json) if peer_json is not None and Path(peer_json).is_file() else None
-    text = build_markdown(rows, metrics, parity, source, env, convert=convert, serve=serve, peer=peer)
+    text = build_markdown(rows, metrics, parity, source, env, convert=convert, serve=serve, peer=peer,
+                          serve_open=serve_open)
     with atomic_file(out_dir / "report.md") as tmp:
         tmp.write_text(text)
     return out_dir / "report.md"

@@ -44,8 +44,10 @@ def fresh_clone(tmp_path_factory, copy_repo):
     for key, value in (("steps", 12), ("rounds", 1)):  # bench.peer
         bench.write_text(re.sub(rf"^  {key}: \S+", f"  {key}: {value}", bench.read_text(), flags=re.M))
     serve = dest / "conf/serve_bench/default.yaml"
-    for key, value in (("clients", "[1, 2]"), ("max_new_tokens", 16), ("max_requests", 2), ("level_s", 3), ("drain_s", 5),
-                       ("upstream_level_s", 3), ("upstream_drain_s", 5), ("idle_timeout_s", 5), ("warmup_requests", 1)):
+    for key, value in (("clients", "[1, 2]"), ("upstream_clients", "[1]"), ("max_new_tokens", 16), ("max_requests", 2),
+                       ("level_s", 3), ("drain_s", 5), ("upstream_level_s", 3), ("upstream_drain_s", 5),
+                       ("idle_timeout_s", 5), ("warmup_requests", 1), ("open_streams", "[2]"), ("open_level_s", 3),
+                       ("open_drain_s", 5)):
         serve.write_text(re.sub(rf"^{key}:[^#\n]*", f"{key}: {value} ", serve.read_text(), flags=re.M))
     (dest / "params.yaml").write_text(yaml.safe_dump(compose(conf_dir=dest / "conf"), sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -64,7 +66,7 @@ def test_repro_builds_everything_then_nothing_then_only_dependents(fresh_clone):
                  "artifacts/export/lm/soprano_lm_step.onnx", "artifacts/export/lm/tokenizer.json", "metrics/parity.json",
                  "artifacts/openvino/int8/lm/soprano_lm_step.xml", "artifacts/onnx/int8/lm/soprano_lm_step.onnx",
                  "reports/bench.csv", "reports/bench_env.json", "reports/report.md", "reports/xrt_by_backend.png",
-                 "reports/serve.csv", "metrics/serve.json", "artifacts/onnx/int8/certificate.json",
+                 "reports/serve.csv", "reports/serve_open.csv", "metrics/serve.json", "artifacts/onnx/int8/certificate.json",
                  "artifacts/release/tiny/config.json", "artifacts/release/tiny/README.md",
                  "artifacts/release/tiny/onnx/soprano_lm_step_quantized.onnx"):
         assert (repo / path).is_file(), path

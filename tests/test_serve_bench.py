@@ -89,7 +89,8 @@ def test_load_generator_against_our_server_on_loopback(tiny_export, tmp_path):
     response complete (length checked against the rule), sane figures in every column."""
     settings = sl.LoadSettings(clients=(1, 2), max_requests=3, level_s=60, drain_s=60, max_new_tokens=TOKENS)
     spec = sl.ours_spec(tiny_export, threads=1, max_batch=4, max_queue=8)
-    rows = sl.bench_server(spec, settings, sl.AudioGeometry.from_model_dir(tiny_export), tmp_path / "ours.log")
+    rows, open_rows = sl.bench_server(spec, settings, sl.AudioGeometry.from_model_dir(tiny_export), tmp_path / "ours.log")
+    assert open_rows == []
     frame = _check_rows(rows, [1, 2], "ours")
     assert set(frame["response_format"]) == {"pcm"} and set(frame["max_queue"]) == {8}
     assert list(frame["requests_sent"]) == [3, 3]
@@ -254,13 +255,13 @@ def test_dvc_stage_declares_its_params_deps_and_outs():
     argv = st["cmd"].split()
     assert argv[:2] == ["python", "stages/serve_bench.py"]
     assert argv[2:] == ["artifacts/checkpoints/${checkpoint.name}", "${serve_bench.model}", "reports/serve.csv",
-                        "reports/serve_xrt.png", "metrics/serve.json"]
+                        "reports/serve_open.csv", "reports/serve_xrt.png", "metrics/serve.json"]
     deps = st["deps"]
     for d in ("stages/serve_bench.py", "pipeline_lib/server", "pipeline_lib/runtime", "pipeline_lib/bench",
               "artifacts/checkpoints/${checkpoint.name}", "${serve_bench.model}"):
         assert d in deps, d
     assert sorted(st["params"]) == ["serve_bench"]  # its own threads: a thread sweep does not rerun it
-    assert [next(iter(o)) for o in st["outs"]] == ["reports/serve.csv", "reports/serve_xrt.png"]
+    assert [next(iter(o)) for o in st["outs"]] == ["reports/serve.csv", "reports/serve_open.csv", "reports/serve_xrt.png"]
     assert [next(iter(m)) for m in st["metrics"]] == ["metrics/serve.json"]
     report = stages["report"]
     assert "reports/serve.csv" in report["deps"] and "--serve reports/serve.csv" in report["cmd"]

@@ -2,6 +2,8 @@
 
 `soprano-onnx bench` (pipeline_lib.bench.command) measures one configuration; the DVC `benchmark`
 stage sweeps every backend x precision x thread count and writes one tidy CSV row per configuration.
+The server load benchmark (`serve_bench` stage) is `serve_load` and its pieces: `serve_request`,
+`serve_process`, `serve_drivers` (closed and open loops), `serve_summary` and `capacity`.
 """
 
 from __future__ import annotations
