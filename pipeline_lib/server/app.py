@@ -334,25 +334,28 @@ class _JobResponse(StreamingResponse):
     """Streams a job's encoded audio; cancels the job when the client goes away (an
     `http.disconnect` while waiting, or a failed send) and always releases it at the end.
 
-    The status and headers go out with the first body bytes (or at the end of a job with none), so
-    they can say what the hallucination guard did before the audio began (GUARD_HEADERS: flagged
-    sentences, retries); the client waits for those bytes either way."""
+    With the hallucination guard on for the job, the status and headers go out with the first body
+    bytes (or at the end of a job with none), so they can say what the guard did before the audio
+    began (GUARD_HEADERS: flagged sentences, retries); the client waits for those bytes either way.
+    Without it they go out at once (a queued request's client sees its 200 before its turn), with 0s."""
 
     def __init__(self, job: SpeechJob, content: AsyncIterator[bytes], service: _Service, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.job, self.service = job, service
 
     async def stream_response(self, send: Send) -> None:
-        first: bytes | None = None
-        try:
-            first = await self.body_iterator.__anext__()  # type: ignore[attr-defined]
-        except StopAsyncIteration:
-            pass
+        first: bytes | None = b""
+        if self.job.request.guard.enabled:
+            try:
+                first = await self.body_iterator.__anext__()  # type: ignore[attr-defined]
+            except StopAsyncIteration:
+                first = None
         for name, value in zip(GUARD_HEADERS, (self.job.hallucinations, self.job.retries)):
             self.raw_headers.append((name.encode("latin-1"), str(value).encode("latin-1")))
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         if first is not None:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
+            if first:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

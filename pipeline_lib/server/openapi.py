@@ -127,7 +127,8 @@ _REQUEST_ID = {REQUEST_ID_HEADER: {"description": "The request's id (the client'
                                    "required": True, "schema": {"type": "string", "minLength": 1}}}
 _GUARD_HEADERS = {
     "x-soprano-hallucinations": {"description": "Sentences the hallucination guard flagged before the audio began "
-                                                "(the whole response's count is in the SSE done event and the metrics).",
+                                                "(guarded requests; 0 without the guard; the whole response's count is in the "
+                                                "SSE done event and the metrics).",
                                  "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "x-soprano-hallucination-retries": {"description": "Flagged sentences generated again before the audio began.",
                                         "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}},
