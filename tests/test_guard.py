@@ -105,7 +105,7 @@ def test_the_rule_flags_a_run_and_marks_the_clean_point():
         if why[0]:
             break
     assert reasons[-1] == ["hallucination", ""] and len(reasons) == HALLUCINATION_MAX_RUNLENGTH + 2
-    assert rules.clean.tolist() == [1, len(reasons)]  # row 0: clean only at its first vector
+    assert rules.clean == [1, len(reasons)]  # row 0: clean only at its first vector
     assert release_blocks("clean", 5, False, "") == 4 and release_blocks("sentence", 5, False, "") == 0
     assert release_blocks("clean", 5, True, "hallucination") == 4 and release_blocks("sentence", 5, True, "stop") == np.inf
     assert release_blocks(None, 0, False, "") == np.inf

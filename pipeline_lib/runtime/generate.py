@@ -295,9 +295,9 @@ def generate_steps(
         tokens = select_tokens(logits, seen, params, gens)
         seen[np.arange(len(rows)), tokens] = True
         keep, reasons = rules.take(tokens, hidden)
-        done = reasons != ""
-        finished = [(int(rows[i]), str(reasons[i])) for i in np.flatnonzero(done)]
-        event = StepEvent(step, rows, tokens, hidden, keep, finished, rules.clean.copy())
+        done = np.array([bool(x) for x in reasons])
+        finished = [(int(rows[i]), reasons[i]) for i in np.flatnonzero(done)]
+        event = StepEvent(step, rows, tokens, hidden, keep, finished, np.array(rules.clean))
         if step > 0:
             timings.decode_s += time.perf_counter() - t_step
             timings.decode_steps += 1

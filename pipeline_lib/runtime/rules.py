@@ -90,41 +90,47 @@ DEFAULT_GUARD = GuardSettings()
 
 
 class RowRules:
-    """The stop / length / guard rule for `rows` rows that started together (module docstring)."""
+    """The stop / length / guard rule for `rows` rows that started together (module docstring). Per-row
+    counters are Python lists (`steps`, `kept`, `clean`, `run`): batches are a few rows, and the
+    scheduler keeps one per row, where numpy's per-call cost would exceed the rule's work."""
 
     def __init__(self, rows: int, hidden_size: int, stop_id: int, max_new_tokens: int, guard: bool) -> None:
         self.stop_id, self.max_new_tokens, self.guard = int(stop_id), int(max_new_tokens), bool(guard)
-        self.steps = np.zeros(rows, dtype=np.int64)  # tokens taken
-        self.kept = np.zeros(rows, dtype=np.int64)  # hidden vectors kept
-        self.clean = np.zeros(rows, dtype=np.int64)  # hidden vectors kept when the guard's counter was last 0
-        self.run = np.zeros(rows, dtype=np.int64)
+        self.steps = [0] * rows  # tokens taken
+        self.kept = [0] * rows  # hidden vectors kept
+        self.clean = [0] * rows  # hidden vectors kept when the guard's counter was last 0
+        self.run = [0] * rows
         self.prev = np.zeros((rows, hidden_size), dtype=np.float32) if guard else None
 
-    def take(self, tokens: np.ndarray, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def take(self, tokens: np.ndarray, hidden: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """One step: row i took `tokens[i]`, produced by `hidden[i]`. Returns (keep: the hidden state
         is kept, i.e. the token is not [STOP]; reasons: "" for a row that goes on, else why it ended)."""
-        keep = tokens != self.stop_id
-        self.steps += 1
-        reasons = np.where(keep, "", "stop").astype(object)
-        if self.guard:
-            counted = keep & (self.kept > 0)
-            similar = np.abs(hidden - self.prev).sum(axis=-1) < HALLUCINATION_DIFF_THRESHOLD
-            self.run = np.where(counted & similar, self.run + 1,
-                                np.where(counted, np.maximum(self.run - 1, 0), self.run))
-            self.prev = np.where(keep[:, None], hidden, self.prev)
-            flagged = keep & (self.run > HALLUCINATION_MAX_RUNLENGTH)
-            reasons = np.where(flagged, "hallucination", reasons)
-        self.kept += keep
-        if self.guard:
-            self.clean = np.where(self.run == 0, self.kept, self.clean)
-        else:
-            self.clean = self.kept
-        reasons = np.where((reasons == "") & (self.steps >= self.max_new_tokens), "length", reasons)
-        return keep, reasons
+        dist = np.abs(hidden - self.prev).sum(axis=-1).tolist() if self.prev is not None else None
+        keep, reasons = [], []
+        for i, token in enumerate(np.asarray(tokens).tolist()):
+            k = token != self.stop_id
+            self.steps[i] += 1
+            reason = "" if k else "stop"
+            if dist is not None and k:
+                if self.kept[i] > 0:  # a near-repeat of the previous kept state counts up, else down
+                    self.run[i] = self.run[i] + 1 if dist[i] < HALLUCINATION_DIFF_THRESHOLD else max(self.run[i] - 1, 0)
+                self.prev[i] = hidden[i]  # type: ignore[index]
+                if self.run[i] > HALLUCINATION_MAX_RUNLENGTH:
+                    reason = "hallucination"
+            self.kept[i] += k
+            if self.run[i] == 0:
+                self.clean[i] = self.kept[i]
+            if not reason and self.steps[i] >= self.max_new_tokens:
+                reason = "length"
+            keep.append(k)
+            reasons.append(reason)
+        return np.array(keep, dtype=bool), reasons
 
     def select(self, idx: np.ndarray) -> None:
         """Keep rows `idx` only (the rows that go on)."""
-        self.steps, self.kept, self.clean, self.run = self.steps[idx], self.kept[idx], self.clean[idx], self.run[idx]
+        pick = np.asarray(idx).tolist()
+        self.steps, self.kept = [self.steps[i] for i in pick], [self.kept[i] for i in pick]
+        self.clean, self.run = [self.clean[i] for i in pick], [self.run[i] for i in pick]
         if self.prev is not None:
             self.prev = self.prev[idx]
 

@@ -464,7 +464,7 @@ class BatchScheduler(WindowPhase):
             if r.n > 1:  # n hidden vectors give n - 1 blocks of audio
                 r.job.generated_samples += self.tts.samples_per_token
         if reasons[0]:
-            r.finished, r.reason = True, str(reasons[0])
+            r.finished, r.reason = True, reasons[0]
         r.logits = None
 
     def _flagged(self, r: _Row) -> bool:
