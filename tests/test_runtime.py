@@ -20,12 +20,11 @@ import pytest
 from pipeline_lib.errors import InputError, MissingBackendError, ModelFileError
 from pipeline_lib.runtime.backends import LMBackend
 from pipeline_lib.runtime.generate import (
-    HALLUCINATION_MAX_RUNLENGTH,
-    HallucinationGuard,
     KVCache,
     LMSpec,
     generate,
 )
+from pipeline_lib.runtime.rules import HALLUCINATION_MAX_RUNLENGTH, RowRules
 from pipeline_lib.runtime.sampling import SamplingParams, row_generators
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -604,10 +603,10 @@ def test_hallucination_guard_matches_upstream_rule():
         # Mix of near-repeats (L1 < 300) and jumps over 512 dims.
         steps = np.where(rng.random((n, 1)) < 0.8, rng.normal(0, 0.1, (n, 512)), rng.normal(0, 3.0, (n, 512)))
         states = np.cumsum(steps, axis=0).astype(np.float32)
-        guard = HallucinationGuard(1, 512)
+        guard = RowRules(1, 512, stop_id=-1, max_new_tokens=10_000, guard=True)
         flagged_at = None
         for i in range(n):
-            if guard.update(states[i:i + 1], np.array([True]))[0] and flagged_at is None:
+            if guard.take(np.array([7]), states[i:i + 1])[1][0] == "hallucination" and flagged_at is None:
                 flagged_at = i
         expected = soprano_tts.SopranoTTS.hallucination_detector(None, torch.from_numpy(states))
         assert (flagged_at is not None) == expected, trial

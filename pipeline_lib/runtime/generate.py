@@ -3,7 +3,8 @@
 * Prefill runs each prompt alone (see `_prefill`), and the rows' caches are gathered left-padded:
   attention_mask marks the real tokens, and each row's positions count its own tokens only.
 * Each decode step feeds the sampled token of every still-running row with the KV cache as
-  `past_*` inputs. A row stops on its own at [STOP] (finish reason "stop"),
+  `past_*` inputs. A row stops on its own by rules.RowRules (the one stop / length / guard rule,
+  shared with the server's scheduler): at [STOP] (finish reason "stop"),
   after `max_new_tokens` tokens ("length") or, with the hallucination guard on, when its hidden
   states repeat ("hallucination"). Finished rows leave the batch at once (the cache arrays are
   sliced to the running rows, and left-padding columns no running row needs are trimmed), so they
@@ -45,6 +46,7 @@ from pipeline_lib.errors import InputError, ModelFileError
 from pipeline_lib.registry import KV_CACHE_INPUTS, KV_CACHE_STATE
 from pipeline_lib.runtime.backends import LMBackend
 from pipeline_lib.runtime.kv_cache import KV_BUCKET, KVCache, StateCache
+from pipeline_lib.runtime.rules import RowRules
 from pipeline_lib.runtime.sampling import SamplingParams, select_tokens
 
 __all__ = [
@@ -55,16 +57,10 @@ __all__ = [
     "StepEvent",
     "GenerationTimings",
     "GenerationOutput",
-    "HallucinationGuard",
     "generate_steps",
     "generate",
     "validate_max_new_tokens",
 ]
-
-# Upstream's hallucination_detector constants: a run of near-identical consecutive hidden states.
-HALLUCINATION_DIFF_THRESHOLD = 300.0  # L1 distance below which two consecutive states count as "same"
-HALLUCINATION_MAX_RUNLENGTH = 16
-
 
 @dataclass(frozen=True)
 class LMSpec:
@@ -151,7 +147,8 @@ class LMSpec:
 class StepEvent:
     """One forward pass's result: row `rows[i]` (index into the prompts) got token `tokens[i]`,
     produced by hidden state `hidden[i]`. `keep[i]` is False for [STOP] (no hidden vector for it).
-    `finished` lists the rows that ended at this step with their reason."""
+    `finished` lists the rows that ended at this step with their reason; `clean[i]` is row i's
+    hidden vectors kept when the guard's counter was last 0 (rules.RowRules.clean)."""
 
     step: int
     rows: np.ndarray
@@ -159,6 +156,7 @@ class StepEvent:
     hidden: np.ndarray
     keep: np.ndarray
     finished: list[tuple[int, str]]
+    clean: np.ndarray | None = None
 
 
 @dataclass
@@ -183,35 +181,13 @@ class GenerationOutput:
     tokens: list[np.ndarray]  # per prompt: generated ids, [STOP] included when it ended the row
     finish_reasons: list[str]
     timings: GenerationTimings = field(default_factory=GenerationTimings)
+    clean: list[int] = field(default_factory=list)  # per prompt: rules.RowRules.clean when it ended
 
 
 def validate_max_new_tokens(max_new_tokens: int, limit: int) -> int:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or not 1 <= max_new_tokens <= limit:
         raise InputError(f"max_new_tokens must be an int in 1..{limit} (the model's max_position_embeddings), got {max_new_tokens!r}")
     return int(max_new_tokens)
-
-
-class HallucinationGuard:
-    """Upstream's hallucination_detector, online: per row, a counter that grows by one for each new
-    hidden state within L1 distance 300 of the previous one and shrinks by one (not below 0)
-    otherwise; the row is flagged when it exceeds 16."""
-
-    def __init__(self, rows: int, hidden_size: int) -> None:
-        self.prev = np.zeros((rows, hidden_size), dtype=np.float32)
-        self.has_prev = np.zeros(rows, dtype=bool)
-        self.run = np.zeros(rows, dtype=np.int64)
-
-    def update(self, hidden: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """Feed this step's states (rows with keep False are skipped); returns the flagged rows."""
-        similar = np.abs(hidden - self.prev).sum(axis=-1) < HALLUCINATION_DIFF_THRESHOLD
-        counted = keep & self.has_prev
-        self.run = np.where(counted & similar, self.run + 1, np.where(counted, np.maximum(self.run - 1, 0), self.run))
-        self.prev = np.where(keep[:, None], hidden, self.prev)
-        self.has_prev |= keep
-        return self.run > HALLUCINATION_MAX_RUNLENGTH
-
-    def select(self, idx: np.ndarray) -> None:
-        self.prev, self.has_prev, self.run = self.prev[idx], self.has_prev[idx], self.run[idx]
 
 
 def _prefill_stateful(
@@ -301,7 +277,7 @@ def generate_steps(
         seen[r, np.asarray(p, dtype=np.int64)] = True
     next_pos = mask.sum(axis=1)  # position of the next token of each row
     rows = np.arange(batch)
-    guard = HallucinationGuard(batch, spec.hidden_size) if hallucination_guard else None
+    rules = RowRules(batch, spec.hidden_size, spec.stop_id, max_new_tokens, hallucination_guard)
     new_kv_names = spec.new_kv_names
 
     stateful = bool(getattr(lm, "stateful", False))
@@ -318,18 +294,10 @@ def generate_steps(
         hidden = np.array(out["hidden_states"][:, -1, :], dtype=np.float32)  # a copy: outputs may be reused
         tokens = select_tokens(logits, seen, params, gens)
         seen[np.arange(len(rows)), tokens] = True
-        keep = tokens != spec.stop_id
-        done = ~keep
-        reasons = np.where(done, "stop", "")
-        if guard is not None:
-            flagged = guard.update(hidden, keep) & keep
-            reasons = np.where(flagged, "hallucination", reasons)
-            done |= flagged
-        if step == max_new_tokens - 1:
-            reasons = np.where(done, reasons, "length")
-            done[:] = True
-        finished = [(int(rows[i]), str(reasons[i])) for i in np.flatnonzero(done)]
-        event = StepEvent(step, rows, tokens, hidden, keep, finished)
+        keep, reasons = rules.take(tokens, hidden)
+        done = np.array([bool(x) for x in reasons])
+        finished = [(int(rows[i]), reasons[i]) for i in np.flatnonzero(done)]
+        event = StepEvent(step, rows, tokens, hidden, keep, finished, np.array(rules.clean))
         if step > 0:
             timings.decode_s += time.perf_counter() - t_step
             timings.decode_steps += 1
@@ -345,8 +313,7 @@ def generate_steps(
             cache.select(idx, _cache_bucket(lm, len(idx), kv_bucket))
             if gens is not None:
                 gens = [gens[i] for i in idx]
-            if guard is not None:
-                guard.select(idx)
+            rules.select(idx)
         feed = cache.feed()
         feed["input_ids"] = tokens[:, None]
         feed["position_ids"] = next_pos[:, None]
@@ -378,6 +345,7 @@ def generate(
     n_tokens = np.zeros(batch, dtype=np.int64)
     n_hidden = np.zeros(batch, dtype=np.int64)
     reasons = [""] * batch
+    clean = [0] * batch
     for ev in generate_steps(
         lm, spec, prompt_ids, max_new_tokens=max_new_tokens, params=params, generators=generators,
         hallucination_guard=hallucination_guard, timings=timings, kv_bucket=kv_bucket,
@@ -389,9 +357,11 @@ def generate(
         n_hidden[kept] += 1
         for row, reason in ev.finished:
             reasons[row] = reason
+            clean[row] = int(ev.clean[list(ev.rows).index(row)])
     return GenerationOutput(
         hidden=[hidden[r, : n_hidden[r]].copy() for r in range(batch)],
         tokens=[tokens[r, : n_tokens[r]].copy() for r in range(batch)],
         finish_reasons=reasons,
         timings=timings,
+        clean=clean,
     )

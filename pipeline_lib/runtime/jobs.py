@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Iterator, Protocol
 import numpy as np
 
 from pipeline_lib.errors import SopranoOnnxError
+from pipeline_lib.runtime.rules import DEFAULT_GUARD, GuardSettings
 from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULTS, SamplingParams
 
 __all__ = [
@@ -50,7 +51,8 @@ class JobCancelled(SopranoOnnxError):
 
 @dataclass(frozen=True)
 class SpeechRequest:
-    """One text to speak, with the runtime's sampling settings (defaults: greedy, as SopranoTTS)."""
+    """One text to speak, with the runtime's sampling settings (defaults: greedy, as SopranoTTS) and
+    the hallucination guard's (runtime.rules: off by default; `hallucination_retries` > 0 turns it on)."""
 
     text: str
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -59,10 +61,17 @@ class SpeechRequest:
     top_k: int = DEFAULTS.top_k
     repetition_penalty: float = DEFAULTS.repetition_penalty
     seed: int | None = None
+    hallucination_guard: bool = DEFAULT_GUARD.enabled
+    hallucination_retries: int = DEFAULT_GUARD.retries
 
     @property
     def params(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+
+    @property
+    def guard(self) -> GuardSettings:
+        """The guard's settings (validated: an InputError names a bad value)."""
+        return GuardSettings.of(self.hallucination_guard, self.hallucination_retries)
 
 
 class SchedulerObserver(Protocol):
@@ -78,6 +87,10 @@ class SchedulerObserver(Protocol):
 
     def on_audio(self, seconds: float) -> None:
         """`seconds` of audio were produced (any job)."""
+
+    def on_hallucination(self, retried: bool) -> None:
+        """The guard flagged a sentence; `retried`: it is generated again (else it ends at its clean
+        blocks). Optional: a scheduler calls it only where the observer has it."""
 
 
 _END = object()
@@ -106,6 +119,9 @@ class SpeechJob:
         self.read_samples = 0
         self.last_read_at = self.submitted_at
         self.generated_samples = 0  # audio the job's tokens stand for, decoded or not (the scheduler counts)
+        # The hallucination guard (runtime.rules): sentences it flagged, and retries made, so far.
+        self.hallucinations = 0
+        self.retries = 0
         self._items: collections.deque[Any] = collections.deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -118,6 +134,8 @@ class SpeechJob:
         self._next_emit = 0
         self._active = 0
         self._finished_rows: dict[int, Any] = {}
+        self._seed_base = 0  # the key of the job's sampling generators (rules.seed_base)
+        self._retry: list[tuple[int, int]] = []  # (sentence, attempt) flagged, to generate again
 
     # -- producer side (the scheduler's worker) --------------------------------------------------
     def _push(self, chunk: np.ndarray) -> None:
@@ -239,3 +257,4 @@ class NullObserver:
     def on_step(self, rows: int, queued: int, tokens: int, seconds: float) -> None: ...
     def on_first_audio(self, seconds: float) -> None: ...
     def on_audio(self, seconds: float) -> None: ...
+    def on_hallucination(self, retried: bool) -> None: ...

@@ -24,6 +24,11 @@ Contract:
   batch, each with its own KV history, so it resumes without a prefill) and starts no sentence
   until the consumer has read it down; a job whose consumer read nothing for `read_timeout_s`
   while audio waited for it (pushed and unread, or parked rows) is cancelled.
+* The hallucination guard (a request's `hallucination_guard` / `hallucination_retries`; the rule,
+  the holdback and the retry draw are runtime.rules'): a row's audio goes out only as far as
+  `holdback` releases it; a flagged sentence none of which was sent is generated again (a new row,
+  a new draw) while retries are left, otherwise it ends at its clean blocks. `SpeechJob.hallucinations`
+  / `retries` count them; the observer's `on_hallucination` (where it has one) hears of each.
 * `close(drain=True)` stops taking requests and returns when the jobs in flight have finished.
 """
 
@@ -50,6 +55,16 @@ from pipeline_lib.runtime.jobs import (
 )
 from pipeline_lib.runtime.kv_cache import KV_BUCKET, SlotCache
 from pipeline_lib.runtime.pacing import StepCosts, wants_next_sentence
+from pipeline_lib.runtime.rules import (
+    DEFAULT_HOLDBACK,
+    GuardSettings,
+    RowRules,
+    kept_after_flag,
+    may_retry,
+    retry_generator,
+    retry_params,
+    seed_base,
+)
 from pipeline_lib.runtime.sampling import SamplingParams, row_generators, select_tokens, validate_seed
 from pipeline_lib.runtime.windows import Row as _Row
 from pipeline_lib.runtime.windows import WindowPhase
@@ -121,6 +136,7 @@ class BatchScheduler(WindowPhase):
         max_prefill_tokens: int = 256,
         max_unread_s: float | None = None,
         read_timeout_s: float | None = None,
+        holdback: str = DEFAULT_HOLDBACK,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("first_chunk", first_chunk),
                         ("chunk_growth", chunk_growth), ("max_chunk", max_chunk), ("min_window", min_window),
@@ -139,6 +155,7 @@ class BatchScheduler(WindowPhase):
                 "batch; give the server the step model that takes the cache as inputs "
                 "(soprano_lm_step.xml for OpenVINO, or the .onnx)"
             )
+        self.holdback = GuardSettings(holdback=holdback).holdback  # validated: rules.HOLDBACKS
         if not isinstance(lane, bool):
             raise InputError(f"lane must be True or False, got {lane!r}")
         self.tts = tts
@@ -210,6 +227,7 @@ class BatchScheduler(WindowPhase):
         if not isinstance(request.text, str):
             raise InputError(f"text must be a str, got {type(request.text).__name__}")
         params = request.params
+        _ = request.guard  # validated here: a bad value is the caller's InputError
         seed = validate_seed(request.seed)
         validate_max_new_tokens(request.max_new_tokens, self.tts.spec.max_position_embeddings)
         if request.max_new_tokens < 2:
@@ -220,7 +238,8 @@ class BatchScheduler(WindowPhase):
         _, ids = self.tts.prepare([request.text])
         job = SpeechJob(request, self.tts.sample_rate)
         job._ids = ids
-        job._gens = None if params.greedy else row_generators(seed, range(len(ids)))
+        job._seed_base = seed_base(seed)
+        job._gens = None if params.greedy else row_generators(job._seed_base, range(len(ids)))
         with self._lock:
             self._check_open()
             self._queue.append(job)
@@ -363,7 +382,10 @@ class BatchScheduler(WindowPhase):
                 self._take_token(r, int(tok))
 
     def _wants_row(self, job: SpeechJob, now: float, alone: bool) -> bool:
-        """The job has a sentence to start now (pacing.wants_next_sentence)."""
+        """The job has a sentence to start now: a flagged one to generate again, or the next
+        (pacing.wants_next_sentence)."""
+        if job._retry:
+            return True
         if job._next_start >= len(job._ids):
             return False
         ahead = math.inf if job.play_end is None else job.play_end - now
@@ -393,8 +415,8 @@ class BatchScheduler(WindowPhase):
             if not waiting:
                 return joined
             job = min(waiting, key=lambda j: (j._active, j.submitted_at))
-            k = job._next_start
-            job._next_start += 1
+            k, attempt = job._retry.pop(0) if job._retry else (job._next_start, 0)
+            job._next_start += attempt == 0
             prompt = job._ids[k]
             budget -= len(prompt)
             try:
@@ -404,6 +426,10 @@ class BatchScheduler(WindowPhase):
                 continue
             spec = self.tts.spec
             row = _Row(job, k, prompt, spec.vocab_size, spec.hidden_size, self.first_chunk)
+            row.rules = RowRules(1, spec.hidden_size, spec.stop_id, row.max_new_tokens, job.request.guard.enabled)
+            if attempt:  # a retry of a flagged sentence: a new draw (rules)
+                row.attempt, row.params = attempt, retry_params(row.params)
+                row.gen = retry_generator(job._seed_base, k, attempt)
             row.logits, row.last_hidden = logits, hidden
             self._cache.add(kv)
             self.rows.append(row)
@@ -424,20 +450,43 @@ class BatchScheduler(WindowPhase):
         return kv, np.array(out["logits"][0, -1], dtype=np.float32), np.array(out["hidden_states"][0, -1], dtype=np.float32)
 
     def _take_token(self, r: _Row, token: int) -> None:
-        """The generation loop's rule (generate.generate_steps): the hidden state of the forward that
-        produced a token other than [STOP] is kept; a row ends at [STOP] or max_new_tokens."""
+        """The generation rule (rules.RowRules, as generate.generate_steps): the hidden state of the
+        forward that produced a token other than [STOP] is kept; the rule says when the row ends."""
+        assert r.rules is not None  # set on admission
+        keep, reasons = r.rules.take(np.array([token]), r.last_hidden[None])
         r.seen[token] = True
         r.token = token
         r.steps += 1
         r.job.tokens += 1
-        if token != self.tts.spec.stop_id:
+        if keep[0]:
             r.hidden[r.n] = r.last_hidden
             r.n += 1
             if r.n > 1:  # n hidden vectors give n - 1 blocks of audio
                 r.job.generated_samples += self.tts.samples_per_token
-        if token == self.tts.spec.stop_id or r.steps >= r.max_new_tokens:
-            r.finished = True
+        if reasons[0]:
+            r.finished, r.reason = True, reasons[0]
         r.logits = None
+
+    def _flagged(self, r: _Row) -> bool:
+        """The guard flagged `r` (it left the batch): True when its sentence is generated again (none
+        of it was sent, retries left: rules.may_retry), else it is cut to its clean blocks."""
+        job, spt = r.job, self.tts.samples_per_token
+        job.hallucinations += 1
+        sent = r.emitted if r.index == job._next_emit else 0  # a later sentence's audio waits unsent
+        retry = may_retry(r.attempt, job.request.guard.retries, sent)
+        hook = getattr(self.observer, "on_hallucination", None)
+        if hook is not None:
+            hook(retry)
+        assert r.rules is not None
+        keep = 0 if retry else kept_after_flag(int(r.rules.clean[0])) + 1  # hidden vectors it keeps
+        job.generated_samples -= max(0, r.n - max(keep, 1)) * spt
+        if retry:
+            job.retries += 1
+            job._retry.append((r.index, r.attempt + 1))
+            r.n, r.pending = 0, []  # nothing of this attempt is ever decoded or sent
+            return True
+        r.n = min(r.n, keep)
+        return False
 
     def _new_cache(self) -> SlotCache:
         spec = self.tts.spec
@@ -456,6 +505,8 @@ class BatchScheduler(WindowPhase):
         are free) and waits in `_draining` until its last window is decoded."""
         self._remove_row(r)
         r.job._active -= 1
+        if r.reason == "hallucination" and self._flagged(r):
+            return  # its sentence starts again (job._retry); this row is dropped
         self._draining.append(r)
 
     def _complete_row(self, r: _Row) -> None:

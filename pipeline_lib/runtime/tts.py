@@ -49,6 +49,17 @@ from pipeline_lib.runtime.generate import (
     generate_steps,
     validate_max_new_tokens,
 )
+from pipeline_lib.runtime.rules import (
+    DEFAULT_GUARD,
+    DEFAULT_HOLDBACK,
+    GuardSettings,
+    kept_after_flag,
+    may_retry,
+    release_blocks,
+    retry_generator,
+    retry_params,
+    seed_base,
+)
 from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULTS, SamplingParams, row_generators, validate_seed
 from pipeline_lib.text import SentencePrompt, fit_to_positions, prepare_prompts
 
@@ -221,7 +232,7 @@ class SopranoTTS:
         if ids is None:
             ids = self.prepare(["Hello world 1."])[1][:1]
         n = min(self.stream_context + 2, self.spec.max_position_embeddings)
-        for _ in self._stream(ids, None, 1, n, DEFAULTS, False):
+        for _ in self._stream(ids, 0, 1, n, DEFAULTS, DEFAULT_GUARD):
             pass
         self._release_heap()
 
@@ -331,30 +342,48 @@ class SopranoTTS:
         params: SamplingParams,
         seed: int | None,
         batch_size: int | None,
-        hallucination_guard: bool,
+        guard: GuardSettings,
     ) -> dict[str, Any]:
         t_start = time.perf_counter()
         seed = validate_seed(seed)
         max_new_tokens = validate_max_new_tokens(max_new_tokens, self.spec.max_position_embeddings)
         batch_size = self._positive_int("batch_size", batch_size if batch_size is not None else self.batch_size)
         prompts, ids = self.prepare(texts)
-        gens = None if params.greedy else row_generators(seed, range(len(prompts)))
-        hidden: list[np.ndarray] = []
-        reasons: list[str] = []
+        base = seed_base(seed)
+        gens = None if params.greedy else row_generators(base, range(len(prompts)))
+        hidden: list[np.ndarray] = [np.zeros((0, self.spec.hidden_size), np.float32)] * len(prompts)
+        reasons = [""] * len(prompts)
+        clean = [0] * len(prompts)
+        retries = [0] * len(prompts)  # per sentence: times it was generated again (rules: retries)
         lm_t = GenerationTimings()
         t_lm = time.perf_counter()
+        todo, now_params, attempt = list(range(len(prompts))), params, 0
         with self.lm.stream() as lm:  # this call's own binding / infer request (see backends)
-            for start in range(0, len(prompts), batch_size):
-                out = generate(
-                    lm, self.spec, ids[start:start + batch_size], max_new_tokens=max_new_tokens, params=params,
-                    generators=None if gens is None else gens[start:start + batch_size],
-                    hallucination_guard=hallucination_guard,
-                )
-                hidden += out.hidden
-                reasons += out.finish_reasons
-                lm_t.add(out.timings)
-                del out
-                self._release_heap()
+            while todo:
+                for start in range(0, len(todo), batch_size):
+                    idx = todo[start:start + batch_size]
+                    if now_params.greedy:
+                        row_gens = None
+                    elif attempt == 0:
+                        row_gens = [gens[i] for i in idx]  # type: ignore[index]
+                    else:
+                        row_gens = [retry_generator(base, i, attempt) for i in idx]
+                    out = generate(
+                        lm, self.spec, [ids[i] for i in idx], max_new_tokens=max_new_tokens, params=now_params,
+                        generators=row_gens, hallucination_guard=guard.enabled,
+                    )
+                    for k, i in enumerate(idx):
+                        hidden[i], reasons[i], clean[i] = out.hidden[k], out.finish_reasons[k], out.clean[k]
+                    lm_t.add(out.timings)
+                    del out
+                    self._release_heap()
+                todo = [i for i in todo if reasons[i] == "hallucination" and may_retry(attempt, guard.retries, 0)]
+                attempt += 1
+                now_params = retry_params(params)
+                for i in todo:
+                    retries[i] += 1
+        # A sentence still flagged keeps the audio before its run of near-repeats only (rules).
+        hidden = [h[: kept_after_flag(c) + 1] if r == "hallucination" else h for h, r, c in zip(hidden, reasons, clean)]
         t_lm = time.perf_counter() - t_lm
         sentence_audio, t_dec, t_istft = self._decode_sentences(hidden)
         per_text: list[list[np.ndarray]] = [[] for _ in texts]
@@ -378,6 +407,8 @@ class SopranoTTS:
             "sentence_texts": [p.text for p in prompts],
             "hidden_lengths": [len(h) for h in hidden],
             "finish_reasons": reasons,
+            "retries": int(sum(retries)),
+            "sentence_retries": retries,
             "timings": timings,
         }
 
@@ -392,15 +423,22 @@ class SopranoTTS:
         seed: int | None = None,
         batch_size: int | None = None,
         hallucination_guard: bool = False,
+        retries: int = DEFAULT_GUARD.retries,
     ) -> dict[str, Any]:
         """Speak `text`. Returns audio (float32 mono), sample_rate, num_tokens (audio tokens
         generated), sentences (count), finish_reasons (per sentence: "stop", "length" or
-        "hallucination"), hidden_lengths, and timings in seconds (prefill, per_token = mean decode
-        step, lm_total, decoder, istft, total)."""
+        "hallucination"), hidden_lengths, retries (sentences generated again, in all) and
+        sentence_retries (per sentence), and timings in seconds (prefill, per_token = mean decode
+        step, lm_total, decoder, istft, total).
+
+        `hallucination_guard` (or `retries` > 0, as upstream's `retries`) runs the guard
+        (runtime.rules): a flagged sentence is generated again up to `retries` times, each retry a
+        new draw (a greedy call's retries sample at rules.RETRY_TEMPERATURE); a sentence still
+        flagged keeps only its audio before the run of near-repeats (finish reason "hallucination")."""
         if not isinstance(text, str):
             raise InputError(f"text must be a str, got {type(text).__name__}")
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
-        res = self._run([text], max_new_tokens, params, seed, batch_size, hallucination_guard)
+        res = self._run([text], max_new_tokens, params, seed, batch_size, GuardSettings.of(hallucination_guard, retries))
         res["audio"] = res.pop("audios")[0]
         return res
 
@@ -436,10 +474,11 @@ class SopranoTTS:
         seed: int | None = None,
         batch_size: int | None = None,
         hallucination_guard: bool = False,
+        retries: int = DEFAULT_GUARD.retries,
     ) -> list[np.ndarray]:
         """Upstream-compatible: one float32 array per text (all sentences share LM batches);
         writes out_dir/{i}.wav if out_dir is given (created if missing; one that cannot be is an
-        InputError before synthesis)."""
+        InputError before synthesis). `hallucination_guard` / `retries`: as `synthesize`."""
         if isinstance(texts, str):
             raise InputError("infer_batch expects a list of texts; use infer() for one text")
         if out_dir:
@@ -450,7 +489,8 @@ class SopranoTTS:
                 for i in range(len(texts)):
                     check_output_file(Path(out_dir) / f"{i}.wav", "out_dir file")
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
-        audios = self._run(list(texts), max_new_tokens, params, seed, batch_size, hallucination_guard)["audios"]
+        guard = GuardSettings.of(hallucination_guard, retries)
+        audios = self._run(list(texts), max_new_tokens, params, seed, batch_size, guard)["audios"]
         if out_dir:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -469,59 +509,82 @@ class SopranoTTS:
         top_k: int = DEFAULTS.top_k,
         seed: int | None = None,
         hallucination_guard: bool = False,
+        retries: int = DEFAULT_GUARD.retries,
+        holdback: str = DEFAULT_HOLDBACK,
     ) -> Iterator[np.ndarray]:
         """Yield float32 audio chunks of `chunk_size` tokens (chunk_size * samples_per_token samples;
         a sentence's last chunk holds the rest) as soon as generation allows. Lossless: the chunks
-        concatenate to `infer`'s audio for the same text, settings and seed."""
+        concatenate to `infer`'s audio for the same text, settings and seed.
+
+        With the guard on (`hallucination_guard`, or `retries` > 0), `holdback` (rules.HOLDBACKS)
+        decides what of a running sentence may be yielded, so that no block of a flagged run is
+        ever yielded; a flagged sentence none of which was yielded is generated again (up to
+        `retries` times), otherwise it ends at its clean blocks (close to, not equal to, `infer`'s
+        cut decode at that edge)."""
         if not isinstance(text, str):
             raise InputError(f"text must be a str, got {type(text).__name__}")
         chunk_size = self._positive_int("chunk_size", chunk_size)
         seed = validate_seed(seed)
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        guard = GuardSettings.of(hallucination_guard, retries, holdback)
         max_new_tokens = validate_max_new_tokens(max_new_tokens, self.spec.max_position_embeddings)
         prompts, ids = self.prepare([text])  # errors surface here, before the first next()
-        gens = None if params.greedy else row_generators(seed, range(len(prompts)))
-        return self._stream(ids, gens, chunk_size, max_new_tokens, params, hallucination_guard)
+        return self._stream(ids, seed_base(seed), chunk_size, max_new_tokens, params, guard)
 
     def _stream(
         self,
         ids: list[list[int]],
-        gens: list[np.random.Generator] | None,
+        base: int,
         chunk_size: int,
         max_new_tokens: int,
         params: SamplingParams,
-        hallucination_guard: bool,
+        guard: GuardSettings,
     ) -> Iterator[np.ndarray]:
         with self.lm.stream() as lm:  # this stream's own binding / infer request (see backends)
-            yield from self._stream_rows(lm, ids, gens, chunk_size, max_new_tokens, params, hallucination_guard)
+            yield from self._stream_rows(lm, ids, base, chunk_size, max_new_tokens, params, guard)
 
     def _stream_rows(
         self,
         lm: Any,
         ids: list[list[int]],
-        gens: list[np.random.Generator] | None,
+        base: int,
         chunk_size: int,
         max_new_tokens: int,
         params: SamplingParams,
-        hallucination_guard: bool,
+        guard: GuardSettings,
     ) -> Iterator[np.ndarray]:
         ctx = self.stream_context
+        holdback = guard.holdback if guard.enabled else None
         for row, prompt in enumerate(ids):
-            buf = np.zeros((max_new_tokens, self.spec.hidden_size), dtype=np.float32)
-            n = 0  # hidden vectors so far
-            done = 0  # sample blocks (one per pair of neighbouring tokens) already yielded
-
-            for ev in generate_steps(
-                lm, self.spec, [prompt], max_new_tokens=max_new_tokens, params=params,
-                generators=None if gens is None else [gens[row]], hallucination_guard=hallucination_guard,
-            ):
-                if ev.keep[0]:
-                    buf[n] = ev.hidden[0]
-                    n += 1
-                if ev.finished:
-                    break
-                while n - 1 - ctx - done >= chunk_size:  # block j is exact once token j + 1 + ctx exists
-                    yield self.decode_window(buf[:n], done, done + chunk_size)
-                    done += chunk_size
-            if n - 1 > done:
-                yield self.decode_window(buf[:n], done, n - 1)
+            attempt, now_params = 0, params
+            gen = None if params.greedy else row_generators(base, [row])[0]
+            while True:
+                buf = np.zeros((max_new_tokens, self.spec.hidden_size), dtype=np.float32)
+                n = 0  # hidden vectors so far
+                done = 0  # sample blocks (one per pair of neighbouring tokens) already yielded
+                reason, clean = "", 0
+                for ev in generate_steps(
+                    lm, self.spec, [prompt], max_new_tokens=max_new_tokens, params=now_params,
+                    generators=None if gen is None else [gen], hallucination_guard=guard.enabled,
+                ):
+                    if ev.keep[0]:
+                        buf[n] = ev.hidden[0]
+                        n += 1
+                    if ev.finished:
+                        reason, clean = ev.finished[0][1], int(ev.clean[0])
+                        break
+                    # block j is exact once token j + 1 + ctx exists; holdback may hold it longer
+                    limit = min(n - 1 - ctx, release_blocks(holdback, int(ev.clean[0]), False, ""))
+                    while limit - done >= chunk_size:
+                        yield self.decode_window(buf[:n], done, done + chunk_size)
+                        done += chunk_size
+                if reason == "hallucination" and may_retry(attempt, guard.retries, done):
+                    attempt += 1
+                    now_params = retry_params(params)
+                    gen = retry_generator(base, row, attempt)
+                    continue
+                if reason == "hallucination":  # the sentence ends at its clean blocks (rules)
+                    n = kept_after_flag(clean) + 1  # never below done + 1: holdback sent no more
+                if n - 1 > done:
+                    yield self.decode_window(buf[:n], done, n - 1)
+                break

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline_lib.runtime.jobs import SpeechJob
 from pipeline_lib.runtime.pacing import can_skip, early_window, need_blocks, ready_blocks
+from pipeline_lib.runtime.rules import RowRules, release_blocks
 
 if TYPE_CHECKING:
     from pipeline_lib.runtime.kv_cache import SlotCache
@@ -47,6 +48,9 @@ class Row:
         self.finished = False
         self.pending: list[np.ndarray] = []  # audio held while an earlier sentence of the job runs
         self.kv: list[np.ndarray] | None = None  # its own KV history while parked (backpressure)
+        self.rules: RowRules | None = None  # when it ends (rules.RowRules; the scheduler sets it on admission)
+        self.reason = ""  # why it ended (rules.RowRules.take)
+        self.attempt = 0  # 0, or which retry of its sentence this row is (rules)
 
 
 
@@ -73,6 +77,7 @@ class WindowPhase:
     _stepped: int
     _block_s: float
     _last_decode_at: float | None
+    holdback: str
 
     def _complete_row(self, r: Row) -> None:
         """All of a finished row's audio is decoded (the scheduler's: it emits in sentence order)."""
@@ -138,7 +143,13 @@ class WindowPhase:
         return need_blocks(r.chunk, self.min_window, self._fast())
 
     def _ready(self, r: Row) -> int:
-        return ready_blocks(r.n, self.tts.stream_context, r.emitted)
+        """Exact blocks not yet decoded, within what the guard's holdback releases (rules.release_blocks;
+        rows without the guard: all)."""
+        ready = ready_blocks(r.n, self.tts.stream_context, r.emitted)
+        if r.rules is None or not r.rules.guard:
+            return ready
+        release = release_blocks(self.holdback, int(r.rules.clean[0]), r.finished, r.reason)
+        return int(min(ready, release - r.emitted))
 
     def _lane_start(self) -> int:
         """The first-audio lane (`lane`): while rows wait for their job's first audio and every other

@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from pipeline_lib.errors import InputError
+from pipeline_lib.runtime.rules import DEFAULT_GUARD, GuardSettings
 from pipeline_lib.runtime.scheduler import (
     BatchScheduler,
     JobCancelled,
@@ -63,6 +64,7 @@ from pipeline_lib.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from pipeline_lib.server.openapi import build as build_openapi
 from pipeline_lib.server.middleware import RETRY_AFTER_S, ApiError, Guard, shutting_down
 from pipeline_lib.server.schemas import (
+    GUARD_FIELDS,
     MODEL_ALIASES,
     MAX_NEW_TOKENS,
     MODEL_ID,
@@ -98,6 +100,8 @@ class Settings:
     `max_unread_s`, `read_timeout_s`: backpressure (BatchScheduler): a response's audio generated
     ahead of what its client has read is bounded by max_unread_s seconds (its rows stop stepping);
     a client that reads nothing for read_timeout_s seconds is cancelled.
+    `hallucination_guard`, `hallucination_retries`: the guard's defaults for requests that leave them
+    out; `holdback` ("clean" or "sentence"): what a guarded response holds back (runtime.rules).
     `on_load_error`: called (from a worker thread) if loading fails; `soprano-onnx serve` stops.
     `precision`: `model` is a ROOT of <backend>/<precision>/ folders (artifacts/) and this names the models
     (SopranoTTS.from_dir(precision=...): "auto" picks for objective "batch", or a target, or LM+DECODER);
@@ -115,6 +119,9 @@ class Settings:
     max_new_tokens: int = MAX_NEW_TOKENS
     max_unread_s: float = 5.0
     read_timeout_s: float = 30.0
+    hallucination_guard: bool = DEFAULT_GUARD.enabled
+    hallucination_retries: int = DEFAULT_GUARD.retries
+    holdback: str = DEFAULT_GUARD.holdback
     tts: Any = None
     on_load_error: Callable[[BaseException], None] | None = field(default=None, repr=False)
 
@@ -142,6 +149,7 @@ class Settings:
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
             raise InputError(f"max_new_tokens must be an int in 1..{MAX_NEW_TOKENS}, got {n!r}")
+        GuardSettings(self.hallucination_guard, self.hallucination_retries, self.holdback)  # validates
         if self.max_body_bytes is None:
             self.max_body_bytes = _BODY_OVERHEAD + _BYTES_PER_INPUT_CHAR * self.max_input_chars
         self.api_key = self.api_key or None
@@ -150,7 +158,8 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """SOPRANO_MODEL, SOPRANO_BACKEND, SOPRANO_PRECISION, SOPRANO_THREADS, SOPRANO_MAX_BATCH, SOPRANO_MAX_QUEUE,
         SOPRANO_API_KEY, SOPRANO_MAX_INPUT_CHARS, SOPRANO_MAX_BODY_BYTES, SOPRANO_MAX_NEW_TOKENS,
-        SOPRANO_MAX_UNREAD_S, SOPRANO_READ_TIMEOUT_S (unset: the defaults)."""
+        SOPRANO_MAX_UNREAD_S, SOPRANO_READ_TIMEOUT_S, SOPRANO_HALLUCINATION_GUARD (1/true or 0/false),
+        SOPRANO_HALLUCINATION_RETRIES, SOPRANO_HOLDBACK (unset: the defaults)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -159,8 +168,12 @@ class Settings:
             raw = env.get(_ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name in ("model", "backend", "api_key", "precision"):
+            if f.name in ("model", "backend", "api_key", "precision", "holdback"):
                 kwargs[f.name] = raw
+            elif f.name == "hallucination_guard":
+                if raw.lower() not in ("1", "true", "0", "false"):
+                    raise InputError(f"{_ENV_PREFIX}{f.name.upper()}={raw!r}: expected 1, true, 0 or false")
+                kwargs[f.name] = raw.lower() in ("1", "true")
             elif f.name in ("max_unread_s", "read_timeout_s"):
                 try:
                     kwargs[f.name] = float(raw)
@@ -260,7 +273,7 @@ class _Service:
             tts = s.tts if s.tts is not None else _load_tts(s)
             limits = {k: getattr(s, k) for k in ("max_batch", "max_queue") if getattr(s, k) is not None}
             scheduler = BatchScheduler(tts, observer=self.metrics, max_unread_s=s.max_unread_s,
-                                       read_timeout_s=s.read_timeout_s, **limits).start()
+                                       read_timeout_s=s.read_timeout_s, holdback=s.holdback, **limits).start()
         except Exception as exc:  # noqa: BLE001 - reported by /health and the log; serve stops
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("loading the model failed: %s", self.error)
@@ -285,6 +298,9 @@ class _Service:
             "max_input_chars": s.max_input_chars,
             "max_new_tokens": s.max_new_tokens,
             "sampling_defaults": _sampling_defaults(s.max_new_tokens),
+            "hallucination_guard": s.hallucination_guard,
+            "hallucination_retries": s.hallucination_retries,
+            "holdback": s.holdback,
         }
         if self.status == "loading":
             self.status = "ready"
@@ -311,13 +327,38 @@ class _Service:
                        code="loading", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+GUARD_HEADERS = ("x-soprano-hallucinations", "x-soprano-hallucination-retries")
+
+
 class _JobResponse(StreamingResponse):
     """Streams a job's encoded audio; cancels the job when the client goes away (an
-    `http.disconnect` while waiting, or a failed send) and always releases it at the end."""
+    `http.disconnect` while waiting, or a failed send) and always releases it at the end.
+
+    With the hallucination guard on for the job, the status and headers go out with the first body
+    bytes (or at the end of a job with none), so they can say what the guard did before the audio
+    began (GUARD_HEADERS: flagged sentences, retries); the client waits for those bytes either way.
+    Without it they go out at once (a queued request's client sees its 200 before its turn), with 0s."""
 
     def __init__(self, job: SpeechJob, content: AsyncIterator[bytes], service: _Service, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.job, self.service = job, service
+
+    async def stream_response(self, send: Send) -> None:
+        first: bytes | None = b""
+        if self.job.request.guard.enabled:
+            try:
+                first = await self.body_iterator.__anext__()  # type: ignore[attr-defined]
+            except StopAsyncIteration:
+                first = None
+        for name, value in zip(GUARD_HEADERS, (self.job.hallucinations, self.job.retries)):
+            self.raw_headers.append((name.encode("latin-1"), str(value).encode("latin-1")))
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if first is not None:
+            if first:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.service.metrics.speech_started()
@@ -366,7 +407,8 @@ def _sse(event: dict[str, Any]) -> bytes:
 async def _sse_stream(job: SpeechJob, encoder: StreamEncoder, tts: Any) -> AsyncIterator[bytes]:
     """OpenAI's speech events: `speech.audio.delta` (base64 of the response_format's bytes) and a
     closing `speech.audio.done` with usage (input_tokens: the text's prompt tokens; output_tokens:
-    audio tokens); a job that fails ends with an `error` event."""
+    audio tokens) and the hallucination guard's counts (hallucinations: flagged sentences,
+    hallucination_retries: retries made); a job that fails ends with an `error` event."""
 
     def delta(data: bytes) -> bytes:
         return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
@@ -383,7 +425,8 @@ async def _sse_stream(job: SpeechJob, encoder: StreamEncoder, tts: Any) -> Async
         input_tokens = sum(len(i) for i in ids)
         output_tokens = job.tokens or math.ceil(job.samples / tts.samples_per_token)
         yield _sse({"type": "speech.audio.done", "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
-                                                           "total_tokens": input_tokens + output_tokens}})
+                                                           "total_tokens": input_tokens + output_tokens},
+                    "hallucinations": job.hallucinations, "hallucination_retries": job.retries})
     except JobCancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - reported to the client as an event
@@ -397,7 +440,7 @@ def _param_of(message: str) -> str:
     """The request field an InputError is about: the runtime names a sampling setting first; text
     errors ("text is empty", ...) are about `input`."""
     word = message.split(" ", 1)[0]
-    return word if word in SAMPLING_FIELDS else "input"
+    return word if word in SAMPLING_FIELDS + GUARD_FIELDS else "input"
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -523,7 +566,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except InputError as exc:
             raise ApiError(400, str(exc), param="sample_rate", code="invalid_value") from None
         try:
-            job = await run_in_threadpool(scheduler.submit, body.speech_request(settings.max_new_tokens))
+            guard = {"hallucination_guard": settings.hallucination_guard,
+                     "hallucination_retries": settings.hallucination_retries}
+            job = await run_in_threadpool(scheduler.submit, body.speech_request(settings.max_new_tokens, guard))
         except BaseException as exc:
             encoder.close()
             if isinstance(exc, InputError):

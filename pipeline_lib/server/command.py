@@ -86,6 +86,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-seconds", type=seconds, default=DEFAULT_DRAIN_S,
                    help="after SIGTERM: how long /health and new requests get 503 before the listener closes; "
                         f"requests in flight finish either way (default: {DEFAULT_DRAIN_S:g})")
+    from pipeline_lib.runtime.rules import DEFAULT_GUARD, HOLDBACKS, MAX_RETRIES
+
+    p.add_argument("--hallucination-guard", action="store_true", default=DEFAULT_GUARD.enabled,
+                   help="run the hallucination guard for requests that leave hallucination_guard out (default: off)")
+    p.add_argument("--hallucination-retries", type=ranged(int, lambda v: 0 <= v <= MAX_RETRIES, f"an int in 0..{MAX_RETRIES}"), default=DEFAULT_GUARD.retries,
+                   help=f"retries of a flagged sentence for requests that leave it out, 0..{MAX_RETRIES}; > 0 turns "
+                        f"the guard on (default: {DEFAULT_GUARD.retries})")
+    p.add_argument("--holdback", choices=HOLDBACKS, default=DEFAULT_GUARD.holdback,
+                   help="what a guarded stream holds back: 'clean' (audio the guard can no longer flag) or "
+                        f"'sentence' (each sentence until it ends) (default: {DEFAULT_GUARD.holdback})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -114,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, api_key=args.api_key,
         max_input_chars=args.max_input_chars if args.max_input_chars is not None else DEFAULT_MAX_INPUT_CHARS,
         max_body_bytes=args.max_body_bytes, on_load_error=stop,
+        hallucination_guard=args.hallucination_guard, hallucination_retries=args.hallucination_retries,
+        holdback=args.holdback,
         **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")

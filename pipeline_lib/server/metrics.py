@@ -5,7 +5,7 @@ HTTP side (fed by the app): requests by route and status code, speech responses 
 speech jobs whose client went away before the audio was done. Scheduler side (fed through the
 `SchedulerObserver` hooks, from the scheduler's worker thread): queue depth, rows in the last decode
 step, decode steps, tokens and decode seconds (tokens per second = rate of one over the other), time
-to first audio, and seconds of audio produced.
+to first audio, seconds of audio produced, and the hallucination guard's flags and retries.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ServerMetrics:
-    """The app's metrics; also the scheduler's observer (`on_step`, `on_first_audio`, `on_audio`:
+    """The app's metrics; also the scheduler's observer (`on_step`, `on_first_audio`, `on_audio`, `on_hallucination`:
     quick, never raising)."""
 
     def __init__(self, queue_depth: Callable[[], float] = lambda: 0.0) -> None:
@@ -44,6 +44,10 @@ class ServerMetrics:
                                      "Seconds from a request's submission to its first audio",
                                      buckets=_FIRST_AUDIO_BUCKETS, registry=r)
         self.audio_seconds = Counter("soprano_audio_seconds", "Seconds of audio produced", registry=r)
+        self.hallucinations = Counter("soprano_hallucinations", "Sentences the hallucination guard flagged (each attempt)",
+                                      registry=r)
+        self.hallucination_retries = Counter("soprano_hallucination_retries",
+                                             "Flagged sentences generated again (retries)", registry=r)
         self._speaking = 0  # responses in flight; the app calls speech_started/ended from its event loop
 
     def set_queue_depth(self, queue_depth: Callable[[], float]) -> None:
@@ -62,6 +66,11 @@ class ServerMetrics:
 
     def on_audio(self, seconds: float) -> None:
         self.audio_seconds.inc(max(0.0, seconds))
+
+    def on_hallucination(self, retried: bool) -> None:
+        self.hallucinations.inc()
+        if retried:
+            self.hallucination_retries.inc()
 
     # the app
     def request_done(self, route: str, code: int) -> None:

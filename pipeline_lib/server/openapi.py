@@ -10,7 +10,8 @@ FastAPI's own document is the start (paths, the request body from `SpeechBody`);
   `ServerInfo`, `Health`);
 - puts this server's settings in: `input`'s maxLength (max_input_chars), `max_new_tokens`'
   maximum (the server's cap), and a bearer security scheme on /v1 when an api_key is set;
-- documents the `x-request-id` header on every response.
+- documents the `x-request-id` header on every response, and the speech response's
+  `x-soprano-hallucinations` / `x-soprano-hallucination-retries` (server.app).
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                  "type": "object", "required": ["input_tokens", "output_tokens", "total_tokens"],
                  "additionalProperties": False,
                  "properties": {k: {"type": "integer", "minimum": 0}
-                                for k in ("input_tokens", "output_tokens", "total_tokens")}}}},
+                                for k in ("input_tokens", "output_tokens", "total_tokens")}},
+                 "hallucinations": {"type": "integer", "minimum": 0,
+                                    "description": "sentences the hallucination guard flagged (each attempt)"},
+                 "hallucination_retries": {"type": "integer", "minimum": 0,
+                                           "description": "flagged sentences generated again"}}},
             {"type": "object", "required": ["type", "error"], "additionalProperties": False,
              "properties": {"type": {"const": "error"}, "error": {"$ref": "#/components/schemas/Error/properties/error"}}},
         ]}}},
@@ -120,6 +125,14 @@ _OK_SCHEMA = {"/v1/models": "ModelList", "/v1/models/{model_id}": "Model", "/v1/
 _REQUEST_ID = {REQUEST_ID_HEADER: {"description": "The request's id (the client's x-request-id when it sent a usable "
                                                   "one); the access log names it.",
                                    "required": True, "schema": {"type": "string", "minLength": 1}}}
+_GUARD_HEADERS = {
+    "x-soprano-hallucinations": {"description": "Sentences the hallucination guard flagged before the audio began "
+                                                "(guarded requests; 0 without the guard; the whole response's count is in the "
+                                                "SSE done event and the metrics).",
+                                 "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    "x-soprano-hallucination-retries": {"description": "Flagged sentences generated again before the audio began.",
+                                        "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}
 
 
@@ -133,7 +146,7 @@ def _speech_ok() -> dict[str, Any]:
     content["text/event-stream"] = {"schema": _ref("SpeechEvent")}
     return {"description": "The audio, streamed as it is generated, in the response_format's media type "
                            "(text/event-stream for stream_format 'sse').",
-            "headers": dict(_REQUEST_ID), "content": content}
+            "headers": {**_REQUEST_ID, **_GUARD_HEADERS}, "content": content}
 
 
 def build(app: FastAPI, *, max_input_chars: int, max_new_tokens: int, api_key: bool) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 `SpeechBody` is OpenAI's `POST /v1/audio/speech` body (model, input, voice, response_format, speed,
 instructions, stream_format) plus this server's extensions: the runtime's sampling settings
 (temperature, top_p, top_k, repetition_penalty, seed, max_new_tokens; left out = the runtime's
-defaults, greedy) and `sample_rate`. Unknown fields are rejected, as OpenAI does.
+defaults, greedy), the hallucination guard's (hallucination_guard, hallucination_retries; left out = the
+server's defaults, runtime.rules) and `sample_rate`. Unknown fields are rejected, as OpenAI does.
 
 Soprano is one model with one voice: OpenAI's model and voice names are accepted as aliases of
 ours, so OpenAI clients work unchanged. `instructions` (gpt-4o-mini-tts's voice direction) is
@@ -15,8 +16,9 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from pipeline_lib.runtime.rules import MAX_RETRIES
 from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS as MAX_NEW_TOKENS  # also the most a request may ask
 from pipeline_lib.runtime.scheduler import SpeechRequest
 from pipeline_lib.audio.encode import FORMATS, SAMPLE_RATES
@@ -27,6 +29,7 @@ __all__ = [
     "VOICE_ID",
     "VOICE_ALIASES",
     "SAMPLING_FIELDS",
+    "GUARD_FIELDS",
     "SpeechBody",
     "error_body",
     "model_list",
@@ -43,7 +46,8 @@ OWNER = "soprano-onnx"
 
 ResponseFormat = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_new_tokens")
-assert set(SAMPLING_FIELDS) <= {f.name for f in fields(SpeechRequest)}
+GUARD_FIELDS = ("hallucination_guard", "hallucination_retries")
+assert set(SAMPLING_FIELDS + GUARD_FIELDS) <= {f.name for f in fields(SpeechRequest)}
 
 
 VOICES = (VOICE_ID, *VOICE_ALIASES)
@@ -91,6 +95,12 @@ class SpeechBody(BaseModel):
                                                description="audio tokens per sentence at most (default: the server's "
                                                            "max_new_tokens)")
     sample_rate: Optional[StrictInt] = _doc(enum=list(SAMPLE_RATES))
+    hallucination_guard: Optional[StrictBool] = _doc(
+        description="run the hallucination guard (a run of near-identical hidden states, as upstream soprano-tts); "
+                    "default: the server's --hallucination-guard")
+    hallucination_retries: Optional[StrictInt] = _doc(
+        minimum=0, maximum=MAX_RETRIES,
+        description="times a flagged sentence is generated again (> 0 turns the guard on); default: the server's")
 
     @field_validator("model")
     @classmethod
@@ -127,12 +137,15 @@ class SpeechBody(BaseModel):
             raise ValueError(f"speed {v!r} is not supported: Soprano speaks at its own pace; leave speed out or pass 1.0")
         return v
 
-    def speech_request(self, max_new_tokens: int | None = None) -> SpeechRequest:
+    def speech_request(self, max_new_tokens: int | None = None, guard: dict[str, Any] | None = None) -> SpeechRequest:
         """The scheduler's request: the fields given, the runtime's defaults for the rest, except that
-        `max_new_tokens` (the server's cap, None: none) is the default when the body leaves it out."""
-        given = {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+        `max_new_tokens` (the server's cap, None: none) and `guard` (the server's GUARD_FIELDS
+        defaults) are the defaults when the body leaves them out."""
+        given = {k: getattr(self, k) for k in SAMPLING_FIELDS + GUARD_FIELDS if getattr(self, k) is not None}
         if max_new_tokens is not None:
             given.setdefault("max_new_tokens", max_new_tokens)
+        for k, v in (guard or {}).items():
+            given.setdefault(k, v)
         return SpeechRequest(text=self.input, **given)
 
 
