@@ -19,11 +19,12 @@ Contract:
   jobs are not disturbed. A job that fails ends with its error, raised from its iterator; the
   other jobs go on.
 * Backpressure (off unless asked for; the server asks): a job that has generated `max_unread_s`
-  or more audio beyond what its consumer read (SpeechJob.ahead_s), with audio waiting unread, has
-  its rows parked (out of the
-  batch, each with its own KV history, so it resumes without a prefill) and starts no sentence
-  until the consumer has read it down; a job whose consumer read nothing for `read_timeout_s`
-  while audio waited for it (pushed and unread, or parked rows) is cancelled.
+  or more audio beyond what its consumer read (SpeechJob.ahead_s: a chunk counts as read once the
+  consumer comes back for the next) has its rows parked (out of the batch, each with its own KV
+  history, so it resumes without a prefill; only the sentence playing next steps on, and only
+  while its consumer has read all that was sent) and starts no sentence until the consumer has
+  read it down; a job whose consumer read nothing for `read_timeout_s` while audio waited for it
+  (pushed and unread, or parked rows) is cancelled.
 * `close(drain=True)` stops taking requests and returns when the jobs in flight have finished.
 """
 
@@ -329,14 +330,21 @@ class BatchScheduler(WindowPhase):
 
     def _backpressure(self) -> None:
         """Park the rows of jobs that have generated `max_unread_s` of audio beyond what their client
-        read (SpeechJob.ahead_s) while audio waits unread: they leave the batch with their own KV
-        history (no slot, no step, no gap columns growing the others' cache; their due windows are
-        still decoded). Bring back parked rows whose client read below half of it, or read all
-        that was sent (a window the client waits for may need the row's next tokens)."""
-        def stuck(job: SpeechJob) -> bool:  # far ahead, and audio waits unread (no window can unblock it)
-            return job.ahead_s >= self.max_unread_s and job.unread_s > 0
+        read (SpeechJob.ahead_s): they leave the batch with their own KV history (no slot, no step,
+        no gap columns growing the others' cache; their due windows are still decoded). One row
+        is spared: the job's sentence playing next while its client has read all that was sent
+        (unread_s 0), since only its next tokens can give the client more. Parked rows come back
+        when their client read below half of `max_unread_s`, and the playing row when its client
+        read all that was sent. (Every row coming back on "all read" let a job's later sentences
+        step for as long as the playing one took to make its next window: a minute of audio with a
+        client that read nothing.)"""
+        def waited_on(r: _Row) -> bool:
+            return r.index == r.job._next_emit and r.job.unread_s == 0
 
-        for r in [r for r in self.rows if stuck(r.job) and not r.finished]:
+        def over(job: SpeechJob) -> bool:
+            return job.ahead_s >= self.max_unread_s
+
+        for r in [r for r in self.rows if over(r.job) and not waited_on(r) and not r.finished]:
             i = self.rows.index(r)
             r.kv, moved = self._cache.take(i)
             if moved is not None:
@@ -344,7 +352,7 @@ class BatchScheduler(WindowPhase):
             self.rows.pop()
             self._parked.append(r)
             self.parks += 1
-        for r in [r for r in self._parked if r.job.ahead_s < 0.5 * self.max_unread_s or r.job.unread_s == 0]:
+        for r in [r for r in self._parked if r.job.ahead_s < 0.5 * self.max_unread_s or waited_on(r)]:
             if len(self.rows) >= self.max_batch:
                 break
             self._parked.remove(r)
