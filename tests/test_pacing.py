@@ -7,7 +7,15 @@ import math
 import numpy as np
 
 from pipeline_lib.runtime.kv_cache import SlotCache
-from pipeline_lib.runtime.pacing import StepCosts, can_skip, early_window, need_blocks, ready_blocks, wants_next_sentence
+from pipeline_lib.runtime.pacing import (
+    StepCosts,
+    can_skip,
+    early_window,
+    need_blocks,
+    ready_blocks,
+    running_dry,
+    wants_next_sentence,
+)
 
 
 def test_blocks_ready_and_needed():
@@ -45,6 +53,13 @@ def test_pacing_keeps_a_long_request_to_one_or_two_rows_beside_others():
     assert not wants_next_sentence(active=0, ahead_s=math.inf, **{**base, "first_audio_sent": False})
     assert wants_next_sentence(active=0, ahead_s=math.inf, **{**base, "first_audio_sent": False,
                                                               "next_is_emitting": True})
+
+
+def test_a_listener_runs_dry_below_the_margin_and_only_with_audio():
+    assert running_dry(slack_s=0.1, margin_s=0.2)
+    assert not running_dry(slack_s=0.3, margin_s=0.2)
+    assert not running_dry(slack_s=math.inf, margin_s=0.2)  # no audio yet: the first-audio lane's case
+    assert running_dry(slack_s=-1.0, margin_s=0.2)  # already ran out
 
 
 def test_step_costs_predict_and_admit():

@@ -23,6 +23,7 @@ __all__ = [
     "early_window",
     "can_skip",
     "wants_next_sentence",
+    "running_dry",
     "StepCosts",
 ]
 
@@ -75,6 +76,15 @@ def wants_next_sentence(*, first_audio_sent: bool, next_is_emitting: bool, activ
     if alone or active == 0:
         return True
     return active == 1 and ahead_s < lead_s
+
+
+def running_dry(slack_s: float, margin_s: float) -> bool:
+    """A listener is running dry: it has audio, and less than `margin_s` of it left to play.
+    Priority (BatchScheduler `priority`): while one is, the step runs the rows of listeners running
+    dry (and of jobs waiting for first audio) without those whose listeners have audio enough to
+    sit out a step (`can_skip`), and a job whose listener has `lead_s` or more ahead starts no
+    sentence (its prefill would hold the step the dry listener waits for)."""
+    return not math.isinf(slack_s) and slack_s < margin_s
 
 
 class StepCosts:

@@ -84,8 +84,9 @@ class BatchScheduler(WindowPhase):
       `chunk` exact blocks (`chunk` grows from `first_chunk` by `chunk_growth` up to `max_chunk`) or
       ended, most urgent listener first (playback clocks, `margin_s`); early windows when the
       next regular one would come after the listener ran dry (pacing.early_window);
-    * the step: the whole batch, or, while rows wait for their job's first audio and every other
-      row has audio in hand, those rows only (the first-audio lane, `lane`, pacing.can_skip);
+    * the step: the whole batch, or, while rows wait for their job's first audio (or, with
+      `priority`, their listener runs dry: pacing.running_dry) and every other row has audio in
+      hand, those rows only (the first-audio lane, `lane`, pacing.can_skip);
     * admission (_admit): free rows (up to `max_batch`) go to waiting sentences, the job with the
       fewest rows running first, the oldest first. A job's later sentence starts when its listener
       needs it (pacing.wants_next_sentence, `lead_s`). Capacity (pacing.StepCosts): while the
@@ -95,7 +96,13 @@ class BatchScheduler(WindowPhase):
       or a second row of a job, waits (a new request in the queue, where max_queue and 429 apply).
       A job alone on the engine takes free rows within capacity too, so a newcomer finds room.
       Prefill is bounded: at most `max_prefill_tokens` prompt tokens per iteration (at least one
-      row), so a burst of arrivals is prefilled over several iterations;
+      row), so a burst of arrivals is prefilled over several iterations; with `priority`, while a
+      listener runs dry, a job whose listener has `lead_s` or more ahead starts no sentence.
+      Priority and admission: priority orders the work of streams already admitted (the dry first,
+      the well supplied wait a step or a prefill); admission decides who is admitted at all
+      (capacity). A response read slowly or not at all (a download, a non-streaming client) is
+      well supplied by the same clock, so it yields to any listener running dry, and is never
+      starved: once its own clock runs down it is a dry listener too;
     * a job's sentences are emitted in order (a later sentence's audio waits for the earlier ones).
     A row is never starved: its listener's clock runs down, and at `margin_s` its window is urgent.
     `SpeechJob.stalls` / `stall_s` count the times (seconds) its listener would have run dry.
@@ -117,6 +124,7 @@ class BatchScheduler(WindowPhase):
         margin_s: float = 0.15,
         min_window: int = 4,
         lane: bool = True,
+        priority: bool = True,
         lead_s: float = 1.5,
         headroom: float = 0.25,
         max_prefill_tokens: int = 256,
@@ -140,12 +148,13 @@ class BatchScheduler(WindowPhase):
                 "batch; give the server the step model that takes the cache as inputs "
                 "(soprano_lm_step.xml for OpenVINO, or the .onnx)"
             )
-        if not isinstance(lane, bool):
-            raise InputError(f"lane must be True or False, got {lane!r}")
+        for name, v in (("lane", lane), ("priority", priority)):
+            if not isinstance(v, bool):
+                raise InputError(f"{name} must be True or False, got {v!r}")
         self.tts = tts
         self.max_batch, self.max_queue = max_batch, max_queue
         self.first_chunk, self.chunk_growth, self.max_chunk = first_chunk, chunk_growth, max_chunk
-        self.margin_s, self.min_window, self.lane = float(margin_s), min_window, lane
+        self.margin_s, self.min_window, self.lane, self.priority = float(margin_s), min_window, lane, priority
         self.lead_s, self.headroom, self.max_prefill_tokens = float(lead_s), float(headroom), max_prefill_tokens
         # Backpressure (None: off, the library's default: an in-process caller may read a job late;
         # the server turns both on, Settings.max_unread_s / read_timeout_s).
@@ -389,8 +398,11 @@ class BatchScheduler(WindowPhase):
         budget = self.max_prefill_tokens
         now = time.perf_counter()
         alone = len(self._jobs) == 1
+        dry = any(self._dry(r, now) for r in self.rows)
         while len(self.rows) < self.max_batch and (budget > 0 or not joined):
             running = [j for j in self._jobs if j._next_start > 0 and self._wants_row(j, now, alone)]
+            if dry:  # priority: a listener runs dry; jobs with lead_s ahead start nothing now
+                running = [j for j in running if j.play_end is None or j.play_end - now < self.lead_s]
             new = [j for j in self._jobs if j._next_start == 0]
             if not self.costs.admits(len(self.rows), self._block_s, self.headroom):
                 # At capacity: a running stream's next sentence (it has no row: its listener needs
