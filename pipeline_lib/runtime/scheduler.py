@@ -50,7 +50,7 @@ from pipeline_lib.runtime.jobs import (
     SpeechRequest,
 )
 from pipeline_lib.runtime.kv_cache import KV_BUCKET, SlotCache
-from pipeline_lib.runtime.pacing import StepCosts, wants_next_sentence
+from pipeline_lib.runtime.pacing import StepCosts, first_window_blocks, wants_next_sentence
 from pipeline_lib.runtime.sampling import SamplingParams, row_generators, select_tokens, validate_seed
 from pipeline_lib.runtime.windows import Row as _Row
 from pipeline_lib.runtime.windows import WindowPhase
@@ -80,7 +80,8 @@ class BatchScheduler(WindowPhase):
       or max_new_tokens) leave the batch at once (their slot is free for the next row), their last
       window still to be decoded;
     * the decoder's work, in the runtime's streaming windows (SopranoTTS.decode_window; see
-      _decode_due): a job's first audio as soon as it is exact; a later window when the row has
+      _decode_due): a job's first audio as soon as it is exact (`first_chunk` blocks, more under
+      load with `sized_first_window`: pacing.first_window_blocks); a later window when the row has
       `chunk` exact blocks (`chunk` grows from `first_chunk` by `chunk_growth` up to `max_chunk`) or
       ended, most urgent listener first (playback clocks, `margin_s`); early windows when the
       next regular one would come after the listener ran dry (pacing.early_window);
@@ -125,6 +126,7 @@ class BatchScheduler(WindowPhase):
         min_window: int = 4,
         lane: bool = True,
         priority: bool = True,
+        sized_first_window: bool = True,
         lead_s: float = 1.5,
         headroom: float = 0.25,
         max_prefill_tokens: int = 256,
@@ -148,13 +150,14 @@ class BatchScheduler(WindowPhase):
                 "batch; give the server the step model that takes the cache as inputs "
                 "(soprano_lm_step.xml for OpenVINO, or the .onnx)"
             )
-        for name, v in (("lane", lane), ("priority", priority)):
+        for name, v in (("lane", lane), ("priority", priority), ("sized_first_window", sized_first_window)):
             if not isinstance(v, bool):
                 raise InputError(f"{name} must be True or False, got {v!r}")
         self.tts = tts
         self.max_batch, self.max_queue = max_batch, max_queue
         self.first_chunk, self.chunk_growth, self.max_chunk = first_chunk, chunk_growth, max_chunk
         self.margin_s, self.min_window, self.lane, self.priority = float(margin_s), min_window, lane, priority
+        self.sized_first_window = sized_first_window
         self.lead_s, self.headroom, self.max_prefill_tokens = float(lead_s), float(headroom), max_prefill_tokens
         # Backpressure (None: off, the library's default: an in-process caller may read a job late;
         # the server turns both on, Settings.max_unread_s / read_timeout_s).
@@ -423,7 +426,10 @@ class BatchScheduler(WindowPhase):
                 self._end_job(job, exc)
                 continue
             spec = self.tts.spec
-            row = _Row(job, k, prompt, spec.vocab_size, spec.hidden_size, self.first_chunk)
+            first = self.first_chunk
+            if self.sized_first_window and k == 0:  # the job's first audio: enough to reach the next window
+                first = first_window_blocks(self.first_chunk, self._row_period, self._block_s, self.min_window)
+            row = _Row(job, k, prompt, spec.vocab_size, spec.hidden_size, first)
             row.logits, row.last_hidden = logits, hidden
             self._cache.add(kv)
             self.rows.append(row)
