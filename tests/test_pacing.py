@@ -7,7 +7,16 @@ import math
 import numpy as np
 
 from pipeline_lib.runtime.kv_cache import SlotCache
-from pipeline_lib.runtime.pacing import StepCosts, can_skip, early_window, need_blocks, ready_blocks, wants_next_sentence
+from pipeline_lib.runtime.pacing import (
+    StepCosts,
+    can_skip,
+    early_window,
+    first_window_blocks,
+    need_blocks,
+    ready_blocks,
+    running_dry,
+    wants_next_sentence,
+)
 
 
 def test_blocks_ready_and_needed():
@@ -45,6 +54,23 @@ def test_pacing_keeps_a_long_request_to_one_or_two_rows_beside_others():
     assert not wants_next_sentence(active=0, ahead_s=math.inf, **{**base, "first_audio_sent": False})
     assert wants_next_sentence(active=0, ahead_s=math.inf, **{**base, "first_audio_sent": False,
                                                               "next_is_emitting": True})
+
+
+def test_a_listener_runs_dry_below_the_margin_and_only_with_audio():
+    assert running_dry(slack_s=0.1, margin_s=0.2)
+    assert not running_dry(slack_s=0.3, margin_s=0.2)
+    assert not running_dry(slack_s=math.inf, margin_s=0.2)  # no audio yet: the first-audio lane's case
+    assert running_dry(slack_s=-1.0, margin_s=0.2)  # already ran out
+
+
+def test_the_first_window_covers_the_wait_for_the_next_one_under_load():
+    kw = dict(first_chunk=1, block_s=0.064, min_window=4)
+    assert first_window_blocks(period_s=0.008, **kw) == 1  # a lone stream: 4 tokens in 32 ms, no delay
+    assert first_window_blocks(period_s=0.028, **kw) == 3  # 8 clients: 4 x 28 + 30 ms = 142 ms of audio
+    assert first_window_blocks(period_s=0.060, **kw) == 4  # at most min_window
+    assert first_window_blocks(period_s=0.0, **kw) == 1  # nothing measured yet
+    assert first_window_blocks(period_s=0.1, **kw) == 1  # slower than real time: no window keeps up
+    assert first_window_blocks(period_s=0.008, **{**kw, "first_chunk": 2}) == 2
 
 
 def test_step_costs_predict_and_admit():

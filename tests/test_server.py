@@ -47,11 +47,12 @@ def tts(tiny_export: Path) -> Any:
 
 
 @contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port in a thread; its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+def running(app: Any, sock: socket.socket | None = None) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port in a thread (or on `sock`, bound); its base URL."""
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -665,6 +666,44 @@ def test_a_stuck_reader_stops_its_rows_and_is_cancelled(tts: Any) -> None:
         finally:
             sock.close()
         _wait(lambda: metric(u, "soprano_speech_in_flight") == 0)
+
+
+@pytest.mark.slow
+def test_a_stuck_reader_on_the_serve_commands_socket_stops_within_seconds_of_the_unread_bound(tts: Any) -> None:
+    """`soprano-onnx serve`'s socket (server.command.listen: a small kernel send buffer) with a
+    client that reads nothing and leaves its own buffers as they are: the audio its job generates
+    stops a few seconds of audio past max_unread_s (what the kernel holds on both ends and the
+    ASGI server's write buffer count as read), and stays flat. With the kernel's autotuned send
+    buffer (4 MiB: about 85 s of pcm) it ran on for a minute of audio and more."""
+    from pipeline_lib.server.command import listen
+
+    app = create_app(Settings(tts=tts, max_unread_s=2.0, read_timeout_s=120.0))
+    body = json.dumps(speech(input=LONG_INPUT, max_new_tokens=64, response_format="pcm")).encode()
+    with running(app, listen("127.0.0.1", 0)) as u:
+        wait_ready(u)
+        host, port = u.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            assert sock.recv(12).startswith(b"HTTP/1.1 200")  # then nothing more is read
+            sched = app.state.service.scheduler
+            _wait(lambda: sched.parks >= 1, timeout=120)
+            job = sched._jobs[0]
+            deadline = time.monotonic() + 120
+            while True:  # flat for 2 s
+                tokens = metric(u, "soprano_tokens_total")
+                time.sleep(2.0)
+                if metric(u, "soprano_tokens_total") == tokens:
+                    break
+                assert time.monotonic() < deadline, "tokens never stopped"
+            generated = job.generated_samples / tts.sample_rate
+            # pcm is 48 kB/s: the client's default receive buffer (about 130 kB on loopback), the
+            # server's send buffer (about 55 kB) and uvicorn's 64 KiB write buffer: under 6 s. The
+            # sentence playing next steps on until its window goes out: one window more at most.
+            bound = sched.max_unread_s + sched.max_chunk * sched._block_s + 6.0
+            assert generated <= bound, (generated, job.read_samples / tts.sample_rate)
+            time.sleep(3.0)
+            assert metric(u, "soprano_tokens_total") == tokens and not job.done
 
 
 def test_server_info_gives_the_runtimes_sampling_defaults(url: str) -> None:

@@ -114,8 +114,8 @@ class SpeechJob:
         self.play_end: float | None = None  # when the audio sent so far would have finished playing
         self.stalls = 0
         self.stall_s = 0.0
-        # Backpressure: samples the consumer has taken, and when it last took any (or when the job
-        # started, before its first read).
+        # Backpressure: samples the consumer has taken (a chunk counts once the consumer comes back
+        # for the next one, _took), and when it last took any (or when the job started).
         self.read_samples = 0
         self.last_read_at = self.submitted_at
         self.generated_samples = 0  # audio the job's tokens stand for, decoded or not (the scheduler counts)
@@ -201,9 +201,14 @@ class SpeechJob:
             if self.error is not None:
                 raise self.error
             raise StopIteration
+        return item
+
+    def _took(self, item: np.ndarray) -> None:
+        """The consumer came back for the next chunk (or closed its iterator): `item` counts as
+        read. A chunk in the consumer's hands (a server still sending it) is not read yet, so
+        backpressure bounds what the client has, not what the consumer holds."""
         self.read_samples += len(item)
         self.last_read_at = time.perf_counter()
-        return item
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
@@ -214,7 +219,10 @@ class SpeechJob:
                     item = self._pop()
                 except StopIteration:
                     return
-            yield item
+            try:
+                yield item
+            finally:  # the consumer came back, or dropped the iterator holding the chunk
+                self._took(item)
 
     def __aiter__(self) -> AsyncIterator[np.ndarray]:
         return self._aiter()
@@ -233,7 +241,10 @@ class SpeechJob:
                     fut = loop.create_future()
                     self._waiters.append((loop, fut))
             if fut is None:
-                yield item
+                try:
+                    yield item
+                finally:
+                    self._took(item)
             else:
                 try:
                     await fut

@@ -23,6 +23,8 @@ __all__ = [
     "early_window",
     "can_skip",
     "wants_next_sentence",
+    "running_dry",
+    "first_window_blocks",
     "StepCosts",
 ]
 
@@ -75,6 +77,28 @@ def wants_next_sentence(*, first_audio_sent: bool, next_is_emitting: bool, activ
     if alone or active == 0:
         return True
     return active == 1 and ahead_s < lead_s
+
+
+def running_dry(slack_s: float, margin_s: float) -> bool:
+    """A listener is running dry: it has audio, and less than `margin_s` of it left to play.
+    Priority (BatchScheduler `priority`): while one is, the step runs the rows of listeners running
+    dry (and of jobs waiting for first audio) without those whose listeners have audio enough to
+    sit out a step (`can_skip`), and a job whose listener has `lead_s` or more ahead starts no
+    sentence (its prefill would hold the step the dry listener waits for)."""
+    return not math.isinf(slack_s) and slack_s < margin_s
+
+
+def first_window_blocks(first_chunk: int, period_s: float, block_s: float, min_window: int,
+                        decode_s: float = 0.03) -> int:
+    """Blocks in a job's first window: `first_chunk`, or more while a row's period (`period_s` per
+    token, the whole batch's) is so long that the listener would run dry before the next window
+    (`min_window` more tokens and `decode_s` of decoding away) could come: enough blocks to cover
+    that wait, at most `min_window`. At a fast period (a lone stream) this is `first_chunk`, so the
+    first audio is not delayed; under load it costs a token or two of time to first audio."""
+    if not 0.0 < period_s < block_s:  # nothing measured, or slower than real time: no window keeps up
+        return first_chunk
+    need = math.ceil((min_window * period_s + decode_s) / block_s)
+    return max(first_chunk, min(need, min_window))
 
 
 class StepCosts:

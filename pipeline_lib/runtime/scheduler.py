@@ -19,11 +19,12 @@ Contract:
   jobs are not disturbed. A job that fails ends with its error, raised from its iterator; the
   other jobs go on.
 * Backpressure (off unless asked for; the server asks): a job that has generated `max_unread_s`
-  or more audio beyond what its consumer read (SpeechJob.ahead_s), with audio waiting unread, has
-  its rows parked (out of the
-  batch, each with its own KV history, so it resumes without a prefill) and starts no sentence
-  until the consumer has read it down; a job whose consumer read nothing for `read_timeout_s`
-  while audio waited for it (pushed and unread, or parked rows) is cancelled.
+  or more audio beyond what its consumer read (SpeechJob.ahead_s: a chunk counts as read once the
+  consumer comes back for the next) has its rows parked (out of the batch, each with its own KV
+  history, so it resumes without a prefill; only the sentence playing next steps on, and only
+  while its consumer has read all that was sent) and starts no sentence until the consumer has
+  read it down; a job whose consumer read nothing for `read_timeout_s` while audio waited for it
+  (pushed and unread, or parked rows) is cancelled.
 * The hallucination guard (a request's `hallucination_guard` / `hallucination_retries`; the rule,
   the holdback and the retry draw are runtime.rules'): a row's audio goes out only as far as
   `holdback` releases it; a flagged sentence none of which was sent is generated again (a new row,
@@ -54,7 +55,7 @@ from pipeline_lib.runtime.jobs import (
     SpeechRequest,
 )
 from pipeline_lib.runtime.kv_cache import KV_BUCKET, SlotCache
-from pipeline_lib.runtime.pacing import StepCosts, wants_next_sentence
+from pipeline_lib.runtime.pacing import StepCosts, first_window_blocks, wants_next_sentence
 from pipeline_lib.runtime.rules import (
     DEFAULT_HOLDBACK,
     GuardSettings,
@@ -94,12 +95,14 @@ class BatchScheduler(WindowPhase):
       or max_new_tokens) leave the batch at once (their slot is free for the next row), their last
       window still to be decoded;
     * the decoder's work, in the runtime's streaming windows (SopranoTTS.decode_window; see
-      _decode_due): a job's first audio as soon as it is exact; a later window when the row has
+      _decode_due): a job's first audio as soon as it is exact (`first_chunk` blocks, more under
+      load with `sized_first_window`: pacing.first_window_blocks); a later window when the row has
       `chunk` exact blocks (`chunk` grows from `first_chunk` by `chunk_growth` up to `max_chunk`) or
       ended, most urgent listener first (playback clocks, `margin_s`); early windows when the
       next regular one would come after the listener ran dry (pacing.early_window);
-    * the step: the whole batch, or, while rows wait for their job's first audio and every other
-      row has audio in hand, those rows only (the first-audio lane, `lane`, pacing.can_skip);
+    * the step: the whole batch, or, while rows wait for their job's first audio (or, with
+      `priority`, their listener runs dry: pacing.running_dry) and every other row has audio in
+      hand, those rows only (the first-audio lane, `lane`, pacing.can_skip);
     * admission (_admit): free rows (up to `max_batch`) go to waiting sentences, the job with the
       fewest rows running first, the oldest first. A job's later sentence starts when its listener
       needs it (pacing.wants_next_sentence, `lead_s`). Capacity (pacing.StepCosts): while the
@@ -109,7 +112,13 @@ class BatchScheduler(WindowPhase):
       or a second row of a job, waits (a new request in the queue, where max_queue and 429 apply).
       A job alone on the engine takes free rows within capacity too, so a newcomer finds room.
       Prefill is bounded: at most `max_prefill_tokens` prompt tokens per iteration (at least one
-      row), so a burst of arrivals is prefilled over several iterations;
+      row), so a burst of arrivals is prefilled over several iterations; with `priority`, while a
+      listener runs dry, a job whose listener has `lead_s` or more ahead starts no sentence.
+      Priority and admission: priority orders the work of streams already admitted (the dry first,
+      the well supplied wait a step or a prefill); admission decides who is admitted at all
+      (capacity). A response read slowly or not at all (a download, a non-streaming client) is
+      well supplied by the same clock, so it yields to any listener running dry, and is never
+      starved: once its own clock runs down it is a dry listener too;
     * a job's sentences are emitted in order (a later sentence's audio waits for the earlier ones).
     A row is never starved: its listener's clock runs down, and at `margin_s` its window is urgent.
     `SpeechJob.stalls` / `stall_s` count the times (seconds) its listener would have run dry.
@@ -131,6 +140,8 @@ class BatchScheduler(WindowPhase):
         margin_s: float = 0.15,
         min_window: int = 4,
         lane: bool = True,
+        priority: bool = True,
+        sized_first_window: bool = True,
         lead_s: float = 1.5,
         headroom: float = 0.25,
         max_prefill_tokens: int = 256,
@@ -156,12 +167,14 @@ class BatchScheduler(WindowPhase):
                 "(soprano_lm_step.xml for OpenVINO, or the .onnx)"
             )
         self.holdback = GuardSettings(holdback=holdback).holdback  # validated: rules.HOLDBACKS
-        if not isinstance(lane, bool):
-            raise InputError(f"lane must be True or False, got {lane!r}")
+        for name, v in (("lane", lane), ("priority", priority), ("sized_first_window", sized_first_window)):
+            if not isinstance(v, bool):
+                raise InputError(f"{name} must be True or False, got {v!r}")
         self.tts = tts
         self.max_batch, self.max_queue = max_batch, max_queue
         self.first_chunk, self.chunk_growth, self.max_chunk = first_chunk, chunk_growth, max_chunk
-        self.margin_s, self.min_window, self.lane = float(margin_s), min_window, lane
+        self.margin_s, self.min_window, self.lane, self.priority = float(margin_s), min_window, lane, priority
+        self.sized_first_window = sized_first_window
         self.lead_s, self.headroom, self.max_prefill_tokens = float(lead_s), float(headroom), max_prefill_tokens
         # Backpressure (None: off, the library's default: an in-process caller may read a job late;
         # the server turns both on, Settings.max_unread_s / read_timeout_s).
@@ -348,14 +361,21 @@ class BatchScheduler(WindowPhase):
 
     def _backpressure(self) -> None:
         """Park the rows of jobs that have generated `max_unread_s` of audio beyond what their client
-        read (SpeechJob.ahead_s) while audio waits unread: they leave the batch with their own KV
-        history (no slot, no step, no gap columns growing the others' cache; their due windows are
-        still decoded). Bring back parked rows whose client read below half of it, or read all
-        that was sent (a window the client waits for may need the row's next tokens)."""
-        def stuck(job: SpeechJob) -> bool:  # far ahead, and audio waits unread (no window can unblock it)
-            return job.ahead_s >= self.max_unread_s and job.unread_s > 0
+        read (SpeechJob.ahead_s): they leave the batch with their own KV history (no slot, no step,
+        no gap columns growing the others' cache; their due windows are still decoded). One row
+        is spared: the job's sentence playing next while its client has read all that was sent
+        (unread_s 0), since only its next tokens can give the client more. Parked rows come back
+        when their client read below half of `max_unread_s`, and the playing row when its client
+        read all that was sent. (Every row coming back on "all read" let a job's later sentences
+        step for as long as the playing one took to make its next window: a minute of audio with a
+        client that read nothing.)"""
+        def waited_on(r: _Row) -> bool:
+            return r.index == r.job._next_emit and r.job.unread_s == 0
 
-        for r in [r for r in self.rows if stuck(r.job) and not r.finished]:
+        def over(job: SpeechJob) -> bool:
+            return job.ahead_s >= self.max_unread_s
+
+        for r in [r for r in self.rows if over(r.job) and not waited_on(r) and not r.finished]:
             i = self.rows.index(r)
             r.kv, moved = self._cache.take(i)
             if moved is not None:
@@ -363,7 +383,7 @@ class BatchScheduler(WindowPhase):
             self.rows.pop()
             self._parked.append(r)
             self.parks += 1
-        for r in [r for r in self._parked if r.job.ahead_s < 0.5 * self.max_unread_s or r.job.unread_s == 0]:
+        for r in [r for r in self._parked if r.job.ahead_s < 0.5 * self.max_unread_s or waited_on(r)]:
             if len(self.rows) >= self.max_batch:
                 break
             self._parked.remove(r)
@@ -403,8 +423,11 @@ class BatchScheduler(WindowPhase):
         budget = self.max_prefill_tokens
         now = time.perf_counter()
         alone = len(self._jobs) == 1
+        dry = any(self._dry(r, now) for r in self.rows)
         while len(self.rows) < self.max_batch and (budget > 0 or not joined):
             running = [j for j in self._jobs if j._next_start > 0 and self._wants_row(j, now, alone)]
+            if dry:  # priority: a listener runs dry; jobs with lead_s ahead start nothing now
+                running = [j for j in running if j.play_end is None or j.play_end - now < self.lead_s]
             new = [j for j in self._jobs if j._next_start == 0]
             if not self.costs.admits(len(self.rows), self._block_s, self.headroom):
                 # At capacity: a running stream's next sentence (it has no row: its listener needs
@@ -425,7 +448,10 @@ class BatchScheduler(WindowPhase):
                 self._end_job(job, exc)
                 continue
             spec = self.tts.spec
-            row = _Row(job, k, prompt, spec.vocab_size, spec.hidden_size, self.first_chunk)
+            first = self.first_chunk
+            if self.sized_first_window and k == 0:  # the job's first audio: enough to reach the next window
+                first = first_window_blocks(self.first_chunk, self._row_period, self._block_s, self.min_window)
+            row = _Row(job, k, prompt, spec.vocab_size, spec.hidden_size, first)
             row.rules = RowRules(1, spec.hidden_size, spec.stop_id, row.max_new_tokens, job.request.guard.enabled)
             if attempt:  # a retry of a flagged sentence: a new draw (rules)
                 row.attempt, row.params = attempt, retry_params(row.params)

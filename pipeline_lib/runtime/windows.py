@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline_lib.runtime.jobs import SpeechJob
-from pipeline_lib.runtime.pacing import can_skip, early_window, need_blocks, ready_blocks
+from pipeline_lib.runtime.pacing import can_skip, early_window, need_blocks, ready_blocks, running_dry
 from pipeline_lib.runtime.rules import RowRules, release_blocks
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class WindowPhase:
     _cache: SlotCache
     observer: Any
     lane: bool
+    priority: bool
     margin_s: float
     min_window: int
     max_chunk: int
@@ -152,17 +153,18 @@ class WindowPhase:
         return int(min(ready, release - r.emitted))
 
     def _lane_start(self) -> int:
-        """The first-audio lane (`lane`): while rows wait for their job's first audio and every other
-        row can sit out a step (pacing.can_skip), the step runs the waiting rows only (moved to the
+        """The first-audio lane (`lane`): while rows wait for their job's first audio, or (with
+        `priority`) their listener runs dry, and every other row can sit out a step
+        (pacing.can_skip), the step runs those rows only (moved to the
         batch's tail, SlotCache.swap), so their first window is exact after a few short steps instead
         of as many steps of the whole batch. Checked every step. The index of the first row that
         steps (0: the whole batch)."""
         if not self.lane:
             return 0
-        lane = [r for r in self.rows if self._needs_first_audio(r) and not r.finished]
+        now = time.perf_counter()
+        lane = [r for r in self.rows if not r.finished and (self._needs_first_audio(r) or self._dry(r, now))]
         if not lane or len(lane) == len(self.rows):
             return 0
-        now = time.perf_counter()
         ids = {id(r) for r in lane}
         if any(not self._can_skip(r, now) for r in self.rows if id(r) not in ids):
             return 0
@@ -173,6 +175,12 @@ class WindowPhase:
             self._cache.swap(i, j)
             self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
         return lo
+
+    def _dry(self, r: Row, now: float) -> bool:
+        """With `priority`: the row is its job's sentence playing next and its listener is running
+        dry (pacing.running_dry, at the decoder phase's margin)."""
+        return (self.priority and r.index == r.job._next_emit
+                and running_dry(self._slack_s(r, now), self.margin_s + 2.0 * self._period))
 
     def _can_skip(self, r: Row, now: float) -> bool:
         return can_skip(self._slack_s(r, now), self._ready(r), self._need(r), self._block_s, self._row_period)

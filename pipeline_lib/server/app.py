@@ -38,7 +38,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import anyio
 from fastapi import FastAPI, Request
@@ -387,15 +387,24 @@ class _JobResponse(StreamingResponse):
             self.service.metrics.speech_ended(cancelled=abandoned)
 
 
+# The most bytes of audio handed to the ASGI server at once. uvicorn checks its flow control
+# (a 64 KiB write buffer) before each write, not after, so a window of several seconds written in one
+# piece would sit in its buffer counted as read (SpeechJob._took); pieces keep that bound.
+_PIECE_BYTES = 12 * 1024
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    for i in range(0, len(data), _PIECE_BYTES):
+        yield data[i: i + _PIECE_BYTES]
+
+
 async def _audio_stream(job: SpeechJob, encoder: StreamEncoder) -> AsyncIterator[bytes]:
     try:
         async for chunk in job:
-            data = encoder.write(chunk)
-            if data:
-                yield data
-        tail = encoder.finish()
-        if tail:
-            yield tail
+            for piece in _pieces(encoder.write(chunk)):
+                yield piece
+        for piece in _pieces(encoder.finish()):
+            yield piece
     finally:
         encoder.close()
 
@@ -415,12 +424,10 @@ async def _sse_stream(job: SpeechJob, encoder: StreamEncoder, tts: Any) -> Async
 
     try:
         async for chunk in job:
-            data = encoder.write(chunk)
-            if data:
-                yield delta(data)
-        tail = encoder.finish()
-        if tail:
-            yield delta(tail)
+            for piece in _pieces(encoder.write(chunk)):
+                yield delta(piece)
+        for piece in _pieces(encoder.finish()):
+            yield delta(piece)
         _, ids = await run_in_threadpool(tts.prepare, [job.request.text])
         input_tokens = sum(len(i) for i in ids)
         output_tokens = job.tokens or math.ceil(job.samples / tts.samples_per_token)

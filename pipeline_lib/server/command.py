@@ -31,6 +31,15 @@ from pipeline_lib.runtime.command import ranged
 
 DEFAULT_DRAIN_S = 5.0
 
+# The kernel send buffer of every accepted connection (inherited from the listening socket; a set
+# SO_SNDBUF also turns Linux's send-buffer autotuning off for them). Audio the kernel holds for a
+# client counts as read (the response's writer got rid of it), so this bounds how far a client that
+# reads nothing can fall behind beyond the scheduler's max_unread_s; autotuned, it grows to
+# net.ipv4.tcp_wmem's maximum (4 MiB by default: about 85 s of 24 kHz pcm). Linux doubles the value
+# for its bookkeeping. The price: one connection carries at most about one buffer per round trip
+# (docs/design.md, "A stuck reader": what it holds, and the throughput it allows).
+SEND_BUFFER_BYTES = 32 * 1024
+
 
 port_number = ranged(int, lambda v: 1 <= v <= 65535, "a port number 1..65535")
 seconds = ranged(float, lambda v: 0 <= v < math.inf, "seconds >= 0")
@@ -43,8 +52,9 @@ def token_count(text: str) -> int:
     return ranged(int, lambda v: 1 <= v <= MAX_NEW_TOKENS, f"a whole number 1..{MAX_NEW_TOKENS}")(text)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The bound listening socket (before the model loads), or InputError naming why not."""
+def listen(host: str, port: int, send_buffer: int = SEND_BUFFER_BYTES) -> socket.socket:
+    """The bound listening socket (before the model loads), or InputError naming why not. Its
+    connections get a kernel send buffer of `send_buffer` bytes (SEND_BUFFER_BYTES)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -52,6 +62,7 @@ def listen(host: str, port: int) -> socket.socket:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         sock.bind(address)
         sock.set_inheritable(True)
     except OSError as exc:
