@@ -14,19 +14,26 @@ import json, statistics, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from pipeline_lib.export.lm_fused import ATTENTION_CORES  # noqa: E402
+
 OUT = Path("/tmp/lm/var")
 CKPT = "/work/main/artifacts/checkpoints/random-80m"
 VARIANTS = ["gqa_bias", "gqa_rows", "gqa_shared", "gqa_shared_rotary", "attention23", "matmul"]
 ROWS, WIDTHS = (1, 8), (64, 192, 320)
 
 
-def layout(B, W, KV=1, D=128, layers=17):
+def layout(B, W, KV=1, D=128, layers=17, shared=False):
     rng = np.random.default_rng(0)
     lens = np.array([W - 1 - 7 * b for b in range(B)])
     mask = np.zeros((B, W + 1), np.int64)
     for b in range(B):
         mask[b, :lens[b]] = 1
     mask[:, W] = 1
+    if shared:  # the shared-buffer graphs: [B, W], ones over each row's tokens and its new column
+        mask = (np.arange(W)[None, :] <= lens[:, None]).astype(np.int64)
     past = [np.zeros((B, KV, W, D), np.float32) for _ in range(2 * layers)]
     for a in past:
         for b in range(B):
@@ -48,7 +55,7 @@ def build():
         f = OUT / f"{v}.fp32.onnx"
         onnx.save(build_fused_lm(model, 17, attention=v), str(f))
         s = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
-        ids, mask, pos, past, lens = layout(3, 64)
+        ids, mask, pos, past, lens = layout(3, 64, shared=ATTENTION_CORES[v].shared)
         names = [i.name for i in s.get_inputs()]
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         for n, a in zip([n for n in names if n.startswith("past_")], past):
@@ -69,7 +76,7 @@ def child(v, threads, runs):
     res = {}
     for B in ROWS:
         for W in WIDTHS:
-            ids, mask, pos, past, lens = layout(B, W)
+            ids, mask, pos, past, lens = layout(B, W, shared=ATTENTION_CORES[v].shared)
             binding = s.io_binding()
             pnames = [i.name for i in s.get_inputs() if i.name.startswith("past_")]
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(pnames, past))}

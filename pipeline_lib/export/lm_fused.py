@@ -1,27 +1,30 @@
 """The LM step as a fused ONNX Runtime graph, written node by node from the torch reference's weights.
 
-Same inputs, outputs and KV contract as the traced step model (pipeline_lib.model.lm, `lm_config_dict`):
+The default graph (`DEFAULT_ATTENTION`, the KV contract of runtime.kv_cache with in-place buffers,
+registry.KV_CACHE_BUFFER; `fused_interface` describes it for the LM config):
 
-    inputs : input_ids [B, S], attention_mask [B, P+S], position_ids [B, S], past_key_i / past_value_i [B, kv, P, D]
-    outputs: logits [B, S, vocab], hidden_states [B, S, hidden], new_key_i / new_value_i [B, kv, S, D]
+    inputs : input_ids [B, S], attention_mask [B, W], position_ids [B, S] (not read: positions are columns),
+             past_key_i / past_value_i [B, kv, W, D]: buffers, row b's tokens in columns [0, len_b)
+    outputs: logits [B, S, vocab], hidden_states [B, S, hidden], present_key_i / present_value_i [B, kv, W, D]
+             (the same buffers: bound to past_*'s memory, the op writes columns [len_b, len_b + S))
 
-so the runtime's KVCache / SlotCache (rows share one column index, gaps masked by attention_mask, widths
-in buckets) and the server are unchanged. Per layer it uses ONNX Runtime's contrib operators:
+attention_mask has ones in [0, len_b + S) of row b: its row sums - 1 are GroupQueryAttention's
+seqlens_k, and W (<= len_b + S never exceeds it) its total_sequence_length. Per layer it uses ONNX
+Runtime's contrib operators:
 
 - ``SkipSimplifiedLayerNormalization``: the residual add and the next RMS norm in one op;
 - one packed q/k/v ``MatMul`` and one packed gate/up ``MatMul`` (MatMulNBits once quantised);
-- Qwen3's per-head q / k norms as ``SimplifiedLayerNormalization`` over the head axis, then
-  ``RotaryEmbedding`` with the rows' own position_ids (the rotary sits outside the attention op because
-  GroupQueryAttention's internal rotary ignores position_ids on a prompt call, so a left-padded prompt
-  would store keys rotated at the wrong positions);
-- ``GroupQueryAttention``: KV append and attention in one op. Every row gets seqlens_k = P + S - 1 (the
-  shared column index: the new tokens go at column P in every row), and attention_bias (0 / MASK_VALUE,
-  [B, 1, S, P+S]) masks each row's gaps and padding exactly as the traced graph does.
+- Qwen3's per-head q / k norms as ``SimplifiedLayerNormalization`` over the head axis;
+- ``GroupQueryAttention`` with its own rotary (positions = columns: row b's new tokens are at positions
+  len_b ..), the KV append into the shared buffer, and attention over each row's own length.
 
-Limitation (ONNX Runtime's CPU GroupQueryAttention): a call with a cache (P > 0) and several new tokens
-(S > 1) must have one row. The runtime never makes such a call (prompts are prefilled alone, decode
-steps feed one token per row); ONNX Runtime refuses such a call with its own error ("batch_size must be 1
-when sequence_length > 1 and past context is given").
+The other `ATTENTION_CORES` are the alternatives measured against it (scripts/lm_attention_cores.py);
+the non-shared ones keep the traced step's interface (attention_mask [B, P + S], new_* outputs of this
+call's tokens, rows sharing one column index with gaps masked by ``attention_bias``).
+
+Limitation (ONNX Runtime's CPU GroupQueryAttention): a call with several new tokens (S > 1) must have
+one row (the runtime prefills each prompt alone; ONNX Runtime refuses other calls with its own error,
+"batch_size must be 1 when sequence_length > 1 and past context is given").
 """
 
 from __future__ import annotations
@@ -33,12 +36,32 @@ import numpy as np
 import torch
 
 from pipeline_lib.model.lm import MASK_VALUE, SopranoLMStep
+from pipeline_lib.registry import KV_CACHE_BUFFER
 
 MS = "com.microsoft"
 # RotaryEmbedding reads cos/sin from a table indexed by position: rows for positions 0 .. this factor x
 # max_position_embeddings - 1 (the runtime keeps prompts to half of max_position_embeddings and new tokens
 # to max_position_embeddings, so positions stay below 1.5x).
 ROTARY_TABLE_FACTOR = 2
+
+
+def fused_interface(cfg) -> dict:
+    """The default graph's interface for the LM config (`cfg`: model.lm.LMConfig): kv_cache, inputs,
+    outputs; pipeline_lib.convert gives the ONNX Runtime targets this instead of the traced step's."""
+    kv = ["batch", "num_kv_heads", "past_sequence", "head_dim"]
+    inputs = [{"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"},
+              {"name": "attention_mask", "shape": ["batch", "past_sequence"], "dtype": "int64"},
+              {"name": "position_ids", "shape": ["batch", "sequence"], "dtype": "int64"}]
+    outputs = [{"name": "logits", "shape": ["batch", "sequence", cfg.vocab_size], "dtype": "float32"},
+               {"name": "hidden_states", "shape": ["batch", "sequence", cfg.hidden_size], "dtype": "float32"}]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            inputs.append({"name": f"past_{kind}_{i}", "shape": kv, "dtype": "float32"})
+            outputs.append({"name": f"present_{kind}_{i}", "shape": kv, "dtype": "float32"})
+    return {"kv_cache": KV_CACHE_BUFFER, "inputs": inputs, "outputs": outputs,
+            "kv_note": ("past_* are buffers the model appends to in place (present_* alias them); row b's tokens "
+                        "fill columns [0, len_b); attention_mask has ones in [0, len_b + sequence) "
+                        "(pipeline_lib.runtime.kv_cache)")}
 
 
 def rotary_tables(model: SopranoLMStep) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +87,9 @@ ATTENTION_CORES = {
     "attention23": AttentionCore("Attention"),
     "matmul": AttentionCore("MatMul"),
 }
+
+
+DEFAULT_ATTENTION = "gqa_shared_rotary"  # the measurement behind it: docs/design.md, "The attention core, measured"
 
 
 def _matmul_attention(g, p, q, k, v, past_k, past_v, bias, H, KV, D) -> str:
@@ -120,7 +146,7 @@ def _w(linear: torch.nn.Module) -> np.ndarray:
     return linear.weight.detach().numpy().T
 
 
-def build_fused_lm(model: SopranoLMStep, opset: int = 17, pack_gate_up: bool = True, attention: str = "gqa_bias"):
+def build_fused_lm(model: SopranoLMStep, opset: int = 17, pack_gate_up: bool = True, attention: str = DEFAULT_ATTENTION):
     """The fused step graph (an onnx.ModelProto) holding `model`'s weights in fp32. pack_gate_up: one
     MatMul for the MLP's gate and up projections, then a Split (False: two MatMuls, as ONNX Runtime
     GenAI's builder writes them; docs/design.md has the measurement behind the default)."""
@@ -152,8 +178,7 @@ def build_fused_lm(model: SopranoLMStep, opset: int = 17, pack_gate_up: bool = T
         rowsum = g.op("ReduceSum", ["attention_mask", "i1"], name="mask_rowsum", keepdims=0)[0]
         rowsum32 = g.op("Cast", [rowsum], name="rowsum32", to=TensorProto.INT32)[0]
         seqlens = g.op("Sub", [rowsum32, "one32"], name="seqlens_k")[0]
-        tot = g.op("Sub", [total32, "one32"], name="buffer_width")[0] if core.shared else total32
-        total_scalar = g.op("Reshape", [tot, "scalar_shape"], name="total_sequence_length")[0]
+        total_scalar = g.op("Reshape", [total32, "scalar_shape"], name="total_sequence_length")[0]
         bias = ""
     else:
         total_scalar = g.op("Reshape", [total32, "scalar_shape"], name="total_sequence_length")[0]
@@ -189,7 +214,8 @@ def build_fused_lm(model: SopranoLMStep, opset: int = 17, pack_gate_up: bool = T
     g.const("k_heads_shape", np.array([0, 0, KV, D], np.int64))
     g.const("q_flat_shape", np.array([0, 0, H * D], np.int64))
     g.const("k_flat_shape", np.array([0, 0, KV * D], np.int64))
-    g.const("kv_heads_shape" if KV > 1 else "kv_one_head_shape", np.array([0, 0, KV, D] if KV > 1 else [0, 1, -1, D], np.int64))
+    if not core.shared:
+        g.const("kv_heads_shape" if KV > 1 else "kv_one_head_shape", np.array([0, 0, KV, D] if KV > 1 else [0, 1, -1, D], np.int64))
     g.const("qkv_split", np.array([H * D, KV * D, KV * D], np.int64))
     g.const("gate_up_split", np.array([c.intermediate_size, c.intermediate_size], np.int64))
     residual, pending = x, None  # pending: the previous block's output, not yet added to residual
@@ -260,7 +286,7 @@ def build_fused_lm(model: SopranoLMStep, opset: int = 17, pack_gate_up: bool = T
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "past_sequence" if core.shared else "total_sequence"]),
               helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", c.vocab_size]),
                helper.make_tensor_value_info("hidden_states", f32, ["batch", "sequence", E])]
