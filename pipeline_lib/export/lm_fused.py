@@ -9,7 +9,7 @@ registry.KV_CACHE_BUFFER; `fused_interface` describes it for the LM config):
              (the same buffers: bound to past_*'s memory, the op writes columns [len_b, len_b + S))
 
 attention_mask has ones in [0, len_b + S) of row b: its row sums - 1 are GroupQueryAttention's
-seqlens_k, and W (<= len_b + S never exceeds it) its total_sequence_length. Per layer it uses ONNX
+seqlens_k, and W its total_sequence_length (len_b + S <= W in every row). Per layer it uses ONNX
 Runtime's contrib operators:
 
 - ``SkipSimplifiedLayerNormalization``: the residual add and the next RMS norm in one op;
