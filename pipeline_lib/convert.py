@@ -431,7 +431,10 @@ def convert_into(
         info["source_bytes"] = src.stat().st_size
         block = spec.block(cfg)
         block["file"], block["conversion"] = info["file"], info  # inputs and settings only: no time (figures)
-        block.pop("ort_file", None)  # a converted folder holds one model file per model
+        # A converted folder holds one model file per model; converted from the fused graph, its interface.
+        iface = block.pop("ort_interface", None)
+        if block.pop("ort_file", None) and iface and target.backend == "onnx":
+            block.update(iface)
         write_json(dst / spec.config, cfg)
         for name in spec.extra_files:
             if (src_dir / name).is_file():

@@ -185,6 +185,8 @@ def check_lm(
 
 
 def ort_runner(path: Path, num_threads: int = 1) -> Runner:
+    """A Runner of an ONNX file. The fused LM graph (in-place KV buffers: present_* outputs for past_*
+    inputs) is run through `_buffer_runner`, so that every check here feeds it the traced step's interface."""
     from pipeline_lib.export.onnx_io import ort_session
 
     sess = ort_session(path, num_threads)
@@ -193,7 +195,57 @@ def ort_runner(path: Path, num_threads: int = 1) -> Runner:
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(outputs, sess.run(outputs, feed)))
 
+    if "present_key_0" in outputs and "past_key_0" in (i.name for i in sess.get_inputs()):
+        return _buffer_runner(run, [o for o in outputs if o.startswith("present_")])
     return run
+
+
+def _buffer_runner(run: Runner, present: list[str]) -> Runner:
+    """The traced step's interface (attention_mask [B, P + S] over the past and the new tokens, rows with any
+    masked columns; new_* outputs) on a model with in-place KV buffers (runtime.kv_cache's contract: row
+    b's tokens in columns [0, len_b)): each row's kept past columns are packed into a buffer, each row's
+    kept new tokens run (row by row where S > 1, which ONNX Runtime's GroupQueryAttention needs), and the
+    outputs go back to the tokens' places (masked tokens' outputs are zeros; nothing reads them)."""
+
+    def call(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask, ids = np.asarray(feed["attention_mask"]), np.asarray(feed["input_ids"])
+        batch, seq = ids.shape
+        names = [n.replace("present_", "past_") for n in present]
+        past_len = mask.shape[1] - seq
+        groups = [[b] for b in range(batch)] if seq > 1 else [list(range(batch))]
+        out: dict[str, np.ndarray] = {}
+        for rows in groups:
+            cols = [np.flatnonzero(mask[b, :past_len]) for b in rows]
+            new = [np.flatnonzero(mask[b, past_len:]) for b in rows]
+            n_new = len(new[0])
+            if any(len(x) != n_new for x in new) or n_new == 0:
+                raise ValueError("the rows of one call must have the same number of kept new tokens")
+            width = max(len(c) for c in cols) + n_new
+            f = {"input_ids": np.stack([ids[b, x] for b, x in zip(rows, new)]),
+                 "position_ids": np.stack([np.asarray(feed["position_ids"])[b, x] for b, x in zip(rows, new)]),
+                 "attention_mask": np.zeros((len(rows), width), np.int64)}
+            for i, c in enumerate(cols):
+                f["attention_mask"][i, : len(c) + n_new] = 1
+            for name in names:
+                p = np.asarray(feed[name])
+                buf = np.zeros((len(rows), p.shape[1], width, p.shape[3]), np.float32)
+                for i, (b, c) in enumerate(zip(rows, cols)):
+                    buf[i, :, : len(c)] = p[b][:, c]
+                f[name] = buf
+            o = run(f)
+            for key in ("logits", "hidden_states"):
+                dst = out.setdefault(key, np.zeros((batch, seq, o[key].shape[-1]), np.float32))
+                for i, (b, x) in enumerate(zip(rows, new)):
+                    dst[b, x] = o[key][i]
+            for name, pres in zip(names, present):
+                key = pres.replace("present_", "new_")
+                shape = (batch, o[pres].shape[1], seq, o[pres].shape[3])
+                dst = out.setdefault(key, np.zeros(shape, np.float32))
+                for i, (b, c, x) in enumerate(zip(rows, cols, new)):
+                    dst[b][:, x] = o[pres][i, :, len(c): len(c) + n_new]
+        return out
+
+    return call
 
 
 def format_report(report: ParityReport) -> str:

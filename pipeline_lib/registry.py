@@ -38,6 +38,8 @@ TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.
 # The LM config's "kv_cache": where the cache lives between calls.
 KV_CACHE_INPUTS = "inputs"           # the caller's arrays: past_* in, new_* out (the step model)
 KV_CACHE_STATE = "openvino_state"    # OpenVINO state variables (the stateful LM)
+# Buffers the model appends to in place (present_* alias past_*; the fused ONNX Runtime graph, export/lm_fused.py)
+KV_CACHE_BUFFER = "buffer"
 
 # --- folders ---------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The fused LM step graph (pipeline_lib.export.lm_fused): same results and KV contract as the torch
-reference and the traced graph, the fused operators in place, and the ONNX Runtime targets built from it."""
+"""The fused LM step graph (pipeline_lib.export.lm_fused): same results as the torch reference and the
+traced graph, keys / values appended in place into the rows' own columns, the fused operators in place, and the ONNX Runtime targets built from it."""
 
 from __future__ import annotations
 
@@ -11,51 +11,69 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.export.lm import FUSED_ONNX, LM_ONNX, example_inputs
+from pipeline_lib.export.lm import FUSED_ONNX, LM_ONNX, fused_example
 from pipeline_lib.export.onnx_io import ort_session
 from pipeline_lib.model.lm import load_lm
-from pipeline_lib.registry import LM_CONFIG
+from pipeline_lib.registry import KV_CACHE_BUFFER, LM_CONFIG
 
 LOGITS_MAX_ABS = 2e-3  # conf/parity: lm_logits_max_abs
 HIDDEN_MAX_ABS = 1e-3  # conf/parity: lm_hidden_max_abs
 
 
-def _inputs(model, batch: int, past: int, seq: int, seed: int, hole: bool):
-    x = list(example_inputs(model, batch=batch, past=past, seq=seq, seed=seed))
-    if hole:  # a masked gap inside the last row's cache, as a row that joined a running batch has
-        x[1][-1, past // 2] = 0
-        x[2] = (x[1].cumsum(-1) - 1).clamp(min=0)[:, past:]
-    return x
-
-
-@pytest.mark.parametrize("batch,past,seq,hole", [(1, 0, 7, False), (2, 0, 5, False), (1, 6, 3, False),
-                                                  (3, 9, 1, True), (2, 12, 1, False)])
-def test_fused_graph_matches_torch(tiny_checkpoint: Path, tiny_export: Path, batch, past, seq, hole) -> None:
+@pytest.mark.parametrize("lens,seq,width", [([0], 7, 8), ([6], 3, 16), ([9, 4, 7], 1, 16), ([12, 12], 1, 16),
+                                            ([0], 5, 5)])
+def test_fused_graph_matches_torch(tiny_checkpoint: Path, tiny_export: Path, lens, seq, width) -> None:
+    """Rows of different lengths in one buffer (each row's tokens in its columns [0, len)): logits and hidden
+    states as torch's, and the keys / values written at each row's own columns [len, len + seq)."""
     model = load_lm(tiny_checkpoint).eval()
     sess = ort_session(tiny_export / FUSED_ONNX)
-    x = _inputs(model, batch, past, seq, seed=batch * 100 + past, hole=hole)
+    x, feed = fused_example(model, lens, seq, width, seed=len(lens) * 100 + max(lens))
     with torch.no_grad():
         ref = [t.numpy() for t in model(*x)]
-    got = sess.run(None, dict(zip(model.input_names(), (t.numpy() for t in x))))
-    real = x[1][:, past:].numpy() > 0  # a padding position's output is never read
-    assert np.abs(got[0] - ref[0])[real].max() < LOGITS_MAX_ABS
-    assert np.abs(got[1] - ref[1])[real].max() < HIDDEN_MAX_ABS
-    for g, r in zip(got[2:], ref[2:]):  # new keys / values of the real tokens: what the cache stores
-        assert g.shape == r.shape
-        assert np.abs(g - r).transpose(0, 2, 1, 3)[real].max() < 1e-4
+    names = ["logits", "hidden_states", *(n.replace("new_", "present_") for n in model.output_names()[2:])]
+    got = sess.run(names, feed)
+    assert np.abs(got[0] - ref[0]).max() < LOGITS_MAX_ABS
+    assert np.abs(got[1] - ref[1]).max() < HIDDEN_MAX_ABS
+    for g, r, past in zip(got[2:], ref[2:], (n for n in feed if n.startswith("past_"))):
+        assert g.shape == feed[past].shape
+        for b, n in enumerate(lens):  # the new columns hold torch's new keys / values; the past stays
+            assert np.abs(g[b, :, n: n + seq] - r[b]).max() < 1e-4
+            np.testing.assert_array_equal(g[b, :, :n], feed[past][b, :, :n])
+
+
+def test_the_runtime_binds_present_to_the_past_buffers(tiny_checkpoint: Path, tmp_path: Path, tiny_export: Path) -> None:
+    """OrtLM on the fused graph: the step writes its keys / values into the fed past_* arrays (in place),
+    at each row's own column, and present_* are those arrays."""
+    from pipeline_lib.convert import convert_into
+    from pipeline_lib.runtime.backends import OrtLM
+
+    convert_into("onnx", "fp32", tiny_export, tiny_export, tmp_path)
+    model = load_lm(tiny_checkpoint).eval()
+    x, feed = fused_example(model, [5, 2], 1, 8, seed=4)
+    before = {n: a.copy() for n, a in feed.items()}
+    with torch.no_grad():
+        ref = [t.numpy() for t in model(*x)]
+    out = OrtLM(tmp_path / "lm" / LM_ONNX, 1).run(feed)
+    for i, r in enumerate(ref[2:]):
+        name = model.input_names()[3 + i]
+        assert out[name.replace("past_", "present_")] is feed[name]
+        for b, n in enumerate([5, 2]):
+            assert np.abs(feed[name][b, :, n] - r[b, :, 0]).max() < 1e-4
+            np.testing.assert_array_equal(feed[name][b, :, :n], before[name][b, :, :n])
+            assert not feed[name][b, :, n + 1:].any()
 
 
 def test_fused_graph_uses_the_fused_operators(tiny_checkpoint: Path, tiny_export: Path) -> None:
     import onnx
 
     layers = load_lm(tiny_checkpoint).cfg.num_layers
-    ops = Counter(n.op_type for n in onnx.load(str(tiny_export / FUSED_ONNX)).graph.node)
+    nodes = onnx.load(str(tiny_export / FUSED_ONNX)).graph.node
+    ops = Counter(n.op_type for n in nodes)
     assert ops["GroupQueryAttention"] == layers
+    assert all({a.name: a.i for a in n.attribute}["do_rotary"] == 1 for n in nodes if n.op_type == "GroupQueryAttention")
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers  # every residual add, the final norm too
     assert ops["MatMul"] == 4 * layers + 1  # packed q/k/v, o, packed gate/up, down; the logits head
-    assert ops["RotaryEmbedding"] == 2 * layers
-    assert not {"Softmax", "Concat", "Neg"} & set(ops)
-    assert ops["Add"] == 1  # the query index: every residual add is inside a norm
+    assert not {"Softmax", "Concat", "Neg", "RotaryEmbedding", "Where", "Add", "Transpose"} & set(ops)
     traced = Counter(n.op_type for n in onnx.load(str(tiny_export / LM_ONNX)).graph.node)
     assert sum(ops.values()) < sum(traced.values())
 
@@ -65,18 +83,22 @@ def test_export_config_names_the_fused_graph(tiny_export: Path) -> None:
     assert cfg["file"] == LM_ONNX and cfg["ort_file"] == FUSED_ONNX
 
 
-def test_fused_runtime_greedy_equals_traced(tiny_export: Path) -> None:
-    """The runtime loop (KVCache: shared column index, buckets, masked gaps) on both graphs: same tokens,
-    same hidden states within the parity limit, for a batch of prompts of different lengths."""
+def test_fused_runtime_greedy_equals_traced(tiny_export: Path, tmp_path: Path) -> None:
+    """The runtime loop (KVCache: rows of different lengths, buckets) on both graphs (the traced one through
+    its new_* outputs, the fused one appending in place): same tokens, same hidden states within the parity
+    limit, for a batch of prompts of different lengths."""
+    from pipeline_lib.convert import convert_into
     from pipeline_lib.runtime.backends import OrtLM
     from pipeline_lib.runtime.generate import LMSpec, generate
     from pipeline_lib.runtime.sampling import SamplingParams
 
-    spec = LMSpec.from_json(tiny_export / LM_CONFIG)
+    convert_into("onnx", "fp32", tiny_export, tiny_export, tmp_path)
     prompts = [[5 + j % 40 for j in range(n)] for n in (9, 14, 4)]
     outs = {}
-    for name in (LM_ONNX, FUSED_ONNX):
-        lm = OrtLM(tiny_export / name, 2)
+    for name, folder in ((LM_ONNX, tiny_export), (FUSED_ONNX, tmp_path / "lm")):
+        spec = LMSpec.from_json(folder / LM_CONFIG)
+        assert spec.in_place == (name == FUSED_ONNX)
+        lm = OrtLM(folder / LM_ONNX, 2)
         outs[name] = generate(lm, spec, prompts, max_new_tokens=40, params=SamplingParams(0.0, 1.0, 0, 1.2), kv_bucket=8)
     for a, b in zip(outs[LM_ONNX].tokens, outs[FUSED_ONNX].tokens):
         np.testing.assert_array_equal(a, b)
@@ -100,10 +122,10 @@ def test_weight_only_int8_of_the_fused_graph(tiny_checkpoint: Path, tiny_export:
     assert all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in nbits)
     assert not any(n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "MatMul") for n in nodes)
     model = load_lm(tiny_checkpoint).eval()
-    x = _inputs(model, 1, 6, 1, seed=3, hole=False)
+    x, feed = fused_example(model, [6], 1, 8, seed=3)
     with torch.no_grad():
         ref = model(*x)[1].numpy()
-    got = ort_session(out).run(["hidden_states"], dict(zip(model.input_names(), (t.numpy() for t in x))))[0]
+    got = ort_session(out).run(["hidden_states"], feed)[0]
     cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
     assert cos > 0.99
 
@@ -121,7 +143,8 @@ def test_onnx_targets_are_built_from_the_fused_graph(tiny_export: Path, tmp_path
         convert_into("onnx", precision, tiny_export, tiny_export, folder)
         lm = folder / "lm"
         cfg = json.loads((lm / LM_CONFIG).read_text())
-        assert cfg["file"] == LM_ONNX and "ort_file" not in cfg
+        assert cfg["file"] == LM_ONNX and "ort_file" not in cfg and "ort_interface" not in cfg
+        assert cfg["kv_cache"] == KV_CACHE_BUFFER and cfg["outputs"][-1]["name"].startswith("present_")
         assert cfg["conversion"]["source"] == FUSED_ONNX
         assert not (lm / FUSED_ONNX).exists()
         ops = Counter(n.op_type for n in onnx.load(str(lm / LM_ONNX)).graph.node)

@@ -90,8 +90,8 @@ def test_step_costs_predict_and_admit():
 
 
 def test_slot_cache_take_then_add_gives_a_row_the_same_history():
-    """A parked row (backpressure) leaves with the columns it attends to (its gaps dropped) and
-    rejoins with the same history, while the others stepped in between."""
+    """A parked row (backpressure) leaves with its columns and rejoins with the same history (and so the
+    same positions: its length), while the others stepped in between."""
     cache = SlotCache(["k"], capacity=3, kv_heads=1, head_dim=1, bucket=4)
 
     def row(vals):
@@ -99,14 +99,13 @@ def test_slot_cache_take_then_add_gives_a_row_the_same_history():
 
     cache.add(row([1, 2, 3]))
     cache.add(row([7]))
-    cache.append([np.full((1, 1, 1, 1), 9, np.float32)], lo=1)  # only row 1 steps: a gap in row 0
+    cache.append([np.full((1, 1, 1, 1), 9, np.float32)], lo=1)  # only row 1 steps: row 0 stays as it was
     cache.append([np.full((2, 1, 1, 1), 4, np.float32)])
     kv, moved = cache.take(0)
     assert moved == 1 and cache.rows == 1
     assert kv[0][0, 0, :, 0].tolist() == [1, 2, 3, 4]
     cache.append([np.full((1, 1, 1, 1), 5, np.float32)])
     cache.add(kv)
-    mask = cache.mask[1, : cache.used].astype(bool)
-    assert cache.arrays[0][1, 0, : cache.used, 0][mask].tolist() == [1, 2, 3, 4]
-    mask0 = cache.mask[0, : cache.used].astype(bool)
-    assert cache.arrays[0][0, 0, : cache.used, 0][mask0].tolist() == [7, 9, 4, 5]
+    assert cache.lens[:2].tolist() == [4, 4]
+    assert cache.arrays[0][1, 0, :4, 0].tolist() == [1, 2, 3, 4]
+    assert cache.arrays[0][0, 0, :4, 0].tolist() == [7, 9, 4, 5]

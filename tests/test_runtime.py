@@ -561,25 +561,40 @@ def test_loop_kv_bucket_sizes_agree(bucket):
 
 
 def test_kv_cache_grows_by_bucket_and_trims_rows():
+    """Rows of different lengths (each row's tokens in its columns [0, len)), the traced model's mask
+    (the new token last) and the new_* append into each row's own column; the width grows by the bucket
+    when the longest row fills it and narrows when it leaves."""
     names = ["past_key_0", "past_value_0"]
-    mask = np.array([[0, 0, 1], [1, 1, 1]], np.int64)
     present = [np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 1, 3, 2) + 100 * k for k in range(2)]
-    cache = KVCache(names, present, mask, bucket=4)
+    cache = KVCache(names, present, [1, 3], bucket=4)
     assert cache.width == 4 and cache.used == 3
     feed = cache.feed()
-    assert feed["past_key_0"].shape == (2, 1, 4, 2) and feed["attention_mask"].tolist() == [[0, 0, 1, 0, 1], [1, 1, 1, 0, 1]]
+    assert feed["past_key_0"].shape == (2, 1, 4, 2) and feed["attention_mask"].tolist() == [[1, 0, 0, 0, 1], [1, 1, 1, 0, 1]]
+    assert not cache.arrays[0][0, :, 1:].any()  # row 0 holds its one token only
     old = cache.arrays[0]
-    step = [np.full((2, 1, 5, 2), 7.0 + k, np.float32) for k in range(2)]
-    cache.append(step)  # column 3 filled: the cache is full, so it grows by one bucket
-    assert cache.width == 8 and cache.used == 4 and cache.arrays[0] is not old
-    np.testing.assert_array_equal(cache.arrays[0][:, :, :3], present[0])
-    np.testing.assert_array_equal(cache.arrays[1][:, :, 3], np.full((2, 1, 2), 8.0))
-    assert not cache.arrays[0][:, :, 4:].any() and cache.mask[:, 4:8].sum() == 0 and (cache.mask[:, 8] == 1).all()
-    cache.select(np.array([0]))  # row 0 alone: its two leading padding columns go
-    assert cache.used == 2 and cache.mask[0, :2].tolist() == [1, 1]
-    np.testing.assert_array_equal(cache.arrays[0][0, :, 0], present[0][0, :, 2])
+    step = [np.full((2, 1, 1, 2), 7.0 + k, np.float32) for k in range(2)]
+    cache.append(step)  # row 1's column 3 filled: the cache is full, so it grows by one bucket
+    assert cache.width == 8 and cache.lens.tolist() == [2, 4] and cache.arrays[0] is not old
+    np.testing.assert_array_equal(cache.arrays[0][1, :, :3], present[0][1])
+    np.testing.assert_array_equal(cache.arrays[1][:, :, [1, 3]][[0, 1], :, [0, 1]], np.full((2, 1, 2), 8.0))
+    assert cache.mask.tolist() == [[1, 1, 0, 0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 0, 0, 0, 0, 1]]
+    cache.select(np.array([0]))  # row 0 alone: 2 tokens, the width narrows to one bucket
+    assert cache.width == 4 and cache.lens.tolist() == [2] and cache.mask[0].tolist() == [1, 1, 0, 0, 1]
+    np.testing.assert_array_equal(cache.arrays[0][0, :, 0], present[0][0, :, 0])
     with pytest.raises(ValueError, match="kv_bucket"):
-        KVCache(names, present, mask, bucket=0)
+        KVCache(names, present, [1, 3], bucket=0)
+
+
+def test_kv_cache_in_place_leaves_the_append_to_the_model():
+    """The fused model's contract: the mask has no extra column, ones over each row's tokens and its new
+    column; append writes nothing (the model did) and moves each row's new column on."""
+    cache = KVCache(["k"], [np.ones((2, 1, 3, 1), np.float32)], [3, 1], bucket=4, in_place=True)
+    assert cache.feed()["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    cache.arrays[0][[0, 1], 0, [3, 1], 0] = 5.0  # what the model writes
+    cache.append()  # row 0 is full: the width grows, the model's column is kept
+    assert cache.width == 8 and cache.lens.tolist() == [4, 2]
+    assert cache.mask.tolist() == [[1] * 5 + [0] * 3, [1, 1, 1] + [0] * 5]
+    assert cache.arrays[0][0, 0, :4, 0].tolist() == [1, 1, 1, 5] and cache.arrays[0][1, 0, :2, 0].tolist() == [1, 5]
 
 
 @pytest.mark.parametrize("bucket", [1, 3])

@@ -222,22 +222,25 @@ def test_slot_cache_rows_join_leave_and_grow():
     row = lambda n, v: [np.full((1, 1, n, 2), v, np.float32), np.full((1, 1, n, 2), -v, np.float32)]  # noqa: E731
     c.add(row(2, 1.0))
     assert (c.used, c.width, c.rows, c.slots) == (2, 4, 1, 1)
-    c.add(row(3, 2.0))  # longer than used: columns are prepended for row 0
-    assert c.feed()["attention_mask"].tolist() == [[0, 1, 1, 0, 1], [1, 1, 1, 0, 1]]  # width 4 + the new token
-    assert c.mask[:2, :3].tolist() == [[0, 1, 1], [1, 1, 1]] and c.arrays[0][0, 0, 1:3, 0].tolist() == [1.0, 1.0]
-    c.append([np.full((2, 1, 1, 2), 9.0, np.float32)] * 2)  # used 4 == width: grows, keeps all columns
-    assert c.used == 4 and c.width == 8 and c.mask[:2, :4].tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    c.add(row(3, 2.0))  # no free slot: slots double; each row at its own columns [0, n)
+    assert c.feed()["attention_mask"].tolist() == [[1, 1, 0, 0, 1], [1, 1, 1, 0, 1]]  # width 4 + the new token
+    assert c.arrays[0][0, 0, :2, 0].tolist() == [1.0, 1.0] and not c.arrays[0][0, 0, 2:].any()
+    c.append([np.full((2, 1, 1, 2), 9.0, np.float32)] * 2)  # row 1 fills width 4: grows, keeps all columns
+    assert c.used == 4 and c.width == 8 and c.lens[:2].tolist() == [3, 4]
+    assert c.mask[:2, :4].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]] and c.arrays[0][0, 0, 2, 0] == 9.0
     assert c.remove(0) == 1  # the last row moves into slot 0
     assert c.rows == 1 and c.mask[0, :4].tolist() == [1, 1, 1, 1] and c.arrays[0][0, 0, 0, 0] == 2.0
     assert c.feed()["past_key_0"].shape == (1, 1, 8, 2)
-    c.add(row(1, 3.0))  # into the free slot, right-aligned at the last used column
-    assert (c.rows, c.slots) == (2, 2) and c.mask[1, :4].tolist() == [0, 0, 0, 1] and c.arrays[1][1, 0, 3, 0] == -3.0
+    c.add(row(1, 3.0))  # into the free slot, at column 0
+    assert (c.rows, c.slots) == (2, 2) and c.mask[1, :4].tolist() == [1, 0, 0, 0] and c.arrays[1][1, 0, 0, 0] == -3.0
     c.add(row(1, 4.0))  # no free slot: slots double, up to the capacity (3)
-    assert (c.rows, c.slots) == (3, 3) and c.arrays[0][1, 0, 3, 0] == 3.0 and c.arrays[0][2, 0, 3, 0] == 4.0
+    assert (c.rows, c.slots) == (3, 3) and c.arrays[0][1, 0, 0, 0] == 3.0 and c.arrays[0][2, 0, 0, 0] == 4.0
     assert c.mask[0, :4].tolist() == [1, 1, 1, 1] and c.arrays[0][0, 0, 0, 0] == 2.0  # the other rows kept
     with pytest.raises(RuntimeError, match="full"):
         c.add(row(1, 5.0))
-    for _ in range(3):
+    c.remove(0)  # the longest row (4 tokens) leaves: the width narrows to one bucket
+    assert c.width == 4 and c.lens[:2].tolist() == [1, 1] and c.arrays[0][0, 0, 0, 0] == 4.0
+    for _ in range(2):
         c.remove(0)
     assert c.rows == 0 and c.used == 0 and c.slots == 0 and c.arrays == []
 
@@ -491,12 +494,14 @@ def test_first_audio_lane_steps_new_rows_alone_and_changes_no_audio(request, whi
     assert _rel(new_audio, tts.synthesize(TEXTS[2], max_new_tokens=24)["audio"]) <= 1e-4
 
 
-def test_slot_cache_keeps_each_rows_history_through_joins_leaves_swaps_and_partial_steps():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_slot_cache_keeps_each_rows_history_through_joins_leaves_swaps_and_partial_steps(in_place):
     """SlotCache alone, random operations: rows join (prompts of any length), leave, swap slots, and
-    steps run the whole batch or only its tail rows (the first-audio lane). After each operation every
+    steps run the whole batch or only its tail rows (the first-audio lane), the new keys given as the
+    traced model's new_* or written by the model into its buffers (in_place). After each operation every
     row attends exactly its own keys, in order (the mask's ones), and the new token's column."""
     rng = np.random.default_rng(7)
-    cache = SlotCache(["k"], capacity=6, kv_heads=1, head_dim=1, bucket=4)
+    cache = SlotCache(["k"], capacity=6, kv_heads=1, head_dim=1, bucket=4, in_place=in_place)
     history: list[list[float]] = []  # per slot, the row's keys in order
     value = 0.0
 
@@ -527,13 +532,21 @@ def test_slot_cache_keeps_each_rows_history_through_joins_leaves_swaps_and_parti
             feed = cache.feed(lo)
             assert feed["k"].shape[0] == feed["attention_mask"].shape[0] == cache.rows - lo
             new = keys(cache.rows - lo)
-            cache.append([np.array(new, dtype=np.float32).reshape(-1, 1, 1, 1)], lo)
+            if in_place:  # the model writes each row's new column in the fed buffer (a view of the arrays)
+                feed["k"][np.arange(cache.rows - lo), 0, cache.lens[lo: cache.rows], 0] = new
+                cache.append(lo=lo)
+            else:
+                cache.append([np.array(new, dtype=np.float32).reshape(-1, 1, 1, 1)], lo)
             for i, v in zip(range(lo, cache.rows), new):
                 history[i].append(v)
         for i in range(cache.rows):
             mask = cache.mask[i]
-            assert mask[cache.width] == 1
-            attended = cache.arrays[0][i, 0, : cache.width, 0][mask[: cache.width] == 1]
+            n = len(history[i])
+            if in_place:  # ones over the row's tokens and its new column
+                assert mask.tolist() == [1] * (n + 1) + [0] * (cache.width - n - 1)
+            else:
+                assert mask[cache.width] == 1 and mask[: cache.width].tolist() == [1] * n + [0] * (cache.width - n)
+            attended = cache.arrays[0][i, 0, :n, 0]
             assert attended.tolist() == history[i], (i, attended.tolist(), history[i])
 
 

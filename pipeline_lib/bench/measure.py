@@ -189,7 +189,8 @@ def resolve_model_file(path: Path, stem: str | tuple[str, ...], backend: str) ->
 
 class _TimedLM:
     """Wraps the runtime's LM backend to time every forward: start/end per call, prefill flagged
-    (nothing cached: attention_mask no wider than input_ids). Everything else is delegated."""
+    (a call of several tokens: decode steps feed one token per row, prompts have more). Everything else
+    is delegated."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -207,7 +208,7 @@ class _TimedLM:
             yield timed
 
     def run(self, feed: Any) -> Any:
-        prefill = feed["attention_mask"].shape[1] == feed["input_ids"].shape[1]  # nothing cached before it
+        prefill = feed["input_ids"].shape[1] > 1  # a prompt (the fused graph's mask is as wide as its buffer)
         start = time.perf_counter()
         out = self._inner.run(feed)
         self.calls.append((start, time.perf_counter(), prefill))

@@ -13,6 +13,7 @@ import torch
 from pipeline_lib.errors import ExportError
 from pipeline_lib.export.onnx_io import DEFAULT_OPSET, constant_reshape_shapes, export_to_onnx, ort_session
 from pipeline_lib.fsutil import write_json
+from pipeline_lib.export.lm_fused import fused_interface
 from pipeline_lib.model.lm import LMConfig, SopranoLMStep, load_lm
 from pipeline_lib.registry import FUSED_FILE, LM_CONFIG, LM_FILE, TOKENIZER_FILE, TOKENIZER_FILES
 
@@ -68,15 +69,18 @@ def lm_config_dict(model: SopranoLMStep, tokens: dict[str, int]) -> dict:
             )
     return {
         "file": LM_ONNX,
-        # The same step (inputs, outputs, KV contract) as ONNX Runtime's fused graph: the file that the
-        # ONNX Runtime targets are converted from (pipeline_lib.convert); OpenVINO converts `file`.
+        # The same step as ONNX Runtime's fused graph (export/lm_fused.py): the file that the ONNX Runtime
+        # targets are converted from (pipeline_lib.convert), with its own interface (in-place KV buffers,
+        # "ort_interface" replaces kv_cache / inputs / outputs / kv_note there); OpenVINO converts `file`.
         "ort_file": FUSED_ONNX,
+        "ort_interface": fused_interface(c),
         "inputs": inputs,
         "outputs": outputs,
         "kv_layout": KV_LAYOUT,
         "kv_note": (
             "new_* are this call's tokens only: the next past_* is past_* and new_* joined on the sequence axis; "
-            "keys are stored after k-norm and rotary embedding; attention_mask uses left padding"
+            "keys are stored after k-norm and rotary embedding; attention_mask marks each row's tokens and the "
+            "new ones last (pipeline_lib.runtime.kv_cache)"
         ),
         "hidden_states": "final-norm last-layer hidden state",
         "special_tokens": {k: tokens[k] for k in ("unk", "text", "start", "stop")},
@@ -138,7 +142,7 @@ def export_lm(ckpt_dir: Path | str, out_dir: Path | str, opset: int = DEFAULT_OP
     )
     fused_path = write_fused_lm(model, out_dir / FUSED_ONNX, opset)
     err = _check_against_torch(model, onnx_path)
-    fused_err = _check_against_torch(model, fused_path)
+    fused_err = _check_fused_against_torch(model, fused_path)
     config_path = out_dir / LM_CONFIG
     write_json(config_path, lm_config_dict(model, tokens))
     log.info("LM export check: logits max abs error %.3g (fused graph: %.3g)", err, fused_err)
@@ -178,6 +182,49 @@ def _check_against_torch(model: SopranoLMStep, onnx_path: Path) -> float:
             raise ExportError(f"{onnx_path}: ONNX logits shape {got.shape} differs from torch's {ref.shape}.")
         real = check[1][:, past:].numpy() > 0  # a padding position's output is never read
         err = max(err, float(np.abs(got - ref)[real].max()))
+    return err
+
+
+def fused_example(model: SopranoLMStep, lens: list[int], seq: int, width: int, seed: int = 0):
+    """One step on rows with `lens` cached tokens each and `seq` new ones, both ways: the torch reference's
+    inputs (each row's past then the new tokens, the others masked) and the fused graph's feed (buffers of
+    `width` columns, row b's past in [0, lens[b]), export/lm_fused.py)."""
+    c = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    batch, past = len(lens), max(lens)
+    ids = torch.randint(0, c.vocab_size, (batch, seq), generator=gen)
+    cache = [torch.randn(batch, c.num_kv_heads, past, c.head_dim, generator=gen) for _ in range(2 * c.num_layers)]
+    mask = torch.zeros(batch, past + seq, dtype=torch.int64)
+    mask[:, past:] = 1
+    pos = torch.zeros(batch, seq, dtype=torch.int64)
+    feed_mask = np.zeros((batch, width), np.int64)
+    bufs = [np.zeros((batch, c.num_kv_heads, width, c.head_dim), np.float32) for _ in cache]
+    for b, n in enumerate(lens):
+        mask[b, :n] = 1
+        pos[b] = torch.arange(n, n + seq)
+        feed_mask[b, : n + seq] = 1
+        for buf, t in zip(bufs, cache):
+            buf[b, :, :n] = t[b, :, :n].numpy()
+    feed = {"input_ids": ids.numpy(), "attention_mask": feed_mask, "position_ids": pos.numpy()}
+    feed.update(zip([n for n in model.input_names() if n.startswith("past_")], bufs))
+    return (ids, mask, pos, *cache), feed
+
+
+def _check_fused_against_torch(model: SopranoLMStep, onnx_path: Path) -> float:
+    """The largest error of the fused graph against torch, logits and the keys / values it writes into the
+    buffers: a prompt alone, a prompt after a cached part, a decode step of rows of different lengths."""
+    sess = ort_session(onnx_path)
+    err = 0.0
+    for seed, (lens, seq, width) in enumerate([([0], 4, 8), ([5], 2, 8), ([7, 3, 5], 1, 12)], start=1):
+        x, feed = fused_example(model, lens, seq, width, seed)
+        with torch.no_grad():
+            ref = [t.numpy() for t in model(*x)]
+        present = [n.replace("new_", "present_") for n in model.output_names()[2:]]
+        got = sess.run(["logits", *present], feed)  # no binding: present_* are copies, the feed stays
+        err = max(err, float(np.abs(got[0] - ref[0]).max()))
+        for b, n in enumerate(lens):
+            for p, new in zip(got[1:], ref[2:]):
+                err = max(err, float(np.abs(p[b, :, n: n + seq] - new[b]).max()))
     return err
 
 

@@ -1,18 +1,19 @@
 """The LM loop in NumPy: batched prefill, then one-token decode steps over an explicit KV cache.
 
-* Prefill runs each prompt alone (see `_prefill`), and the rows' caches are gathered left-padded:
-  attention_mask marks the real tokens, and each row's positions count its own tokens only.
+* Prefill runs each prompt alone (see `_prefill`), and the rows' caches are gathered into one
+  KVCache (runtime.kv_cache has the contract: each row's tokens in its columns [0, len)); each
+  row's positions count its own tokens only.
 * Each decode step feeds the sampled token of every still-running row with the KV cache as
   `past_*` inputs. A row stops on its own by rules.RowRules (the one stop / length / guard rule,
   shared with the server's scheduler): at [STOP] (finish reason "stop"),
   after `max_new_tokens` tokens ("length") or, with the hallucination guard on, when its hidden
   states repeat ("hallucination"). Finished rows leave the batch at once (the cache arrays are
-  sliced to the running rows, and left-padding columns no running row needs are trimmed), so they
-  cost nothing afterwards.
+  sliced to the running rows, and narrowed to the longest of them), so they cost nothing afterwards.
 * The KV cache (`KVCache`) lives in preallocated arrays whose width grows in buckets of
   `kv_bucket` columns; the unused columns are masked out (attention_mask 0), which leaves every
   attention result unchanged (masked scores get exactly zero weight). Per step, the new token's
-  key and value (the model's `new_*` outputs) are written into the cache's next column.
+  key and value go into each row's next column: the fused graph writes them itself (in-place
+  buffers), the traced graph's `new_*` outputs are copied there.
   So the step model's input shapes change once per bucket instead of every step, and nothing is
   reallocated per step: with OpenVINO, a shape change re-plans the whole graph (measured on the
   80M LM: about 1.2-2.4 ms of a 5-7 ms int8 step).
@@ -43,9 +44,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline_lib.errors import InputError, ModelFileError
-from pipeline_lib.registry import KV_CACHE_INPUTS, KV_CACHE_STATE
+from pipeline_lib.registry import KV_CACHE_BUFFER, KV_CACHE_INPUTS, KV_CACHE_STATE
 from pipeline_lib.runtime.backends import LMBackend
-from pipeline_lib.runtime.kv_cache import KV_BUCKET, KVCache, StateCache
+from pipeline_lib.runtime.kv_cache import KV_BUCKET, KVCache, StateCache, prefill_row
 from pipeline_lib.runtime.rules import RowRules
 from pipeline_lib.runtime.sampling import SamplingParams, select_tokens
 
@@ -77,6 +78,9 @@ class LMSpec:
     vocab_size: int
     max_position_embeddings: int
     stateful: bool = False  # the KV cache is the backend's state (config "kv_cache": registry.KV_CACHE_STATE)
+    # The model writes each step's keys / values into the past_* buffers itself (config "kv_cache":
+    # registry.KV_CACHE_BUFFER; present_* outputs alias past_*; runtime.kv_cache has the contract).
+    in_place: bool = False
     # Ids audio_token_first_id .. + audio_token_count - 1 are the audio tokens [0], [1], ... (None: the
     # config predates these fields; the tokenizer check then takes them from the tokenizer).
     audio_token_first_id: int | None = None
@@ -94,7 +98,7 @@ class LMSpec:
     def new_kv_names(self) -> list[str]:
         """The step model's outputs holding this call's keys / values (the cache grows by them); none
         where the backend keeps the cache as its state."""
-        if self.stateful:
+        if self.stateful or self.in_place:
             return []
         return [f"new_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
 
@@ -120,6 +124,7 @@ class LMSpec:
                 vocab_size=int(d["vocab_size"]),
                 max_position_embeddings=int(d["max_position_embeddings"]),
                 stateful=d.get("kv_cache", KV_CACHE_INPUTS) == KV_CACHE_STATE,
+                in_place=d.get("kv_cache", KV_CACHE_INPUTS) == KV_CACHE_BUFFER,
                 audio_token_first_id=None if d.get("audio_token_first_id") is None else int(d["audio_token_first_id"]),
                 audio_token_count=None if d.get("audio_token_count") is None else int(d["audio_token_count"]),
             )
@@ -135,6 +140,7 @@ class LMSpec:
         needed = ["input_ids", "attention_mask", "position_ids"]
         needed += ["beam_idx"] if self.stateful else self.past_names
         produced = ["logits", "hidden_states", *self.new_kv_names]
+        produced += [n.replace("past_", "present_") for n in self.past_names] if self.in_place else []
         missing = [n for n in needed if n not in self.input_names] + [n for n in produced if n not in self.output_names]
         if missing:
             raise ModelFileError(
@@ -226,8 +232,9 @@ def _left_pad_mask(prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
 def _prefill(
     lm: LMBackend, spec: LMSpec, prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, kv_bucket: int
 ) -> tuple[dict[str, np.ndarray], KVCache]:
-    """Run each prompt alone (an empty cache, no padding) and gather the rows into one left-padded
-    KVCache; returns the last position's logits / hidden states [B, 1, ...] and the cache.
+    """Run each prompt alone (kv_cache.prefill_row) and gather the rows into one KVCache (each row's
+    tokens in its columns [0, n)); returns the last position's logits / hidden states [B, 1, ...] and
+    the cache.
 
     One row at a time rather than one padded batch: the results are the same (a padded batch gives
     each row the same attention over its own tokens), the time too (prefill is compute bound), but
@@ -236,18 +243,13 @@ def _prefill(
     batch, width = mask.shape
     logits = np.empty((batch, 1, spec.vocab_size), dtype=np.float32)
     hidden = np.empty((batch, 1, spec.hidden_size), dtype=np.float32)
-    kv = [np.zeros((batch, spec.num_kv_heads, width, spec.head_dim), dtype=np.float32) for _ in spec.new_kv_names]
-    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
+    kv = [np.zeros((batch, spec.num_kv_heads, width, spec.head_dim), dtype=np.float32) for _ in spec.past_names]
+    lens = [len(p) for p in prompt_ids]
     for r, prompt in enumerate(prompt_ids):
-        ids = np.asarray(prompt, dtype=np.int64)[None]
-        n = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(n, dtype=np.int64)[None]}
-        feed.update((name, empty) for name in spec.past_names)
-        out = lm.run(feed)
-        logits[r], hidden[r] = out["logits"][0, -1], out["hidden_states"][0, -1]
-        for dst, name in zip(kv, spec.new_kv_names):
-            dst[r, :, width - n:] = out[name][0]
-    return {"logits": logits, "hidden_states": hidden}, KVCache(spec.past_names, kv, mask, kv_bucket)
+        row, logits[r, 0], hidden[r, 0] = prefill_row(lm, spec, prompt)
+        for dst, src in zip(kv, row):
+            dst[r, :, : lens[r]] = src[0]
+    return {"logits": logits, "hidden_states": hidden}, KVCache(spec.past_names, kv, lens, kv_bucket, spec.in_place)
 
 
 def generate_steps(

@@ -3,19 +3,33 @@
 * `KVCache`: one generate() call's batch (rows only leave: `select`).
 * `StateCache`: the same interface for a stateful backend (the keys and values live in OpenVINO state).
 * `SlotCache`: a serving batch whose rows join and leave between steps (BatchScheduler).
+* `prefill_row`: one prompt through the step model alone, its keys / values as a row for either cache.
 
-The contract shared by all three: arrays [rows, kv_heads, width, head_dim] per past input, the
-width a multiple of `bucket`; columns a row has no token in (left padding, gaps) are masked with
-attention_mask 0; the step model's attention_mask has width + 1 columns, the new token last.
+The contract of KVCache and SlotCache (the one place it is written; docs/design.md, "The attention core"):
+arrays [rows, kv_heads, width, head_dim] per past input, the width a multiple of `bucket` and larger
+than the longest row; row r's tokens fill columns [0, len_r) of its row, in order, with no gaps and no
+padding (rows of different lengths share a batch: each attends only its own length). Two kinds of step
+model read it (`in_place`, from the LM config's "kv_cache"):
+
+- the fused ONNX Runtime graph (registry.KV_CACHE_BUFFER): past_* are buffers the model writes the new
+  token's key / value into, at column len_r, in place (its present_* outputs alias past_*:
+  GroupQueryAttention's shared buffer); attention_mask is [rows, width], ones in [0, len_r + 1), and
+  the row sums - 1 are the rows' lengths (GroupQueryAttention's seqlens_k; positions = columns);
+- the traced step graph (registry.KV_CACHE_INPUTS, OpenVINO's plain IR): attention_mask is
+  [rows, width + 1], ones in [0, len_r) and in the last column (the new token); the new_* outputs are
+  written into column len_r here (`append`).
+
+Either way each row's position of the next token is len_r, so a row keeps its positions when it leaves
+the batch with its columns and joins again (`SlotCache.take` / `add`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["KV_BUCKET", "KVCache", "StateCache", "SlotCache"]
+__all__ = ["KV_BUCKET", "KVCache", "StateCache", "SlotCache", "prefill_row"]
 
 KV_BUCKET = 64  # the KV cache's width grows in steps of this many columns
 
@@ -26,70 +40,130 @@ def _checked_bucket(bucket: int) -> int:
     return int(bucket)
 
 
-class KVCache:
-    """The past keys and values of every layer, in arrays [B, kv_heads, width, head_dim] whose width
-    is a multiple of `bucket`. Columns [0, used) hold the tokens so far (left-padded rows have
-    mask 0 in their padding columns); columns [used, width) are zero and masked out. `feed()` gives
-    the step model's past_* inputs and attention_mask (width + 1 columns: the new token last)."""
+def _width_for(longest: int, bucket: int) -> int:
+    """The smallest multiple of `bucket` with room for `longest` tokens and one more."""
+    return -(-(longest + 1) // bucket) * bucket
 
-    def __init__(self, past_names: Sequence[str], kv: Sequence[np.ndarray], mask: np.ndarray, bucket: int = KV_BUCKET) -> None:
-        self.past_names, self.bucket = list(past_names), _checked_bucket(bucket)
-        self.used = mask.shape[1]
-        self._alloc(list(kv), mask, self.used)
 
-    def _alloc(
-        self,
-        layers: list[np.ndarray],
-        mask: np.ndarray,
-        used: int,
-        take: Callable[[np.ndarray], np.ndarray] = lambda a: a,
-    ) -> None:
-        """Fresh arrays with room for at least one more column, holding the first `used` columns of
-        `take(layer)` for each layer, and of `mask`. `layers` is replaced in place, one layer at a
-        time, so each old array is dropped as soon as it is copied: the transient memory is one
-        layer's array, not a second copy of the whole cache (8 rows at 320 columns: 45 MiB)."""
-        width = -(-(used + 1) // self.bucket) * self.bucket
-        rows = mask.shape[0]
-        for i in range(len(layers)):
-            p = take(layers[i])
-            a = np.zeros((rows, p.shape[1], width, p.shape[3]), dtype=np.float32)
-            a[:, :, :used] = p[:, :, :used]
-            layers[i] = a
-        self.arrays = layers
-        self.mask = np.zeros((rows, width + 1), dtype=np.int64)
-        self.mask[:, :used] = mask[:, :used]
-        self.mask[:, width] = 1  # the new token's column
-        self.used = used
+def prefill_row(lm: Any, spec: Any, prompt: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Run one prompt alone through the step model (nothing cached before it). Returns its keys / values
+    ([1, kv_heads, n, head_dim] per past input, columns [0, n): a row for KVCache / SlotCache), and the
+    last position's logits [vocab] and hidden state [hidden]. `spec`: runtime.generate.LMSpec."""
+    ids = np.asarray(prompt, dtype=np.int64)[None]
+    n = ids.shape[1]
+    feed = {"input_ids": ids, "position_ids": np.arange(n, dtype=np.int64)[None]}
+    if spec.in_place:  # a buffer with room for the prompt; the model writes columns [0, n)
+        width = _width_for(n, KV_BUCKET)
+        bufs = [np.zeros((1, spec.num_kv_heads, width, spec.head_dim), dtype=np.float32) for _ in spec.past_names]
+        mask = np.zeros((1, width), dtype=np.int64)
+        mask[0, :n] = 1
+        feed["attention_mask"] = mask
+        feed.update(zip(spec.past_names, bufs))
+        out = lm.run(feed)
+        kv = [b[:, :, :n] for b in bufs]
+    else:
+        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
+        feed["attention_mask"] = np.ones_like(ids)
+        feed.update((name, empty) for name in spec.past_names)
+        out = lm.run(feed)
+        kv = [np.array(out[name], dtype=np.float32) for name in spec.new_kv_names]
+    return kv, np.array(out["logits"][0, -1], dtype=np.float32), np.array(out["hidden_states"][0, -1], dtype=np.float32)
+
+
+class _Rows:
+    """What KVCache and SlotCache share: the arrays, the rows' lengths and the mask, in the module's
+    contract. The arrays hold `slots` rows (>= the rows in use)."""
+
+    def __init__(self, past_names: Sequence[str], bucket: int, in_place: bool) -> None:
+        self.past_names, self.bucket, self.in_place = list(past_names), _checked_bucket(bucket), bool(in_place)
+        self.arrays: list[np.ndarray] = []
+        self.lens = np.zeros(0, dtype=np.int64)
+        self.mask = np.zeros((0, 0 if in_place else 1), dtype=np.int64)
 
     @property
     def width(self) -> int:
-        return self.mask.shape[1] - 1
+        return self.mask.shape[1] - (0 if self.in_place else 1)
+
+    @property
+    def used(self) -> int:
+        """The longest row's length."""
+        return int(self.lens.max()) if len(self.lens) else 0
+
+    def _set_mask_rows(self, lo: int, hi: int) -> None:
+        """Rows [lo, hi)'s mask from their lengths."""
+        m = self.mask[lo:hi]
+        m[:] = 0
+        cols = np.arange(self.width)[None, :]
+        extra = 1 if self.in_place else 0  # the in-place model's new column len_r
+        m[:, : self.width] = cols < (self.lens[lo:hi, None] + extra)
+        if not self.in_place:
+            m[:, self.width] = 1
+
+    def _alloc(self, slots: int, width: int, rows: int, src: list[np.ndarray] | None, take=None) -> None:
+        """Fresh arrays of `slots` rows and `width` columns holding the first `rows` rows of `src` (rows
+        picked by `take`, default the first ones), layer by layer (each old array freed once copied)."""
+        arrays = list(src) if src is not None else []
+        for i in range(len(arrays)):
+            p = arrays[i]
+            p = p[take] if take is not None else p[:rows]
+            keep = min(width, p.shape[2])
+            a = np.zeros((slots, p.shape[1], width, p.shape[3]), dtype=np.float32)
+            a[:rows, :, :keep] = p[:, :, :keep]
+            for r in np.flatnonzero(self.lens[:rows] < keep):  # a row's columns past its length stay zero
+                a[r, :, self.lens[r]:keep] = 0.0
+            arrays[i] = a
+        self.arrays = arrays
+        self.mask = np.zeros((slots, width + (0 if self.in_place else 1)), dtype=np.int64)
+        self._set_mask_rows(0, rows)
+
+    def _step(self, new: Sequence[np.ndarray], lo: int, hi: int) -> None:
+        """Rows [lo, hi) stepped: their new column (new_*, [hi - lo, kv_heads, 1, head_dim], for the
+        traced model; already written by the in-place model) becomes theirs."""
+        lens = self.lens[lo:hi]
+        if not self.in_place:
+            idx = np.arange(lo, hi)
+            for a, k in zip(self.arrays, new):
+                a[idx, :, lens] = k[:, :, -1]
+            self.mask[idx, lens] = 1
+        lens += 1
+        if self.in_place:
+            full = lens >= self.width
+            self.mask[np.arange(lo, hi)[~full], lens[~full]] = 1
+
+
+class KVCache(_Rows):
+    """One generate() call's cache (the module's contract): `kv` holds each row's tokens in columns
+    [0, lens[r]) of arrays [B, kv_heads, any width, head_dim]. `feed()` gives the step model's past_*
+    inputs and attention_mask; `append` takes a step of every row; the width grows by `bucket`."""
+
+    def __init__(self, past_names: Sequence[str], kv: Sequence[np.ndarray], lens: Sequence[int],
+                 bucket: int = KV_BUCKET, in_place: bool = False) -> None:
+        super().__init__(past_names, bucket, in_place)
+        self.lens = np.array(lens, dtype=np.int64)
+        rows = len(self.lens)
+        self.mask = np.zeros((rows, 0 if in_place else 1), dtype=np.int64)
+        self._alloc(rows, _width_for(self.used, self.bucket), rows, list(kv))
 
     def feed(self) -> dict[str, np.ndarray]:
         feed = dict(zip(self.past_names, self.arrays))
         feed["attention_mask"] = self.mask
         return feed
 
-    def append(self, new: Sequence[np.ndarray]) -> None:
-        """Store the new token's key / value (each new_* output, [B, kv_heads, 1, head_dim])."""
-        col = self.used
-        for a, p in zip(self.arrays, new):
-            a[:, :, col] = p[:, :, -1]
-        self.mask[:, col] = 1
-        self.used += 1
+    def append(self, new: Sequence[np.ndarray] = ()) -> None:
+        """Every row stepped: the new token's key / value (the traced model's new_* outputs, [B, kv_heads,
+        1, head_dim]; nothing for the in-place model, which wrote them) is its next column."""
+        self._step(new, 0, len(self.lens))
         if self.used == self.width:
-            self._alloc(self.arrays, self.mask, self.used)
+            self._alloc(len(self.lens), _width_for(self.used, self.bucket), len(self.lens), self.arrays)
 
     def select(self, idx: np.ndarray, bucket: int | None = None) -> None:
-        """Keep rows `idx`, and drop the leading columns none of them attends to; `bucket`, if given,
+        """Keep rows `idx` (the width shrinks to what the longest of them needs); `bucket`, if given,
         becomes the width step from here on."""
         if bucket is not None:
             self.bucket = _checked_bucket(bucket)
-        mask = self.mask[idx, : self.used]
-        first = int(np.argmax(mask.any(axis=0)))
-        used = self.used - first
-        end = self.used
-        self._alloc(self.arrays, mask[:, first:], used, take=lambda a: a[idx, :, first:end])
+        idx = np.asarray(idx)
+        self.lens = self.lens[idx]
+        self._alloc(len(idx), _width_for(self.used, self.bucket), len(idx), self.arrays, take=idx)
 
 
 class StateCache:
@@ -139,50 +213,37 @@ class StateCache:
 
 
 
-class SlotCache:
-    """The running batch's KV cache: arrays [slots, kv_heads, width, head_dim] per past input,
-    whose first `rows` rows are the batch (slots double as rows join, up to `capacity`), fed as views of those rows (so a row can join or leave
-    without copying the others). All rows share `used` columns, left-padded (attention_mask 0 where
-    a row has no token); the width grows in steps of `bucket` columns, and leading columns no row
-    attends to are dropped when it grows. A row that leaves is replaced by the last row (one
-    row's copy); a row that joins is written into the next slot, right-aligned; only a prompt
-    longer than `used` makes every row move (columns are prepended). A step of the batch's tail
-    rows only (the scheduler's first-audio lane) leaves a masked column in the other rows: a gap
-    inside a row, which attention skips like the padding; gaps go with the leading columns once no
-    row attends to them."""
 
-    def __init__(self, past_names: Sequence[str], capacity: int, kv_heads: int, head_dim: int, bucket: int) -> None:
-        self.past_names = list(past_names)
-        self.capacity, self.kv_heads, self.head_dim, self.bucket = capacity, kv_heads, head_dim, bucket
+class SlotCache(_Rows):
+    """The running batch's cache (the module's contract): arrays [slots, kv_heads, width, head_dim] per
+    past input whose first `rows` rows are the batch (slots double as rows join, up to `capacity`), fed
+    as views of those rows (so a row can join or leave without copying the others). A row that joins is
+    written into the next slot at columns [0, n); one that leaves is replaced by the last row (one row's
+    copy); the width grows by `bucket` when the longest row fills it, and shrinks when rows leave. A
+    step of the batch's tail rows only (the scheduler's first-audio lane) leaves the other rows as they
+    were: they do not grow."""
+
+    def __init__(self, past_names: Sequence[str], capacity: int, kv_heads: int, head_dim: int, bucket: int,
+                 in_place: bool = False) -> None:
+        super().__init__(past_names, bucket, in_place)
+        self.capacity, self.kv_heads, self.head_dim = capacity, kv_heads, head_dim
         self.rows = 0
-        self.used = 0
         self.slots = 0
-        self.arrays: list[np.ndarray] = []
-        self.mask = np.zeros((0, 1), dtype=np.int64)
         self._views: dict[str, np.ndarray] | None = None
 
-    @property
-    def width(self) -> int:
-        return self.mask.shape[1] - 1
+    @classmethod
+    def for_spec(cls, spec: Any, capacity: int, bucket: int = KV_BUCKET) -> SlotCache:
+        """The cache for the step model `spec` (runtime.generate.LMSpec) describes."""
+        return cls(spec.past_names, capacity, spec.num_kv_heads, spec.head_dim, bucket, in_place=spec.in_place)
 
-    def _realloc(self, used: int, shift: int, first: int = 0, slots: int | None = None) -> None:
-        """New arrays holding columns [first, self.used) of the current ones at [shift, shift + ...),
-        with room for `used` columns and one more, and for `slots` rows (default: as now)."""
-        width = -(-(used + 1) // self.bucket) * self.bucket
-        self.slots = slots if slots is not None else self.slots
-        keep = self.used - first
-        arrays = []
-        for i in range(len(self.past_names)):
-            a = np.zeros((self.slots, self.kv_heads, width, self.head_dim), dtype=np.float32)
-            if self.arrays and keep > 0:
-                a[: self.rows, :, shift:shift + keep] = self.arrays[i][: self.rows, :, first:self.used]
-                self.arrays[i] = None  # type: ignore[call-overload] - freed layer by layer
-            arrays.append(a)
-        mask = np.zeros((self.slots, width + 1), dtype=np.int64)
-        if keep > 0:
-            mask[: self.rows, shift:shift + keep] = self.mask[: self.rows, first:self.used]
-        mask[:, width] = 1  # the new token's column
-        self.arrays, self.mask, self.used = arrays, mask, used
+    def _realloc(self, slots: int, longest: int) -> None:
+        if not self.arrays:
+            self.arrays = [np.zeros((0, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in self.past_names]
+        lens = np.zeros(slots, dtype=np.int64)
+        lens[: self.rows] = self.lens[: self.rows]
+        self.slots = slots
+        self._alloc(slots, _width_for(longest, self.bucket), self.rows, self.arrays)
+        self.lens = lens
         self._views = None
 
     def add(self, kv: Sequence[np.ndarray]) -> int:
@@ -190,22 +251,22 @@ class SlotCache:
         n = kv[0].shape[2]
         if self.rows >= self.capacity:
             raise RuntimeError("SlotCache is full")
-        if self.rows == 0:
-            self.arrays, self.used = [], 0
-            self._realloc(n, 0, slots=1)
-        elif n > self.used or self.rows == self.slots:  # a longer prompt, or no free slot: move once
-            self._realloc(max(n, self.used), max(0, n - self.used),
-                          slots=min(self.capacity, 2 * self.slots) if self.rows == self.slots else None)
-        r, start = self.rows, self.used - n
+        if self.rows == self.slots or n >= self.width:  # no free slot, or a longer prompt: move once
+            slots = min(self.capacity, max(1, 2 * self.slots)) if self.rows == self.slots else self.slots
+            self._realloc(slots, max(n, self.used))
+        r = self.rows
         for a, k in zip(self.arrays, kv):
             a[r] = 0.0
-            a[r, :, start:self.used] = k[0]
-        self.mask[r, :] = 0
-        self.mask[r, start:self.used] = 1
-        self.mask[r, self.width] = 1
+            a[r, :, :n] = k[0]
+        self.lens[r] = n
         self.rows += 1
+        self._set_mask_rows(r, r + 1)
         self._views = None
         return r
+
+    @property
+    def used(self) -> int:
+        return int(self.lens[: self.rows].max()) if self.rows else 0
 
     def remove(self, r: int) -> int | None:
         """Drop row r; the last row moves into its slot. Returns the moved row's old index (None if
@@ -216,20 +277,25 @@ class SlotCache:
             for a in self.arrays:
                 a[r] = a[last]
             self.mask[r] = self.mask[last]
+            self.lens[r] = self.lens[last]
             moved = last
+        self.lens[last] = 0
         self.rows -= 1
         self._views = None
         if self.rows == 0:  # idle: give the memory back
-            self.arrays, self.used, self.slots = [], 0, 0
-            self.mask = np.zeros((0, 1), dtype=np.int64)
+            self.arrays, self.slots = [], 0
+            self.lens = np.zeros(0, dtype=np.int64)
+            self.mask = np.zeros((0, 0 if self.in_place else 1), dtype=np.int64)
+        elif _width_for(self.used, self.bucket) < self.width:  # the longest row left: narrower arrays
+            self._realloc(self.slots, self.used)
         return moved
 
     def take(self, r: int) -> tuple[list[np.ndarray], int | None]:
-        """Row r leaves with its own history: ([1, kv_heads, n, head_dim] per past input, the columns
-        it attends to, gaps and padding dropped) and the moved row's old index (as `remove`). `add`
-        of that list later gives the row the same attention it had (positions are the caller's)."""
-        cols = np.flatnonzero(self.mask[r, : self.used])
-        kv = [np.ascontiguousarray(a[r: r + 1, :, cols]) for a in self.arrays]
+        """Row r leaves with its own history ([1, kv_heads, n, head_dim] per past input) and the moved
+        row's old index (as `remove`). `add` of that list later gives the row the same attention and
+        positions it had."""
+        n = int(self.lens[r])
+        kv = [a[r: r + 1, :, :n].copy() for a in self.arrays]  # a copy: the slot is reused
         return kv, self.remove(r)
 
     def feed(self, lo: int = 0) -> dict[str, np.ndarray]:
@@ -249,17 +315,12 @@ class SlotCache:
         for a in self.arrays:
             a[[i, j]] = a[[j, i]]
         self.mask[[i, j]] = self.mask[[j, i]]
+        self.lens[[i, j]] = self.lens[[j, i]]
 
-    def append(self, new: Sequence[np.ndarray], lo: int = 0) -> None:
-        """The step's key / value per layer ([rows - lo, kv_heads, 1, head_dim]) of rows [lo, rows)
-        into column `used`; rows before `lo` did not step: their column stays masked (a gap, which
-        attention skips like the left padding)."""
-        col = self.used
-        for a, k in zip(self.arrays, new):
-            a[lo: self.rows, :, col] = k[:, :, -1]
-        self.mask[lo: self.rows, col] = 1
-        self.used += 1
+    def append(self, new: Sequence[np.ndarray] = (), lo: int = 0) -> None:
+        """Rows [lo, rows) stepped (the traced model's new_* per layer, [rows - lo, kv_heads, 1,
+        head_dim], go into each row's column len_r; the in-place model wrote them); rows before `lo`
+        did not step and stay as they were."""
+        self._step(new, lo, self.rows)
         if self.used == self.width:
-            live = self.mask[: self.rows, : self.used].any(axis=0)
-            first = int(np.argmax(live)) if live.any() else 0
-            self._realloc(self.used - first, 0, first)
+            self._realloc(self.slots, self.used)

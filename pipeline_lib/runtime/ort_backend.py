@@ -104,7 +104,12 @@ class OrtLM(_OrtBase, LMBackend):
     step graph (export/lm_fused.py: 2-16 MiB) is above the fixed mmap threshold, so every step mapped
     and unmapped it: 450-680 page faults per decode step and 5.9 instead of 3.7 ms CPU (int4, 1 thread,
     100 cached tokens; docs/design.md, "The fused step graph"). Each intermediate tensor is then
-    allocated on its own, from the heap."""
+    allocated on its own, from the heap.
+
+    A model whose present_X outputs go with past_X inputs (the fused graph's shared KV buffers,
+    registry.KV_CACHE_BUFFER) has each present_X bound to the fed past_X array: the model writes the
+    step's keys and values into the caller's buffer (runtime.kv_cache). Such an input must be fed as a
+    C-contiguous float32 array (or view)."""
     MEM_PATTERN = False
 
     def __init__(self, path: Path, num_threads: int, low_memory: bool = True) -> None:
@@ -115,6 +120,9 @@ class OrtLM(_OrtBase, LMBackend):
         outs = self.session.get_outputs()
         self._out_dims = {o.name: o.shape for o in outs} if all(o.type == _ORT_FLOAT for o in outs) else None
         self._shape_cache: dict[tuple[Any, ...], dict[str, tuple[int, ...]] | None] = {}
+        # In-place KV buffers (registry.KV_CACHE_BUFFER): output present_X is bound to input past_X's memory.
+        self._alias = {f"past_{n[len('present_'):]}": n for n in self.output_names
+                       if n.startswith("present_") and f"past_{n[len('present_'):]}" in self._in_dims}
         self._default = _OrtStream(self)
         self._streams = _StreamPool(lambda: _OrtStream(self))
 
@@ -170,9 +178,17 @@ class _OrtStream:
         with owner._lock:
             shapes = owner._output_shapes(feed) if feed.keys() == owner._in_dims.keys() else None
             if shapes is None:
-                return dict(zip(owner.output_names, owner.session.run(owner.output_names, dict(feed))))
+                out = dict(zip(owner.output_names, owner.session.run(owner.output_names, dict(feed))))
+                for past, present in owner._alias.items():  # the in-place contract, by copy
+                    if past in feed:
+                        feed[past][...] = out[present]
+                        out[present] = feed[past]
+                return out
             binding = self._binding
+            aliases = owner._alias
             for name in owner.output_names:
+                if name.startswith("present_") and name in aliases.values():
+                    continue
                 buf = self._buffers.get(name)
                 if buf is None or buf.shape != shapes[name]:
                     buf = self._buffers[name] = np.empty(shapes[name], dtype=np.float32)
@@ -183,6 +199,10 @@ class _OrtStream:
                     continue
                 arr = np.ascontiguousarray(a, dtype=owner._in_dtypes[name])
                 binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+                if name in aliases:
+                    if arr is not a:
+                        raise ValueError(f"{name}: an in-place KV buffer must be a C-contiguous float32 array")
+                    binding.bind_output(aliases[name], "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
                 if arr is a:  # bound in place: follows the caller's in-place updates
                     self._bound[name] = weakref.ref(a)
                     self._copies.pop(name, None)
@@ -190,7 +210,9 @@ class _OrtStream:
                     self._bound[name] = None
                     self._copies[name] = arr
             owner.session.run_with_iobinding(binding)
-            return dict(self._buffers)
+            out = dict(self._buffers)
+            out.update((present, feed[past]) for past, present in aliases.items())
+            return out
 
 
 class OrtDecoder(_OrtBase, DecoderBackend):

@@ -54,7 +54,7 @@ from pipeline_lib.runtime.jobs import (
     SpeechJob,
     SpeechRequest,
 )
-from pipeline_lib.runtime.kv_cache import KV_BUCKET, SlotCache
+from pipeline_lib.runtime.kv_cache import KV_BUCKET, SlotCache, prefill_row
 from pipeline_lib.runtime.pacing import StepCosts, first_window_blocks, wants_next_sentence
 from pipeline_lib.runtime.rules import (
     DEFAULT_HOLDBACK,
@@ -465,15 +465,7 @@ class BatchScheduler(WindowPhase):
         return joined
 
     def _prefill(self, lm: Any, prompt: list[int]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        spec = self.tts.spec
-        ids = np.asarray(prompt, dtype=np.int64)[None]
-        n = ids.shape[1]
-        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(n, dtype=np.int64)[None]}
-        feed.update((name, empty) for name in spec.past_names)
-        out = lm.run(feed)
-        kv = [np.array(out[name], dtype=np.float32) for name in spec.new_kv_names]
-        return kv, np.array(out["logits"][0, -1], dtype=np.float32), np.array(out["hidden_states"][0, -1], dtype=np.float32)
+        return prefill_row(lm, self.tts.spec, prompt)
 
     def _take_token(self, r: _Row, token: int) -> None:
         """The generation rule (rules.RowRules, as generate.generate_steps): the hidden state of the
@@ -515,8 +507,7 @@ class BatchScheduler(WindowPhase):
         return False
 
     def _new_cache(self) -> SlotCache:
-        spec = self.tts.spec
-        return SlotCache(spec.past_names, self.max_batch, spec.num_kv_heads, spec.head_dim, KV_BUCKET)
+        return SlotCache.for_spec(self.tts.spec, self.max_batch, KV_BUCKET)
 
     def _remove_row(self, r: _Row) -> None:
         """Take `r` out of the batch: the last row moves into its slot (SlotCache.remove)."""
