@@ -114,14 +114,14 @@ def test_auto_skips_the_failed_certificate(certified_root, caplog):
     assert p.choice.label == "onnx-int8"
     assert "onnx-int4 (certificate failed" in p.reason and "relied on" in p.reason
     assert [s.state for s in p.certificates] == ["passed"]
-    with caplog.at_level(logging.INFO, logger="pipeline_lib.runtime.tts"):
+    with caplog.at_level(logging.INFO, logger="pipeline_lib.runtime.model_files"):
         tts = SopranoTTS.from_dir(root, precision="auto", num_threads=1, warm_up=False)
     assert "int4" not in tts.choice.label
     assert any("relied on" in r.message and certificate.CERTIFICATE_FILE in r.message for r in caplog.records)
 
     # named explicitly: loads, with a warning
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline_lib.runtime.tts"):
+    with caplog.at_level(logging.WARNING, logger="pipeline_lib.runtime.model_files"):
         tts = SopranoTTS.from_dir(root, precision="onnx-int4", num_threads=1, warm_up=False)
     assert tts.choice.label == "onnx-int4"
     assert any("onnx-int4 is failed" in r.message for r in caplog.records), [r.message for r in caplog.records]

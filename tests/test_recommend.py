@@ -172,7 +172,7 @@ def test_from_dir_loads_a_pair_across_backends(root):
 def test_from_dir_auto_logs_what_it_picked_and_why(root, caplog):
     from pipeline_lib.runtime.tts import SopranoTTS
 
-    with caplog.at_level(logging.INFO, logger="pipeline_lib.runtime.tts"):
+    with caplog.at_level(logging.INFO, logger="pipeline_lib.runtime.model_files"):
         tts = SopranoTTS.from_dir(root, precision="auto", num_threads=1, warm_up=False)
     expected = recommend.pick(root, "stream")
     assert tts.choice == expected.choice
