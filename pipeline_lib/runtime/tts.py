@@ -42,25 +42,10 @@ from pipeline_lib.registry import (
 )
 from pipeline_lib.runtime import model_files
 from pipeline_lib.runtime.backends import OpenVinoLM, load_backends, release_free_heap, require_file
-from pipeline_lib.runtime.generate import (
-    GenerationTimings,
-    LMSpec,
-    generate,
-    generate_steps,
-    validate_max_new_tokens,
-)
-from pipeline_lib.runtime.rules import (
-    DEFAULT_GUARD,
-    DEFAULT_HOLDBACK,
-    GuardSettings,
-    kept_after_flag,
-    may_retry,
-    release_blocks,
-    retry_generator,
-    retry_params,
-    seed_base,
-)
-from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULTS, SamplingParams, row_generators, validate_seed
+from pipeline_lib.runtime.generate import LMSpec, validate_max_new_tokens
+from pipeline_lib.runtime.rules import DEFAULT_GUARD, DEFAULT_HOLDBACK, GuardSettings, seed_base
+from pipeline_lib.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULTS, SamplingParams, validate_seed
+from pipeline_lib.runtime.sentences import generate_sentences, stream_sentences
 from pipeline_lib.text import SentencePrompt, fit_to_positions, prepare_prompts
 
 __all__ = ["SopranoTTS", "stream_context_tokens", "write_wav", "LM_FILE", "DECODER_FILE"]
@@ -349,41 +334,12 @@ class SopranoTTS:
         max_new_tokens = validate_max_new_tokens(max_new_tokens, self.spec.max_position_embeddings)
         batch_size = self._positive_int("batch_size", batch_size if batch_size is not None else self.batch_size)
         prompts, ids = self.prepare(texts)
-        base = seed_base(seed)
-        gens = None if params.greedy else row_generators(base, range(len(prompts)))
-        hidden: list[np.ndarray] = [np.zeros((0, self.spec.hidden_size), np.float32)] * len(prompts)
-        reasons = [""] * len(prompts)
-        clean = [0] * len(prompts)
-        retries = [0] * len(prompts)  # per sentence: times it was generated again (rules: retries)
-        lm_t = GenerationTimings()
         t_lm = time.perf_counter()
-        todo, now_params, attempt = list(range(len(prompts))), params, 0
         with self.lm.stream() as lm:  # this call's own binding / infer request (see backends)
-            while todo:
-                for start in range(0, len(todo), batch_size):
-                    idx = todo[start:start + batch_size]
-                    if now_params.greedy:
-                        row_gens = None
-                    elif attempt == 0:
-                        row_gens = [gens[i] for i in idx]  # type: ignore[index]
-                    else:
-                        row_gens = [retry_generator(base, i, attempt) for i in idx]
-                    out = generate(
-                        lm, self.spec, [ids[i] for i in idx], max_new_tokens=max_new_tokens, params=now_params,
-                        generators=row_gens, hallucination_guard=guard.enabled,
-                    )
-                    for k, i in enumerate(idx):
-                        hidden[i], reasons[i], clean[i] = out.hidden[k], out.finish_reasons[k], out.clean[k]
-                    lm_t.add(out.timings)
-                    del out
-                    self._release_heap()
-                todo = [i for i in todo if reasons[i] == "hallucination" and may_retry(attempt, guard.retries, 0)]
-                attempt += 1
-                now_params = retry_params(params)
-                for i in todo:
-                    retries[i] += 1
-        # A sentence still flagged keeps the audio before its run of near-repeats only (rules).
-        hidden = [h[: kept_after_flag(c) + 1] if r == "hallucination" else h for h, r, c in zip(hidden, reasons, clean)]
+            hidden, reasons, retries, lm_t = generate_sentences(
+                lm, self.spec, ids, max_new_tokens=max_new_tokens, params=params, base=seed_base(seed),
+                batch_size=batch_size, guard=guard, after_pass=self._release_heap,
+            )
         t_lm = time.perf_counter() - t_lm
         sentence_audio, t_dec, t_istft = self._decode_sentences(hidden)
         per_text: list[list[np.ndarray]] = [[] for _ in texts]
@@ -541,50 +497,6 @@ class SopranoTTS:
         guard: GuardSettings,
     ) -> Iterator[np.ndarray]:
         with self.lm.stream() as lm:  # this stream's own binding / infer request (see backends)
-            yield from self._stream_rows(lm, ids, base, chunk_size, max_new_tokens, params, guard)
-
-    def _stream_rows(
-        self,
-        lm: Any,
-        ids: list[list[int]],
-        base: int,
-        chunk_size: int,
-        max_new_tokens: int,
-        params: SamplingParams,
-        guard: GuardSettings,
-    ) -> Iterator[np.ndarray]:
-        ctx = self.stream_context
-        holdback = guard.holdback if guard.enabled else None
-        for row, prompt in enumerate(ids):
-            attempt, now_params = 0, params
-            gen = None if params.greedy else row_generators(base, [row])[0]
-            while True:
-                buf = np.zeros((max_new_tokens, self.spec.hidden_size), dtype=np.float32)
-                n = 0  # hidden vectors so far
-                done = 0  # sample blocks (one per pair of neighbouring tokens) already yielded
-                reason, clean = "", 0
-                for ev in generate_steps(
-                    lm, self.spec, [prompt], max_new_tokens=max_new_tokens, params=now_params,
-                    generators=None if gen is None else [gen], hallucination_guard=guard.enabled,
-                ):
-                    if ev.keep[0]:
-                        buf[n] = ev.hidden[0]
-                        n += 1
-                    if ev.finished:
-                        reason, clean = ev.finished[0][1], int(ev.clean[0])
-                        break
-                    # block j is exact once token j + 1 + ctx exists; holdback may hold it longer
-                    limit = min(n - 1 - ctx, release_blocks(holdback, int(ev.clean[0]), False, ""))
-                    while limit - done >= chunk_size:
-                        yield self.decode_window(buf[:n], done, done + chunk_size)
-                        done += chunk_size
-                if reason == "hallucination" and may_retry(attempt, guard.retries, done):
-                    attempt += 1
-                    now_params = retry_params(params)
-                    gen = retry_generator(base, row, attempt)
-                    continue
-                if reason == "hallucination":  # the sentence ends at its clean blocks (rules)
-                    n = kept_after_flag(clean) + 1  # never below done + 1: holdback sent no more
-                if n - 1 > done:
-                    yield self.decode_window(buf[:n], done, n - 1)
-                break
+            yield from stream_sentences(
+                lm, self.spec, ids, base, chunk_size, max_new_tokens, params, guard, self.stream_context, self.decode_window,
+            )
