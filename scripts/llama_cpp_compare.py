@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
     ap.add_argument("--gguf-dir", type=Path, default=Path("artifacts/llama_cpp"))
     ap.add_argument("--ours", action="append", default=[], metavar="LABEL=LM_FOLDER")
+    ap.add_argument("--genai", action="append", default=[], metavar="LABEL=MODEL_FOLDER",
+                    help="an ONNX Runtime GenAI model folder (the peer stage's builder output) timed in the same rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=24)
     ap.add_argument("--steps", type=int, default=200)
@@ -143,6 +145,7 @@ def main() -> None:
     if not args.ours or args.checkpoint is None or args.converter is None:
         sys.exit("error: give --checkpoint, --converter and at least one --ours LABEL=LM_FOLDER (see --help)")
     engines = [(f"ours {s.split('=', 1)[0]}", "ours", s.split("=", 1)[1]) for s in args.ours]
+    engines += [(f"genai {s.split('=', 1)[0]}", "genai", s.split("=", 1)[1]) for s in args.genai]
     for label, _, folder in engines:
         if not Path(folder).is_dir():
             sys.exit(f"error: {label}: {folder} is not a folder")
