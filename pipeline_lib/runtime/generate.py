@@ -9,8 +9,9 @@
   after `max_new_tokens` tokens ("length") or, with the hallucination guard on, when its hidden
   states repeat ("hallucination"). Finished rows leave the batch at once (the cache arrays are
   sliced to the running rows, and narrowed to the longest of them), so they cost nothing afterwards.
-* The KV cache (`KVCache`) lives in preallocated arrays whose width grows in buckets of
-  `kv_bucket` columns; the unused columns are masked out (attention_mask 0), which leaves every
+* The KV cache (`KVCache`) lives in preallocated arrays whose width grows in multiples of
+  `kv_bucket` columns (a bucket at a time for the traced graph, half its width for the in-place one:
+  KVCache._grown_width); the unused columns are masked out (attention_mask 0), which leaves every
   attention result unchanged (masked scores get exactly zero weight). Per step, the new token's
   key and value go into each row's next column: the fused graph writes them itself (in-place
   buffers), the traced graph's `new_*` outputs are copied there.
@@ -297,20 +298,20 @@ def generate_steps(
         tokens = select_tokens(logits, seen, params, gens)
         seen[np.arange(len(rows)), tokens] = True
         keep, reasons = rules.take(tokens, hidden)
-        done = np.array([bool(x) for x in reasons])
-        finished = [(int(rows[i]), reasons[i]) for i in np.flatnonzero(done)]
+        ended = [i for i, reason in enumerate(reasons) if reason]
+        finished = [(int(rows[i]), reasons[i]) for i in ended]
         event = StepEvent(step, rows, tokens, hidden, keep, finished, np.array(rules.clean))
         if step > 0:
             timings.decode_s += time.perf_counter() - t_step
             timings.decode_steps += 1
         yield event
-        if done.all():
+        if len(ended) == len(reasons):
             return
         t_step = time.perf_counter()
         if step > 0:
             cache.append([out[name] for name in new_kv_names])
-        if done.any():
-            idx = np.flatnonzero(~done)
+        if ended:
+            idx = np.array([i for i, reason in enumerate(reasons) if not reason])
             rows, tokens, next_pos, seen = rows[idx], tokens[idx], next_pos[idx], seen[idx]
             cache.select(idx, _cache_bucket(lm, len(idx), kv_bucket))
             if gens is not None:

@@ -134,7 +134,7 @@ class _Rows:
 class KVCache(_Rows):
     """One generate() call's cache (the module's contract): `kv` holds each row's tokens in columns
     [0, lens[r]) of arrays [B, kv_heads, any width, head_dim]. `feed()` gives the step model's past_*
-    inputs and attention_mask; `append` takes a step of every row; the width grows by `bucket`."""
+    inputs and attention_mask; `append` takes a step of every row; the width grows as `_grown_width` says."""
 
     def __init__(self, past_names: Sequence[str], kv: Sequence[np.ndarray], lens: Sequence[int],
                  bucket: int = KV_BUCKET, in_place: bool = False) -> None:
@@ -154,7 +154,15 @@ class KVCache(_Rows):
         1, head_dim]; nothing for the in-place model, which wrote them) is its next column."""
         self._step(new, 0, len(self.lens))
         if self.used == self.width:
-            self._alloc(len(self.lens), _width_for(self.used, self.bucket), len(self.lens), self.arrays)
+            self._alloc(len(self.lens), self._grown_width(), len(self.lens), self.arrays)
+
+    def _grown_width(self) -> int:
+        """The width when the cache is full: a bucket more for a masked model (every column costs
+        attention time), half the width more (a multiple of the bucket) for the in-place one, whose
+        attention reads each row's own length only: fewer whole-cache copies as rows grow long."""
+        if not self.in_place:
+            return _width_for(self.used, self.bucket)
+        return _width_for(max(self.used, self.width + self.width // 2), self.bucket)
 
     def select(self, idx: np.ndarray, bucket: int | None = None) -> None:
         """Keep rows `idx` (the width shrinks to what the longest of them needs); `bucket`, if given,
