@@ -5,7 +5,10 @@
 (pipeline_lib.runtime.jobs), whose float32 audio chunks (at `tts.sample_rate`) arrive as the model
 makes them. The rules about time (windows, playback clocks, pacing, admission) are pure functions in
 pipeline_lib.runtime.pacing; the batch's KV cache is kv_cache.SlotCache; the window cut and decode is
-SopranoTTS.decode_window, the same as `infer_stream`'s.
+SopranoTTS.decode_window, the same as `infer_stream`'s. This module is the worker's loop, admission
+and backpressure; two mixins hold the rest: rows.RowPhase (a row's tokens, its end and the guard's
+retry, its job's sentences emitted in order) and windows.WindowPhase (which windows are decoded
+when, the first-audio lane).
 
 Contract:
 * `submit` checks the queue's room first (a full queue answers `QueueFullError`, with
@@ -56,18 +59,17 @@ from pipeline_lib.runtime.jobs import (
 )
 from pipeline_lib.runtime.kv_cache import KV_BUCKET, SlotCache, prefill_row
 from pipeline_lib.runtime.pacing import StepCosts, first_window_blocks, wants_next_sentence
+from pipeline_lib.runtime.rows import Row as _Row
+from pipeline_lib.runtime.rows import RowPhase
 from pipeline_lib.runtime.rules import (
     DEFAULT_HOLDBACK,
     GuardSettings,
     RowRules,
-    kept_after_flag,
-    may_retry,
     retry_generator,
     retry_params,
     seed_base,
 )
-from pipeline_lib.runtime.sampling import SamplingParams, row_generators, select_tokens, validate_seed
-from pipeline_lib.runtime.windows import Row as _Row
+from pipeline_lib.runtime.sampling import row_generators, validate_seed
 from pipeline_lib.runtime.windows import WindowPhase
 
 __all__ = [
@@ -84,7 +86,7 @@ __all__ = [
 _IDLE_POLL_S = 0.01  # the worker's wait while every job waits on its client: a read does not wake it
 
 
-class BatchScheduler(WindowPhase):
+class BatchScheduler(RowPhase, WindowPhase):
     """Continuous batching (see the module docstring for the contract).
 
     One iteration between two decode steps of the running batch:
@@ -93,7 +95,7 @@ class BatchScheduler(WindowPhase):
       was read down rejoin (SlotCache.take / add: the row's own columns, no prefill);
     * every row samples its next token with its own settings and generator; rows that end ([STOP]
       or max_new_tokens) leave the batch at once (their slot is free for the next row), their last
-      window still to be decoded;
+      window still to be decoded (rows.RowPhase);
     * the decoder's work, in the runtime's streaming windows (SopranoTTS.decode_window; see
       _decode_due): a job's first audio as soon as it is exact (`first_chunk` blocks, more under
       load with `sized_first_window`: pacing.first_window_blocks); a later window when the row has
@@ -391,16 +393,6 @@ class BatchScheduler(WindowPhase):
             r.kv = None
             self.rows.append(r)
 
-    def _sample(self, rows: list[_Row]) -> None:
-        """Every row samples its next token from its last logits, with its own settings and generator."""
-        for group in _by_params([r for r in rows if r.logits is not None]):
-            logits = np.stack([r.logits for r in group])
-            seen = np.stack([r.seen for r in group])
-            gens = None if group[0].params.greedy else [r.gen for r in group]
-            tokens = select_tokens(logits, seen, group[0].params, gens)
-            for r, tok in zip(group, tokens):
-                self._take_token(r, int(tok))
-
     def _wants_row(self, job: SpeechJob, now: float, alone: bool) -> bool:
         """The job has a sentence to start now: a flagged one to generate again, or the next
         (pacing.wants_next_sentence)."""
@@ -467,94 +459,8 @@ class BatchScheduler(WindowPhase):
     def _prefill(self, lm: Any, prompt: list[int]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         return prefill_row(lm, self.tts.spec, prompt)
 
-    def _take_token(self, r: _Row, token: int) -> None:
-        """The generation rule (rules.RowRules, as generate.generate_steps): the hidden state of the
-        forward that produced a token other than [STOP] is kept; the rule says when the row ends."""
-        assert r.rules is not None  # set on admission
-        keep, reasons = r.rules.take(np.array([token]), r.last_hidden[None])
-        r.seen[token] = True
-        r.token = token
-        r.steps += 1
-        r.job.tokens += 1
-        if keep[0]:
-            r.hidden[r.n] = r.last_hidden
-            r.n += 1
-            if r.n > 1:  # n hidden vectors give n - 1 blocks of audio
-                r.job.generated_samples += self.tts.samples_per_token
-        if reasons[0]:
-            r.finished, r.reason = True, reasons[0]
-        r.logits = None
-
-    def _flagged(self, r: _Row) -> bool:
-        """The guard flagged `r` (it left the batch): True when its sentence is generated again (none
-        of it was sent, retries left: rules.may_retry), else it is cut to its clean blocks."""
-        job, spt = r.job, self.tts.samples_per_token
-        job.hallucinations += 1
-        sent = r.emitted if r.index == job._next_emit else 0  # a later sentence's audio waits unsent
-        retry = may_retry(r.attempt, job.request.guard.retries, sent)
-        hook = getattr(self.observer, "on_hallucination", None)
-        if hook is not None:
-            hook(retry)
-        assert r.rules is not None
-        keep = 0 if retry else kept_after_flag(int(r.rules.clean[0])) + 1  # hidden vectors it keeps
-        job.generated_samples -= max(0, r.n - max(keep, 1)) * spt
-        if retry:
-            job.retries += 1
-            job._retry.append((r.index, r.attempt + 1))
-            r.n, r.pending = 0, []  # nothing of this attempt is ever decoded or sent
-            return True
-        r.n = min(r.n, keep)
-        return False
-
     def _new_cache(self) -> SlotCache:
         return SlotCache.for_spec(self.tts.spec, self.max_batch, KV_BUCKET)
-
-    def _remove_row(self, r: _Row) -> None:
-        """Take `r` out of the batch: the last row moves into its slot (SlotCache.remove)."""
-        i = self.rows.index(r)
-        moved = self._cache.remove(i)
-        if moved is not None:
-            self.rows[i] = self.rows[moved]
-        self.rows.pop()
-
-    def _leave_batch(self, r: _Row) -> None:
-        """A finished row leaves the batch (its slot, and its job's turn to start another sentence,
-        are free) and waits in `_draining` until its last window is decoded."""
-        self._remove_row(r)
-        r.job._active -= 1
-        if r.reason == "hallucination" and self._flagged(r):
-            return  # its sentence starts again (job._retry); this row is dropped
-        self._draining.append(r)
-
-    def _complete_row(self, r: _Row) -> None:
-        """All of a finished row's audio is decoded: emit the job's sentences that are complete, in order."""
-        job = r.job
-        job._finished_rows[r.index] = r
-        while job._next_emit in job._finished_rows:  # flush sentences that ended, in order
-            done = job._finished_rows.pop(job._next_emit)
-            for a in done.pending:
-                self._push(job, a)
-            done.pending = []
-            job._next_emit += 1
-            nxt = next((x for x in [*self.rows, *self._draining, *self._parked]
-                        if x.job is job and x.index == job._next_emit), None)
-            if nxt is not None:  # the next sentence is running: what it has so far goes out now
-                for a in nxt.pending:
-                    self._push(job, a)
-                nxt.pending = []
-        if job._next_emit == len(job._ids):
-            self._end_job(job, None)
-
-    def _end_job(self, job: SpeechJob, error: BaseException | None) -> None:
-        """Finish `job` (with `error`, if given) and take its rows out of the batch."""
-        for r in [x for x in self.rows if x.job is job]:
-            self._remove_row(r)
-        self._draining = [x for x in self._draining if x.job is not job]
-        self._parked = [x for x in self._parked if x.job is not job]
-        job._active = 0
-        if job in self._jobs:
-            self._jobs.remove(job)
-        job._finish(error)
 
 
 def _release(lm: Any) -> None:
@@ -562,11 +468,3 @@ def _release(lm: Any) -> None:
     release = getattr(lm, "release", None)
     if release is not None:
         release()
-
-
-def _by_params(rows: list[_Row]) -> list[list[_Row]]:
-    """Rows grouped by sampling settings (greedy rows together), in batch order within a group."""
-    groups: dict[SamplingParams, list[_Row]] = {}
-    for r in rows:
-        groups.setdefault(r.params, []).append(r)
-    return list(groups.values())

@@ -1,10 +1,11 @@
 """The scheduler's decoder phase: which rows' audio windows are decoded between two LM steps.
 
-`Row` is one sentence of one job in a running batch. `WindowPhase` is the part of BatchScheduler
-that decides, each iteration, which windows to decode (first audio, urgent listeners, early
-windows, ended rows' rests), which rows step (the first-audio lane), and emits the audio to each
-job in sentence order. It reads the scheduler's state (rows, draining rows, jobs, periods) and the
-rules in pipeline_lib.runtime.pacing; the window cut and decode is SopranoTTS.decode_window.
+`WindowPhase` is the part of BatchScheduler that decides, each iteration, which windows to decode
+(first audio, urgent listeners, early windows, ended rows' rests), which rows step (the first-audio
+lane), and emits the audio to each job in sentence order. It reads the scheduler's state (rows,
+draining rows, jobs, periods) and the rules in pipeline_lib.runtime.pacing; the window cut and
+decode is SopranoTTS.decode_window. Its rows are rows.Row; what a row does once admitted (its
+tokens, its end, its job's sentences flushed in order) is rows.RowPhase's.
 """
 
 from __future__ import annotations
@@ -17,41 +18,13 @@ import numpy as np
 
 from pipeline_lib.runtime.jobs import SpeechJob
 from pipeline_lib.runtime.pacing import can_skip, early_window, need_blocks, ready_blocks, running_dry
-from pipeline_lib.runtime.rules import RowRules, release_blocks
+from pipeline_lib.runtime.rows import Row
+from pipeline_lib.runtime.rules import release_blocks
 
 if TYPE_CHECKING:
     from pipeline_lib.runtime.kv_cache import SlotCache
 
-__all__ = ["Row", "WindowPhase"]
-
-
-class Row:
-    """One sentence of one job in the running batch."""
-
-    def __init__(self, job: SpeechJob, index: int, prompt: list[int], vocab: int, hidden_size: int, first_chunk: int) -> None:
-        r = job.request
-        self.job, self.index = job, index
-        self.params = r.params
-        self.gen = job._gens[index] if job._gens is not None else None
-        self.max_new_tokens = r.max_new_tokens
-        self.seen = np.zeros(vocab, dtype=bool)
-        self.seen[np.asarray(prompt, dtype=np.int64)] = True
-        self.next_pos = len(prompt)
-        self.hidden = np.zeros((r.max_new_tokens, hidden_size), dtype=np.float32)
-        self.n = 0  # hidden vectors so far
-        self.steps = 0  # tokens sampled so far
-        self.emitted = 0  # sample blocks already decoded
-        self.chunk = first_chunk
-        self.logits: np.ndarray | None = None  # of the last forward, not yet sampled
-        self.last_hidden: np.ndarray | None = None
-        self.token = 0
-        self.finished = False
-        self.pending: list[np.ndarray] = []  # audio held while an earlier sentence of the job runs
-        self.kv: list[np.ndarray] | None = None  # its own KV history while parked (backpressure)
-        self.rules: RowRules | None = None  # when it ends (rules.RowRules; the scheduler sets it on admission)
-        self.reason = ""  # why it ended (rules.RowRules.take)
-        self.attempt = 0  # 0, or which retry of its sentence this row is (rules)
-
+__all__ = ["WindowPhase"]
 
 
 class WindowPhase:
@@ -81,11 +54,11 @@ class WindowPhase:
     holdback: str
 
     def _complete_row(self, r: Row) -> None:
-        """All of a finished row's audio is decoded (the scheduler's: it emits in sentence order)."""
+        """All of a finished row's audio is decoded (rows.RowPhase's: it emits in sentence order)."""
         raise NotImplementedError
 
     def _end_job(self, job: SpeechJob, error: BaseException | None) -> None:
-        """Finish `job` (the scheduler's: it takes the job's rows out of the batch)."""
+        """Finish `job` (rows.RowPhase's: it takes the job's rows out of the batch)."""
         raise NotImplementedError
 
     def _decode_due(self) -> None:
