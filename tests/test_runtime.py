@@ -793,6 +793,43 @@ def test_ort_lm_io_binding_matches_plain_run(tiny_export):
         lm.run(partial)
 
 
+def test_ort_lm_staged_inputs_and_the_repeat_path_match_plain_run(tiny_export):
+    """Small inputs are copied into buffers bound once (ort_backend.STAGED_INPUT_BYTES) and a feed that
+    repeats the last binding skips re-binding: results must equal a plain session.run through a
+    generation's shape sequence (a prompt with empty caches, steps, a new prompt, caches replaced),
+    with the step's small inputs new objects each call and the mask changed in place."""
+    from pipeline_lib.runtime.backends import OrtLM
+    from pipeline_lib.runtime.ort_backend import STAGED_INPUT_BYTES
+
+    spec = LMSpec.from_json(tiny_export / LM_JSON)
+    lm = OrtLM(tiny_export / LM_ONNX, 1)
+    rng = np.random.default_rng(1)
+
+    def check(feed):
+        ref = lm.session.run(lm.output_names, feed)
+        for name, got in zip(lm.output_names, map(lm.run(feed).get, lm.output_names)):
+            np.testing.assert_allclose(got, ref[lm.output_names.index(name)], rtol=0, atol=1e-5, err_msg=name)
+
+    def feed_for(s, p):
+        feed = {"input_ids": rng.integers(4, 200, (1, s)), "attention_mask": np.ones((1, p + s), np.int64),
+                "position_ids": np.arange(p, p + s)[None]}
+        feed.update((n, rng.standard_normal((1, spec.num_kv_heads, p, spec.head_dim), dtype=np.float32))
+                    for n in spec.past_names)
+        return feed
+
+    big = 1 + STAGED_INPUT_BYTES // (4 * spec.num_kv_heads * spec.head_dim)  # past arrays bound by address
+    for s, p in [(6, 0), (1, big), (6, 0), (1, big)]:
+        feed = feed_for(s, p)
+        check(feed)
+        for _ in range(3):  # the repeat path: same caches and mask object, new small arrays
+            feed["input_ids"] = rng.integers(4, 200, (1, 1)) if s == 1 else feed["input_ids"] + 1
+            feed["position_ids"] = feed["position_ids"] + 1
+            feed["attention_mask"][0, 0] ^= 1  # in place
+            check(feed)
+        feed[spec.past_names[0]] = feed[spec.past_names[0]] + 1.0  # one cache array replaced
+        check(feed)
+
+
 def test_openvino_lm_shared_inputs_follow_in_place_changes(tiny_export):
     """OpenVinoLM binds fed arrays by memory: the same array object, changed in place and fed again,
     must give the new result; other integer types are converted (not rejected)."""
