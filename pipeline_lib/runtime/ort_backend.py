@@ -260,7 +260,7 @@ class _OrtStream:
                     self._copies[name] = arr
             owner.session.run_with_iobinding(binding)
             if not self._copies:
-                self._layout = (tuple(feed), tuple(bound[name] or _unbound for name in feed))
+                self._layout = (tuple(feed), tuple(bound.get(name) or _unbound for name in feed))
             return self._outputs(feed)
 
 
