@@ -8,7 +8,8 @@ s (2) of buffer: it reads as the audio comes, but waits while more than that is 
 so the server sees a client at real-time pace (`--eager`: read everything as soon as it comes; on
 a quiet machine the listener is then done before the long request arrives). In the WITH run,
 `--delay` s (2) later a second client posts ``("123456789 " * 410)[:4096]`` with `max_new_tokens`
-64 and reads its response the same way (it takes at least its audio's length, about 390 s). Runs ALONE and WITH alternate, `--rounds` times each (ALONE first). The listener's stall is what a
+64 and reads its response the same way (it takes at least its audio's length, about 390 s).
+Runs ALONE and WITH alternate, `--rounds` times each (ALONE first). The listener's stall is what a
 listener who starts playing at its first audio byte would hear (pipeline_lib.bench.serve_request's
 `stall_s` / `longest_stall_s`); the issue's target is a total of 0.5 s at most, with the long request
 completing. Also printed per run, from GET /metrics sampled every 0.5 s: the most rows in one step
