@@ -300,3 +300,38 @@ def test_stall_is_the_time_a_listener_waits_for_audio():
     assert sl.stall_s(arrivals, 1000) == pytest.approx(0.4 + 0.1)
     assert sl.stall_s([(0.0, 1000), (0.5, 2000)], 1000) == 0.0 and sl.stall_s([], 1000) == 0.0
 
+
+
+def test_a_paced_reader_reads_at_playback_pace_and_never_runs_dry():
+    """`player_buffer_s`: a server that sends all at once is read as a player would: the last piece
+    about (audio - buffer) after the first, never more than the buffer (plus one piece) ahead of
+    playback, and with no stall; read eagerly, the same body takes no time."""
+    import asyncio
+
+    import httpx
+
+    geometry = sl.AudioGeometry(1000, 10)  # 1 s of audio: 1000 samples; a 100-sample piece is 0.1 s
+    settings = sl.LoadSettings(clients=(1,), max_new_tokens=101, texts=(sl.TEXTS[0],))
+    body = b"\0\0" * sl.expected_samples(sl.TEXTS[0], 101, 10)
+    assert len(body) == 2000
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        async def chunks():
+            for i in range(0, len(body), 200):
+                yield body[i:i + 200]
+
+        return httpx.Response(200, content=chunks())
+
+    async def post(buffer_s):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await sl.one_request(client, sl.Target("ours", "http://x.test"), 0, settings, geometry, [],
+                                        player_buffer_s=buffer_s)
+
+    paced, eager = asyncio.run(post(0.25)), asyncio.run(post(None))
+    assert paced.ok and eager.ok and len(paced.arrivals) == 10
+    t0 = paced.arrivals[0][0]
+    assert 0.6 <= paced.arrivals[-1][0] - t0 <= 1.0, paced.arrivals
+    for t, n in paced.arrivals:  # audio read by t, against audio played by t
+        assert n / 1000 - (t - t0) <= 0.25 + 0.1 + 0.05, (t - t0, n)
+    assert sl.stall_s(paced.arrivals, 1000) == 0.0
+    assert eager.arrivals[-1][0] - eager.arrivals[0][0] < 0.3

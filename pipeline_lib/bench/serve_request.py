@@ -188,10 +188,14 @@ class RequestResult:
 
 
 async def one_request(client: Any, target: Target, text_index: int, settings: RequestSettings,
-                      geometry: AudioGeometry, out: list[RequestResult]) -> RequestResult:
+                      geometry: AudioGeometry, out: list[RequestResult],
+                      player_buffer_s: float | None = None) -> RequestResult:
     """Post `settings.texts[text_index]`, stream its body, check its length; the result is in `out`
     from the start (a request cancelled at the level's end is marked `cut` there, with the audio it
-    had received)."""
+    had received). `player_buffer_s`: None reads the body as fast as it comes; a number reads it
+    like a player playing from its first audio byte with that much buffer: after each piece it
+    waits while more than `player_buffer_s` of audio is ahead of playback (so the server sees a
+    client reading at real-time pace; the wait never makes the listener run dry)."""
     import httpx
 
     text = settings.texts[text_index]
@@ -207,12 +211,19 @@ async def one_request(client: Any, target: Target, text_index: int, settings: Re
                 await resp.aread()
                 res.error = f"http_{resp.status_code}"
             else:
+                play_end = 0.0  # perf_counter when the audio read so far has played (paced reading)
                 async for chunk in resp.aiter_raw():
                     if body.feed(chunk) > 0:
                         now = time.perf_counter()
                         if res.first_audio_s is None:
                             res.first_audio_s = now - res.started
+                        added = body.samples - (res.arrivals[-1][1] if res.arrivals else 0)
                         res.arrivals.append((now, body.samples))
+                        if player_buffer_s is not None:
+                            play_end = max(play_end, now) + added / geometry.sample_rate
+                            ahead = play_end - time.perf_counter()
+                            if ahead > player_buffer_s:
+                                await asyncio.sleep(ahead - player_buffer_s)
                 res.samples = body.samples
                 if res.samples != res.expected:
                     res.error = "incomplete"

@@ -29,9 +29,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline_lib.runtime.backend_base import release_free_heap
+
 __all__ = ["KV_BUCKET", "KVCache", "StateCache", "SlotCache", "prefill_row"]
 
 KV_BUCKET = 64  # the KV cache's width grows in steps of this many columns
+# A prefill of this many prompt tokens or more hands the heap's freed pages back (release_free_heap)
+TRIM_AFTER_PREFILL_TOKENS = 128
 
 
 def _checked_bucket(bucket: int) -> int:
@@ -48,7 +52,10 @@ def _width_for(longest: int, bucket: int) -> int:
 def prefill_row(lm: Any, spec: Any, prompt: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Run one prompt alone through the step model (nothing cached before it). Returns its keys / values
     ([1, kv_heads, n, head_dim] per past input, columns [0, n): a row for KVCache / SlotCache), and the
-    last position's logits [vocab] and hidden state [hidden]. `spec`: runtime.generate.LMSpec."""
+    last position's logits [vocab] and hidden state [hidden]. `spec`: runtime.generate.LMSpec.
+    A prompt of TRIM_AFTER_PREFILL_TOKENS or more then hands the heap's freed pages back
+    (release_free_heap): its prefill leaves MiBs of freed heap resident, which a server's parked
+    rows would otherwise keep; shorter prompts, the usual sentence, skip the trim's few ms."""
     ids = np.asarray(prompt, dtype=np.int64)[None]
     n = ids.shape[1]
     feed = {"input_ids": ids, "position_ids": np.arange(n, dtype=np.int64)[None]}
@@ -67,7 +74,12 @@ def prefill_row(lm: Any, spec: Any, prompt: Sequence[int]) -> tuple[list[np.ndar
         feed.update((name, empty) for name in spec.past_names)
         out = lm.run(feed)
         kv = [np.array(out[name], dtype=np.float32) for name in spec.new_kv_names]
-    return kv, np.array(out["logits"][0, -1], dtype=np.float32), np.array(out["hidden_states"][0, -1], dtype=np.float32)
+    logits = np.array(out["logits"][0, -1], dtype=np.float32)
+    hidden = np.array(out["hidden_states"][0, -1], dtype=np.float32)
+    if n >= TRIM_AFTER_PREFILL_TOKENS:
+        del out
+        release_free_heap()
+    return kv, logits, hidden
 
 
 class _Rows:
