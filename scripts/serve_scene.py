@@ -115,10 +115,12 @@ async def _scene(target: Target, geometry: AudioGeometry, with_long: bool, delay
             await watcher
         except asyncio.CancelledError:
             pass
+        except Exception as exc:  # noqa: BLE001 - the metrics are a side line: keep the requests' results
+            seen["error"] = f"{type(exc).__name__}: {exc}"
     lines = [_request_line(name, r, geometry.sample_rate) for name, r in zip(("listener", "long"), results)]
     span = seen.get("last_t", 0.0) - seen.get("first_t", 0.0)
     steps = seen.get("last_steps", 0.0) - seen.get("first_steps", 0.0)
-    lines.append(dict(server="metrics", max_rows=seen.get("max_rows"),
+    lines.append(dict(server="metrics", error=seen.get("error"), max_rows=seen.get("max_rows"),
                       mean_rows_per_step=round((seen.get("last_rows", 0.0) - seen.get("first_rows", 0.0)) / steps, 2)
                       if steps else None,
                       tokens_per_s=round((seen.get("last_tokens", 0.0) - seen.get("first_tokens", 0.0)) / span, 1)
@@ -217,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                     run_scene(target, geometry, a.rounds, a.delay, a.long_chars, None if a.eager else a.player_buffer)
     except SopranoOnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ImportError) as exc:  # httpx's transport errors are OSError-like; see below
+        print(f"error: the server went away or could not be reached ({type(exc).__name__}: {exc}); "
+              "see its log (--log)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - httpx.HTTPError and the like: a message, not a traceback
+        if type(exc).__module__.split(".")[0] != "httpx":
+            raise
+        print(f"error: the server went away or could not be reached ({type(exc).__name__}: {exc}); "
+              "see its log (--log)", file=sys.stderr)
         return 1
     return 0
 

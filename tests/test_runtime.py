@@ -597,6 +597,25 @@ def test_kv_cache_in_place_leaves_the_append_to_the_model():
     assert cache.arrays[0][0, 0, :4, 0].tolist() == [1, 1, 1, 5] and cache.arrays[0][1, 0, :2, 0].tolist() == [1, 5]
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_kv_cache_growth(in_place):
+    """The traced model's cache grows a bucket at a time (every column costs attention time); the
+    in-place one by half its width, rounded up to the bucket: each width a multiple of the bucket with
+    room for the next column, the rows' columns kept."""
+    bucket = 64
+    cache = KVCache(["k"], [np.arange(60, dtype=np.float32).reshape(1, 1, 60, 1)], [60], bucket=bucket, in_place=in_place)
+    widths = [cache.width]
+    for _ in range(700):
+        if in_place:
+            cache.arrays[0][0, 0, cache.lens[0], 0] = cache.lens[0]  # what the model writes
+        cache.append([np.full((1, 1, 1, 1), cache.lens[0], np.float32)])
+        assert cache.width % bucket == 0 and cache.width > cache.used
+        if cache.width != widths[-1]:
+            widths.append(cache.width)
+    assert widths == ([64, 128, 192, 320, 512, 768] if in_place else list(range(64, 769, 64)))
+    assert cache.arrays[0][0, 0, :760, 0].tolist() == list(range(760))
+
+
 @pytest.mark.parametrize("bucket", [1, 3])
 def test_kv_bucket_does_not_change_the_real_model(tts, bucket):
     """Masked padding columns in the cache leave the exported LM's results unchanged (float rounding aside)."""

@@ -330,8 +330,8 @@ def test_a_paced_reader_reads_at_playback_pace_and_never_runs_dry():
     paced, eager = asyncio.run(post(0.25)), asyncio.run(post(None))
     assert paced.ok and eager.ok and len(paced.arrivals) == 10
     t0 = paced.arrivals[0][0]
-    assert 0.6 <= paced.arrivals[-1][0] - t0 <= 1.0, paced.arrivals
+    assert 0.6 <= paced.arrivals[-1][0] - t0 <= 2.0, paced.arrivals  # upper: sleep overshoot on a busy machine
     for t, n in paced.arrivals:  # audio read by t, against audio played by t
         assert n / 1000 - (t - t0) <= 0.25 + 0.1 + 0.05, (t - t0, n)
     assert sl.stall_s(paced.arrivals, 1000) == 0.0
-    assert eager.arrivals[-1][0] - eager.arrivals[0][0] < 0.3
+    assert eager.arrivals[-1][0] - eager.arrivals[0][0] < 0.6  # no pacing: well under the paced 0.6 s and more

@@ -119,9 +119,11 @@ def release_free_heap() -> bool:
     mmap threshold (see fix_malloc_mmap_threshold) are served from the heap; once freed, glibc keeps
     their pages resident. ONNX Runtime's first run at a new input size allocates and frees ~0.4 MiB
     per prompt token there (80M LM, fp32: +33 MiB for a 71-token prefill, measured; a second run at
-    that size adds ~3 MiB), and the decoder's intermediates for a long sentence ~25 MiB. The runtime
-    calls this after each LM pass and decoder call in low_memory mode, not on the streaming path
-    (2-8 ms a call, measured after 4-sentence batches: under 1% of a synthesis).
+    that size adds ~3 MiB), and the decoder's intermediates for a long sentence ~25 MiB. Where it is
+    called (2-8 ms a call, measured after 4-sentence batches: under 1% of a synthesis): SopranoTTS after
+    each LM pass and decoder call in low_memory mode; `kv_cache.prefill_row` after a prompt of
+    TRIM_AFTER_PREFILL_TOKENS or more (any path, the server's too); the scheduler when it parks a job's
+    rows (backpressure). Not after each step or streaming window.
     False where it does not apply (not glibc)."""
     global _LIBC
     if _LIBC is None:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from pipeline_lib.errors import InputError
+from pipeline_lib.runtime.backend_base import release_free_heap
 from pipeline_lib.runtime.generate import validate_max_new_tokens
 from pipeline_lib.runtime.jobs import (
     JobCancelled,
@@ -370,14 +371,17 @@ class BatchScheduler(RowPhase, WindowPhase):
         when their client read below half of `max_unread_s`, and the playing row when its client
         read all that was sent. (Every row coming back on "all read" let a job's later sentences
         step for as long as the playing one took to make its next window: a minute of audio with a
-        client that read nothing.)"""
+        client that read nothing.) Parking ends with `release_free_heap` (glibc's malloc_trim, a few
+        ms, once per parking): the heap pages the job's long prefills and decoder windows freed would
+        otherwise stay resident while its client reads nothing."""
         def waited_on(r: _Row) -> bool:
             return r.index == r.job._next_emit and r.job.unread_s == 0
 
         def over(job: SpeechJob) -> bool:
             return job.ahead_s >= self.max_unread_s
 
-        for r in [r for r in self.rows if over(r.job) and not waited_on(r) and not r.finished]:
+        parking = [r for r in self.rows if over(r.job) and not waited_on(r) and not r.finished]
+        for r in parking:
             i = self.rows.index(r)
             r.kv, moved = self._cache.take(i)
             if moved is not None:
@@ -385,6 +389,8 @@ class BatchScheduler(RowPhase, WindowPhase):
             self.rows.pop()
             self._parked.append(r)
             self.parks += 1
+        if parking:  # a job stops stepping: what its prefills and windows freed goes back to the OS
+            release_free_heap()
         for r in [r for r in self._parked if r.job.ahead_s < 0.5 * self.max_unread_s or waited_on(r)]:
             if len(self.rows) >= self.max_batch:
                 break
