@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import socket
 import sys
 import tempfile
@@ -62,11 +61,11 @@ class OneText:
 
 
 def _metric(text: str, name: str) -> float:
-    """The sum of a metric's samples in a Prometheus text page (0.0: absent)."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M):
-        total += float(m.group(1))
-    return total
+    """The sum of a sample's values over its labels in a Prometheus text page (0.0: absent), read by
+    prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
 async def _watch_metrics(client: Any, target: Target, seen: dict[str, float]) -> None:

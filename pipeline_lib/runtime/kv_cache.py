@@ -174,8 +174,7 @@ class KVCache(_Rows):
         attention reads each row's own length only: fewer whole-cache copies as rows grow long."""
         if not self.in_place:
             return _width_for(self.used, self.bucket)
-        target = max(self.used + 1, self.width + self.width // 2)
-        return -(-target // self.bucket) * self.bucket
+        return _width_for(max(self.used, self.width + self.width // 2 - 1), self.bucket)
 
     def select(self, idx: np.ndarray, bucket: int | None = None) -> None:
         """Keep rows `idx` (the width shrinks to what the longest of them needs); `bucket`, if given,
