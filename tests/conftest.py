@@ -89,3 +89,33 @@ def copy_repo():
         return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
 
     return copy
+
+
+class ModuleTmp:
+    """Folders made with `tmp_path_factory`, removed when the test module that asked for them ends."""
+
+    def __init__(self, factory: pytest.TempPathFactory):
+        self._factory = factory
+        self._made: list[Path] = []
+
+    def mktemp(self, basename: str) -> Path:
+        path = self._factory.mktemp(basename)
+        self._made.append(path)
+        return path
+
+    def remove_all(self) -> None:
+        import shutil
+
+        for path in self._made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """`mktemp(name)` for module-scoped fixtures: the folders (exports, clones, venvs: up to a few GB in all)
+    go away at the end of the module, so the suite's peak disk use stays at one module's plus the session's
+    tiny artifacts. Function-scoped `tmp_path` folders of passing tests go right after the test
+    (`tmp_path_retention_policy` in pyproject.toml)."""
+    made = ModuleTmp(tmp_path_factory)
+    yield made
+    made.remove_all()

@@ -34,7 +34,7 @@ def _parity_convert(workdir: Path, label: str, ckpt: Path, export: Path, target:
 
 
 @pytest.fixture(scope="module")
-def certified_root(tiny_checkpoint, tiny_export, tmp_path_factory):
+def certified_root(tiny_checkpoint, tiny_export, module_tmp):
     """ROOT with onnx-fp32 (export), onnx-int8 and a broken onnx-int4, certified by the real stage, plus
     the checkpoints and a scratch folder with params.yaml (decode_steps 16)."""
     from pipeline_lib.checkpoint import CheckpointConfig, fetch_checkpoint
@@ -43,7 +43,7 @@ def certified_root(tiny_checkpoint, tiny_export, tmp_path_factory):
     from pipeline_lib.export.decoder import export_decoder
     from pipeline_lib.export.lm import copy_tokenizer_files, export_lm
 
-    tmp = tmp_path_factory.mktemp("cert")
+    tmp = module_tmp.mktemp("cert")
     work = tmp / "work"
     work.mkdir()
     params = compose(conf_dir=REPO_ROOT / "conf")

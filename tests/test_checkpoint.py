@@ -38,9 +38,9 @@ def leftovers(parent: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def generated_pair(tmp_path_factory) -> tuple[Path, Path]:
+def generated_pair(module_tmp) -> tuple[Path, Path]:
     """Two tiny checkpoints from the same seed with the generated tokenizer."""
-    root = tmp_path_factory.mktemp("det")
+    root = module_tmp.mktemp("det")
     return fetch_checkpoint(tiny_cfg(), root / "a"), fetch_checkpoint(tiny_cfg(), root / "b")
 
 

@@ -90,8 +90,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("cli")
+def scratch(module_tmp) -> Path:
+    d = module_tmp.mktemp("cli")
     (d / "emptydir").mkdir()
     (d / "emptydir.wav").mkdir()
     (d / "bad.txt").write_bytes(b"\xff\xfe")

@@ -64,11 +64,11 @@ def lm_config(tiny_export: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def targets(tiny_checkpoint: Path, tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def targets(tiny_checkpoint: Path, tiny_export: Path, module_tmp) -> dict[str, Path]:
     """Every backend x precision of the tiny export, built as the convert stage builds them (params from conf/,
     the checkpoint for OpenVINO's stateful LM)."""
     settings = ConvertSettings.from_params(_conf("convert"))
-    root = tmp_path_factory.mktemp("converted")
+    root = module_tmp.mktemp("converted")
     out = {}
     for backend in ("onnx", "openvino"):
         for precision in ("fp32", "int8"):
@@ -358,10 +358,10 @@ def test_bad_arguments(tiny_export, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def new_targets(tiny_checkpoint: Path, tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def new_targets(tiny_checkpoint: Path, tiny_export: Path, module_tmp) -> dict[str, Path]:
     """The targets beyond fp32 / int8 (registry: openvino-bf16, onnx-int4, openvino-int4), built as the convert stage does."""
     settings = ConvertSettings.from_params(_conf("convert"))
-    root = tmp_path_factory.mktemp("converted_new")
+    root = module_tmp.mktemp("converted_new")
     out = {}
     for backend, precision in (("onnx", "int4"), ("openvino", "bf16"), ("openvino", "int4")):
         out[f"{backend}-{precision}"] = root / backend / precision

@@ -90,9 +90,9 @@ def _files(folder: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pipeline_export(tiny_export: Path, module_tmp) -> Path:
     """The tiny export laid out as artifacts/export: lm/ and decoder/ (hard links to the flat export's files)."""
-    root = tmp_path_factory.mktemp("pipeline_export") / "export"
+    root = module_tmp.mktemp("pipeline_export") / "export"
     _link_tree(tiny_export, root / "lm", skip=(DECODER_ONNX, DECODER_CONFIG))
     _link_tree(tiny_export, root / "decoder", skip=(LM_ONNX, LM_CONFIG, *registry.TOKENIZER_FILES))
     return root
@@ -385,10 +385,10 @@ def _config_without_times(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def onnx_int8(tiny_export: Path, pipeline_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def onnx_int8(tiny_export: Path, pipeline_export: Path, module_tmp) -> dict:
     """onnx-int8 three ways: the CLI in its own process from the flat export (into an OUT that holds files of
     its own), the CLI from the pipeline folder, and the convert stage's code (params.yaml settings)."""
-    root = tmp_path_factory.mktemp("onnx_int8")
+    root = module_tmp.mktemp("onnx_int8")
     flat = root / "flat"
     (flat / "lm").mkdir(parents=True)
     (flat / "notes.txt").write_text("mine")
@@ -441,11 +441,11 @@ def test_onnx_int8_loads_and_speaks_as_the_stage_folder(onnx_int8, tiny_export):
 
 @pytest.fixture(scope="module")
 def openvino_int8(tiny_checkpoint: Path, tiny_export: Path, pipeline_export: Path,
-                  tmp_path_factory: pytest.TempPathFactory) -> dict:
+                  module_tmp) -> dict:
     """openvino-int8 by the CLI: from the pipeline folder with --checkpoint (step IR + stateful LM), and from
     the flat export without (step IR only)."""
     pytest.importorskip("openvino")
-    root = tmp_path_factory.mktemp("openvino_int8")
+    root = module_tmp.mktemp("openvino_int8")
     rc, out_pipe, err = run_cli(*_args(pipeline_export, root / "pipe", "openvino", "int8", "--checkpoint", tiny_checkpoint))
     assert rc == 0, err
     rc, out_flat, err = run_cli(*_args(tiny_export, root / "flat", "openvino", "int8"))

@@ -44,9 +44,9 @@ def _reflink_works(folder: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, copy_repo):
+def built(module_tmp, copy_repo):
     """A copy of the repository on the tiny checkpoint, with TARGET reproduced and dvc.lock committed."""
-    dest = tmp_path_factory.mktemp("dvc") / "repo"
+    dest = module_tmp.mktemp("dvc") / "repo"
     env = copy_repo(dest)
     conf = dest / "conf/config.yaml"
     conf.write_text(conf.read_text().replace("checkpoint: random-80m", "checkpoint: tiny"))

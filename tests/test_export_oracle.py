@@ -74,7 +74,7 @@ def test_tiny_lm_matches_transformers(tiny_checkpoint, tiny_export):
 
 
 @pytest.fixture(scope="module")
-def random_80m(tmp_path_factory):
+def random_80m(module_tmp):
     import yaml
 
     from conftest import REPO_ROOT
@@ -83,7 +83,7 @@ def random_80m(tmp_path_factory):
     from pipeline_lib.export.lm import export_lm
 
     cfg = CheckpointConfig.from_mapping(yaml.safe_load((REPO_ROOT / "conf/checkpoint/random-80m.yaml").read_text()))
-    root = tmp_path_factory.mktemp("r80m")
+    root = module_tmp.mktemp("r80m")
     ckpt = fetch_checkpoint(cfg, root / "ckpt")
     export_decoder(ckpt, root / "onnx")
     export_lm(ckpt, root / "onnx")

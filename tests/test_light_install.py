@@ -32,11 +32,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def light_venv(tmp_path_factory):
-    venv = tmp_path_factory.mktemp("light") / "venv"
+def light_venv(module_tmp):
+    venv = module_tmp.mktemp("light") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
-    src = tmp_path_factory.mktemp("src") / "soprano-onnx"  # a clean source tree: no build leftovers of ours
+    src = module_tmp.mktemp("src") / "soprano-onnx"  # a clean source tree: no build leftovers of ours
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
@@ -54,11 +54,11 @@ def light_venv(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_export, tmp_path_factory):
+def bundle(tiny_export, module_tmp):
     """A release bundle of the tiny export (onnx-fp32), with a stand-in certificate."""
     from pipeline_lib.release import build_bundle
 
-    tmp = tmp_path_factory.mktemp("bundle")
+    tmp = module_tmp.mktemp("bundle")
     root = tmp / "artifacts"
     for which in (registry.LM_DIR, registry.DECODER_DIR):
         shutil.copytree(tiny_export, root / "onnx/fp32" / which)

@@ -30,8 +30,8 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fresh_clone(tmp_path_factory, copy_repo):
-    dest = tmp_path_factory.mktemp("clone") / "repo"
+def fresh_clone(module_tmp, copy_repo):
+    dest = module_tmp.mktemp("clone") / "repo"
     env = copy_repo(dest)
     # The clone's own conf/ selects the tiny checkpoint and small benchmark settings, so that `dvc exp run`
     # (which recomposes params.yaml from conf/) stays on them. The test checks wiring, not figures.

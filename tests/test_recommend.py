@@ -125,7 +125,7 @@ def test_fastest_respects_quality_and_direction():
 
 
 @pytest.fixture(scope="module")
-def root(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root(tiny_export: Path, module_tmp) -> Path:
     """A ROOT as after dvc repro (tiny): export/ (= onnx-fp32), onnx/int8 and openvino/int8 (step IR only)."""
     pytest.importorskip("openvino")
     import shutil
@@ -134,7 +134,7 @@ def root(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline_lib.config import compose
 
     settings = ConvertSettings.from_params(compose()["convert"])
-    r = tmp_path_factory.mktemp("root")
+    r = module_tmp.mktemp("root")
     for which in (registry.LM_DIR, registry.DECODER_DIR):
         shutil.copytree(tiny_export, r / "export" / which)
     for backend in ("onnx", "openvino"):

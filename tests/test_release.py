@@ -33,11 +33,11 @@ def _certify(folder: Path, label: str, failures=()) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tiny_export, tmp_path_factory):
+def built(tiny_export, module_tmp):
     from pipeline_lib.convert import convert_target
     from pipeline_lib.release import build_bundle
 
-    tmp = tmp_path_factory.mktemp("release")
+    tmp = module_tmp.mktemp("release")
     root = tmp / "artifacts"
     for which in (registry.LM_DIR, registry.DECODER_DIR):
         shutil.copytree(tiny_export, root / "onnx/fp32" / which)

@@ -958,14 +958,14 @@ def test_openvino_static_decode_model_equals_dynamic(tiny_export):
 
 
 @pytest.fixture(scope="module")
-def tiny_stateful(tiny_checkpoint, tiny_export, tmp_path_factory):
+def tiny_stateful(tiny_checkpoint, tiny_export, module_tmp):
     """A copy of the tiny export with OpenVINO IRs: the decoder, and the stateful LM with its config."""
     pytest.importorskip("openvino")
     from pipeline_lib.convert import convert_lm_to_openvino_stateful, convert_onnx_to_openvino
     from pipeline_lib.openvino_stateful import stateful_config
     from pipeline_lib.registry import STATEFUL_CONFIG
 
-    d = tmp_path_factory.mktemp("stateful") / "m"
+    d = module_tmp.mktemp("stateful") / "m"
     shutil.copytree(tiny_export, d)
     convert_onnx_to_openvino(d / "soprano_decoder_preistft.onnx", d / "soprano_decoder_preistft.xml")
     xml = convert_lm_to_openvino_stateful(tiny_checkpoint, d / "soprano_lm_stateful.xml")
