@@ -8,6 +8,7 @@ prebuilt wheel for most CPUs: building it took ~21 minutes on 2 cores, too long 
     python scripts/llama_cpp_compare.py --checkpoint artifacts/checkpoints/random-80m \
         --converter /tmp/llama-src/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py \
         --ours int4=artifacts/onnx/int4/lm --ours int8=artifacts/onnx/int8/lm [--threads 2] [--rounds 6]
+    # the prompt's prefill instead of the step (the first chunk's largest part): --prefill --prompt 71 --steps 10
 
 Steps: `convert_hf_to_gguf.py` writes the checkpoint (the fetch stage's transformers layout) as an f32 GGUF;
 llama.cpp's own quantiser (`llama_cpp.llama_model_quantize`) writes Q4_0 and Q8_0 (all tensors, as
@@ -29,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline_lib.bench.peer import STEP_FUNCTIONS, WARMUP_STEPS, prompt_ids
+from pipeline_lib.bench.peer import PREFILL_FUNCTIONS, PREFILL_WARMUPS, STEP_FUNCTIONS, WARMUP_STEPS, prompt_ids
 
 # llama.cpp's llama_ftype values (llama.h): the quantisations compared.
 LLAMA_FTYPES = {"q4_0": 2, "q8_0": 7}
@@ -122,6 +123,24 @@ def llama_step_ms(gguf: Path, threads: int, prompt: int, steps: int) -> tuple[fl
     return run(steps)
 
 
+def llama_prefill_ms(gguf: Path, threads: int, prompt: int, repeats: int) -> tuple[float, int]:
+    """Median time (ms) of llama.cpp's prefill of the prompt (one `eval` of all its ids, one batch, the last
+    position's logits), after PREFILL_WARMUPS untimed ones."""
+    import statistics as st
+
+    llama_cpp = need_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompt + 8, n_threads=threads, n_threads_batch=threads,
+                          n_batch=prompt, verbose=False)
+    times = []
+    for i in range(PREFILL_WARMUPS + repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt_ids(prompt))
+        if i >= PREFILL_WARMUPS:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * st.median(times), repeats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, required=False)
@@ -134,11 +153,16 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=24)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--prefill", action="store_true",
+                    help="time the prefill of a --prompt-token prompt instead of the decode step (median of --steps runs)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, path = args.child
-        fn = llama_step_ms if kind == "llama_cpp" else STEP_FUNCTIONS[kind]
+        if args.prefill:
+            fn = llama_prefill_ms if kind == "llama_cpp" else PREFILL_FUNCTIONS[kind]
+        else:
+            fn = llama_step_ms if kind == "llama_cpp" else STEP_FUNCTIONS[kind]
         ms, n = fn(Path(path), args.threads, args.prompt, args.steps)
         print(json.dumps({"ms": ms, "steps": n}))
         return
@@ -154,15 +178,17 @@ def main() -> None:
     for r in range(args.rounds):
         for label, kind, path in (engines if r % 2 == 0 else engines[::-1]):
             argv = [sys.executable, __file__, "--threads", str(args.threads), "--prompt", str(args.prompt),
-                    "--steps", str(args.steps), "--child", kind, path]
+                    "--steps", str(args.steps), *(["--prefill"] if args.prefill else []), "--child", kind, path]
             proc = subprocess.run(argv, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"error: {label} failed:\n{proc.stderr[-2000:]}")
             ms[label].append(json.loads(proc.stdout.strip().splitlines()[-1])["ms"])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in ms.items()), flush=True)
     base = engines[0][0]
-    print(f"\nthreads {args.threads}, batch 1, prompt {args.prompt}, {args.steps} steps, {args.rounds} rounds "
-          f"(ms per decode step; ratio: median of per-round ratios to {base})")
+    what = (f"ms per prefill of the prompt, median of {args.steps} runs" if args.prefill
+            else f"{args.steps} steps, ms per decode step")
+    print(f"\nthreads {args.threads}, batch 1, prompt {args.prompt}, {args.rounds} rounds "
+          f"({what}; ratio: median of per-round ratios to {base})")
     for label, v in ms.items():
         ratio = statistics.median(a / b for a, b in zip(v, ms[base]))
         print(f"  {label:22s} median {statistics.median(v):.2f}  range {min(v):.2f}-{max(v):.2f}  ratio {ratio:.3f}")

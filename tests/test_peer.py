@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib.bench.peer import PeerResult, PeerSkipped, build_genai, compare
+from pipeline_lib.bench.peer import PREFILL_FUNCTIONS, PeerResult, PeerSkipped, build_genai, compare
 from pipeline_lib.report import peer_lines
 
 
@@ -34,3 +34,7 @@ def test_peer_builds_and_times_the_tiny_checkpoint(tiny_checkpoint: Path, tiny_e
     assert (built / "genai_config.json").is_file()
     res = compare(tiny_export, built, threads=1, prompt=8, steps=12, rounds=1, timeout_s=300)
     assert res.ours_ms > 0 and res.peer_ms > 0 and math.isfinite(res.ratio)
+    # the prefill timers (scripts/llama_cpp_compare.py --prefill) run on both engines' folders
+    for kind, folder in (("ours", tiny_export), ("genai", built)):
+        ms, n = PREFILL_FUNCTIONS[kind](folder, 1, 16, 3)
+        assert n == 3 and 0 < ms < 5000, (kind, ms)

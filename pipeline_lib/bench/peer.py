@@ -3,8 +3,8 @@
 What a user would pick instead of this project to run the Soprano LM on a CPU: the builder writes its own
 fused ONNX graph (int4 MatMulNBits, block 128, with the hidden-state output Soprano's decoder needs:
 ``include_hidden_states=true``) and GenAI's Generator runs it. `build_genai` writes that model;
-`step_ms` times one decode step of ours (the runtime's loop over a target's LM folder) or of the GenAI
-model, in the calling process; `compare` times both in fresh processes, in alternating rounds, and
+`*_step_ms` times one decode step of ours (the runtime's loop over a target's LM folder) or of the GenAI
+model, in the calling process, and `*_prefill_ms` one prompt's prefill; `compare` times both in fresh processes, in alternating rounds, and
 returns medians and the per-round ratio. Reported, never gated: where the package is missing or the
 builder rejects the checkpoint, `build_genai` raises PeerSkipped with the reason.
 """
@@ -100,6 +100,59 @@ def genai_step_ms(model_dir: Path, threads: int, prompt: int, steps: int) -> tup
 
 
 STEP_FUNCTIONS = {"ours": ours_step_ms, "genai": genai_step_ms}
+
+PREFILL_WARMUPS = 2
+
+
+def ours_prefill_ms(lm_dir: Path, threads: int, prompt: int, repeats: int) -> tuple[float, int]:
+    """Median time (ms) of one prompt's prefill through the runtime (kv_cache.prefill_row: the prompt
+    alone, its keys / values, last logits and hidden state), after PREFILL_WARMUPS untimed ones."""
+    from pipeline_lib import registry
+    from pipeline_lib.runtime.backends import OrtLM
+    from pipeline_lib.runtime.generate import LMSpec
+    from pipeline_lib.runtime.kv_cache import prefill_row
+
+    spec = LMSpec.from_json(lm_dir / registry.LM_CONFIG)
+    lm = OrtLM(lm_dir / f"{registry.LM_FILE}.onnx", threads)
+    return _median_ms(lambda: prefill_row(lm, spec, prompt_ids(prompt)), repeats), repeats
+
+
+def genai_prefill_ms(model_dir: Path, threads: int, prompt: int, repeats: int) -> tuple[float, int]:
+    """Median time (ms) of GenAI's Generator.append_tokens of the prompt (its prefill) on a fresh
+    Generator, after PREFILL_WARMUPS untimed ones."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    ids = np.array([prompt_ids(prompt)], dtype=np.int32)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=prompt + 2)
+    times = []
+    for i in range(PREFILL_WARMUPS + repeats):
+        gen = og.Generator(model, params)  # made outside the timing: its buffers are not the prefill
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        if i >= PREFILL_WARMUPS:
+            times.append(time.perf_counter() - t0)
+        del gen
+    return 1e3 * statistics.median(times), repeats
+
+
+def _median_ms(call, repeats: int) -> float:
+    """Median wall time (ms) of `call()` over `repeats` runs after PREFILL_WARMUPS untimed ones."""
+    times = []
+    for i in range(PREFILL_WARMUPS + repeats):
+        t0 = time.perf_counter()
+        call()
+        if i >= PREFILL_WARMUPS:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+PREFILL_FUNCTIONS = {"ours": ours_prefill_ms, "genai": genai_prefill_ms}
 
 
 def step_in_process(kind: str, folder: Path, threads: int, prompt: int, steps: int, timeout_s: float) -> float:
