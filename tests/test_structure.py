@@ -4,7 +4,8 @@ factory, pipeline_lib has no import cycle, and the registry and the OpenVINO hel
 Imports are read from the source with `ast` (nothing is imported, except in the one test that checks
 what importing the runtime loads). A module's imports are every ``import`` / ``from ... import`` in
 it, at module level or inside functions (a lazy import runs when its function does), except inside a
-package's module-level ``__getattr__``: that runs only when one of its lazy attributes is read.
+package's module-level ``__getattr__``: that runs only when one of its lazy attributes is read, and
+except under ``if TYPE_CHECKING:`` (its ``else`` branch counts): type checkers read it, Python never runs it.
 Importing ``pipeline_lib.a.b`` also runs ``pipeline_lib/__init__.py`` and ``pipeline_lib/a/__init__.py``.
 """
 
@@ -56,7 +57,18 @@ def _imports(path: Path, module_level: bool) -> frozenset[str]:
     shows: ``from pipeline_lib.a import b`` names pipeline_lib.a and, if it is a module, pipeline_lib.a.b."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     here = _module_of(path)
-    package = here if _is_package(path) else here.rpartition(".")[0]
+    return _tree_imports(tree, here if _is_package(path) else here.rpartition(".")[0], module_level)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    """``TYPE_CHECKING`` or ``typing.TYPE_CHECKING``: an ``if`` on it never runs its body."""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING" and isinstance(test.value, ast.Name)
+         and test.value.id == "typing")
+
+
+def _tree_imports(tree: ast.Module, package: str, module_level: bool) -> frozenset[str]:
+    """`_imports` of a parsed file in `package` (relative imports resolve against it)."""
     found: set[str] = set()
 
     def visit(node: ast.AST, in_function: bool) -> None:
@@ -65,6 +77,9 @@ def _imports(path: Path, module_level: bool) -> frozenset[str]:
                 if module_level or (node is tree and child.name == "__getattr__"):
                     continue
                 visit(child, True)
+            elif isinstance(child, ast.If) and _is_type_checking(child.test):
+                for branch in child.orelse:  # the body never runs
+                    visit(ast.Module(body=[branch], type_ignores=[]), in_function)
             elif isinstance(child, ast.Import):
                 found.update(a.name for a in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -228,6 +243,19 @@ def test_no_import_cycle_in_pipeline_lib():
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_type_checking_imports_are_not_followed():
+    """An import under ``if TYPE_CHECKING:`` never runs (its ``else`` does), so it makes no edge and no
+    cycle: pipeline_lib.bench.engines names measure.BenchConfig for its type hints only."""
+    tree = ast.parse("import a\nif TYPE_CHECKING:\n    import b\nelse:\n    import c\n"
+                     "if typing.TYPE_CHECKING:\n    import d\nif not TYPE_CHECKING:\n    import e\n"
+                     "def f():\n    if TYPE_CHECKING:\n        import g\n    import h\n")
+    assert _tree_imports(tree, "", False) == {"a", "c", "e", "h"}
+    assert _tree_imports(tree, "", True) == {"a", "c", "e"}
+    engines = REPO_ROOT / PACKAGE / "bench" / "engines.py"
+    assert "from pipeline_lib.bench.measure import BenchConfig" in engines.read_text(encoding="utf-8")
+    assert f"{PACKAGE}.bench.measure" not in _imports(engines, False)
 
 
 @pytest.mark.parametrize("module, allowed", [

@@ -1,4 +1,4 @@
-"""Benchmarks: one configuration in-process (`measure`), many in fresh processes (`sweep`).
+"""Benchmarks: one configuration in-process (`measure`, on its backend's `engines`), many in fresh processes (`sweep`).
 
 `soprano-onnx bench` (pipeline_lib.bench.command) measures one configuration; the DVC `benchmark`
 stage sweeps every backend x precision x thread count and writes one tidy CSV row per configuration.
