@@ -147,7 +147,7 @@ def check_no_other_conversion(out: Path, planned: dict[str, set[str]], target: r
 def check_checkpoint(ckpt: Path, lm_config: dict) -> None:
     """CheckpointError unless ``ckpt`` is a valid checkpoint folder whose LM has the export's shapes (the
     stateful LM is converted from it and runs with the export's tokenizer and decoder)."""
-    from pipeline_lib.checkpoint import validate_checkpoint
+    from pipeline_lib.checkpoint_checks import validate_checkpoint
 
     if not ckpt.is_dir():
         raise CheckpointError(f"--checkpoint {ckpt}: {'is a file' if ckpt.exists() else 'does not exist'}; give the "

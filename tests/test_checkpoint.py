@@ -1,4 +1,4 @@
-"""pipeline_lib.checkpoint / tokenizer_gen: offline sources, upstream layout, validation errors."""
+"""pipeline_lib.checkpoint / checkpoint_checks / tokenizer_gen: offline sources, upstream layout, validation errors."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline_lib.checkpoint import (
-    CHECKPOINT_FILES,
-    SOPRANO_LM_CONFIG,
-    CheckpointConfig,
-    fetch_checkpoint,
-    validate_checkpoint,
-)
+from pipeline_lib.checkpoint import SOPRANO_LM_CONFIG, CheckpointConfig, fetch_checkpoint
+from pipeline_lib.checkpoint_checks import CHECKPOINT_FILES, validate_checkpoint
 from pipeline_lib.errors import CheckpointError
 from pipeline_lib.tokenizer_gen import build_tokenizer, write_tokenizer_files
 

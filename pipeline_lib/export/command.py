@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_checkpoint(spec: str, revision: str, workdir: Path, timeout_s: float) -> Path:
     """A local directory as is; anything else is a hub id fetched into ``workdir``."""
-    from pipeline_lib.checkpoint import CheckpointConfig, fetch_checkpoint, validate_checkpoint
+    from pipeline_lib.checkpoint import CheckpointConfig, fetch_checkpoint
+    from pipeline_lib.checkpoint_checks import validate_checkpoint
 
     path = Path(spec).expanduser()
     if path.is_dir():
