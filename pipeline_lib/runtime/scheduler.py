@@ -406,11 +406,11 @@ class BatchScheduler(RowPhase, WindowPhase):
             return True
         if job._next_start >= len(job._ids):
             return False
-        ahead = math.inf if job.play_end is None else job.play_end - now
+        ahead = self._job_slack_s(job, now)
         return wants_next_sentence(
             first_audio_sent=job.first_audio_at is not None, next_is_emitting=job._next_start == job._next_emit,
             active=job._active, alone=alone, ahead_s=ahead, lead_s=self.lead_s,
-            unread_s=job.ahead_s, max_unread_s=self.max_unread_s)
+            unread_s=job.ahead_s, max_unread_s=self.max_unread_s, dry=self._listener_dry(job, now))
 
     def _admit(self, lm: Any) -> list[_Row]:
         """Free rows to waiting sentences (see the class docstring); the rows that joined."""

@@ -151,9 +151,13 @@ class WindowPhase:
 
     def _dry(self, r: Row, now: float) -> bool:
         """With `priority`: the row is its job's sentence playing next and its listener is running
-        dry (pacing.running_dry, at the decoder phase's margin)."""
-        return (self.priority and r.index == r.job._next_emit
-                and running_dry(self._slack_s(r, now), self.margin_s + 2.0 * self._period))
+        dry (`_listener_dry`)."""
+        return r.index == r.job._next_emit and self._listener_dry(r.job, now)
+
+    def _listener_dry(self, job: SpeechJob, now: float) -> bool:
+        """With `priority`: the job's listener is running dry (pacing.running_dry, at the decoder
+        phase's margin)."""
+        return self.priority and running_dry(self._job_slack_s(job, now), self.margin_s + 2.0 * self._period)
 
     def _can_skip(self, r: Row, now: float) -> bool:
         return can_skip(self._slack_s(r, now), self._ready(r), self._need(r), self._block_s, self._row_period)
@@ -166,10 +170,12 @@ class WindowPhase:
         """Seconds of audio the row's listener still has to play (its job's playback clock). A sentence
         behind an earlier one of its job gets its job's slack (it plays later than that, so this errs
         towards decoding it early); infinite while the job has sent nothing."""
-        job = r.job
-        if job.play_end is None:
-            return math.inf
-        return job.play_end - now
+        return self._job_slack_s(r.job, now)
+
+    @staticmethod
+    def _job_slack_s(job: SpeechJob, now: float) -> float:
+        """Seconds of audio the job's listener still has to play; infinite while it has sent nothing."""
+        return math.inf if job.play_end is None else job.play_end - now
 
     def _decode_row(self, r: Row, limit: int | None = None, early: bool = False) -> None:
         """Decode the row's due windows (`early`: one window of every exact block, fewer than
