@@ -44,7 +44,7 @@ def test_can_skip_counts_the_audio_a_window_would_send():
 
 def test_pacing_keeps_a_long_request_to_one_or_two_rows_beside_others():
     base = dict(first_audio_sent=True, next_is_emitting=False, alone=False, lead_s=1.5, unread_s=0.0,
-                max_unread_s=math.inf, dry=False)
+                max_unread_s=math.inf, dry=False, sent_s=0.064)
     assert wants_next_sentence(active=0, ahead_s=30.0, **base)  # no row: its listener will need one
     assert not wants_next_sentence(active=1, ahead_s=3.0, **base)  # well ahead: one row is enough
     assert wants_next_sentence(active=1, ahead_s=1.0, **base)  # falling behind: a second row
@@ -59,6 +59,8 @@ def test_pacing_keeps_a_long_request_to_one_or_two_rows_beside_others():
     assert not wants_next_sentence(active=1, ahead_s=0.06, **{**base, "dry": True})
     assert not wants_next_sentence(active=1, ahead_s=0.06, **{**base, "dry": True, "alone": True})
     assert wants_next_sentence(active=0, ahead_s=0.06, **{**base, "dry": True})
+    # later in the stream (lead_s of audio sent) a listener near its margin is the usual state: no hold
+    assert wants_next_sentence(active=1, ahead_s=0.06, **{**base, "dry": True, "sent_s": 2.0})
 
 
 def test_a_listener_runs_dry_below_the_margin_and_only_with_audio():

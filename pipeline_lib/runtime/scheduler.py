@@ -410,7 +410,8 @@ class BatchScheduler(RowPhase, WindowPhase):
         return wants_next_sentence(
             first_audio_sent=job.first_audio_at is not None, next_is_emitting=job._next_start == job._next_emit,
             active=job._active, alone=alone, ahead_s=ahead, lead_s=self.lead_s,
-            unread_s=job.ahead_s, max_unread_s=self.max_unread_s, dry=self._listener_dry(job, now))
+            unread_s=job.ahead_s, max_unread_s=self.max_unread_s, dry=self._listener_dry(job, now),
+            sent_s=job.samples / job.sample_rate)
 
     def _admit(self, lm: Any) -> list[_Row]:
         """Free rows to waiting sentences (see the class docstring); the rows that joined."""
