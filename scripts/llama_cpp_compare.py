@@ -157,6 +157,9 @@ def main() -> None:
                     help="time the prefill of a --prompt-token prompt instead of the decode step (median of --steps runs)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for name in ("threads", "prompt", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.child:
         kind, path = args.child
         if args.prefill:

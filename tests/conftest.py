@@ -111,11 +111,13 @@ class ModuleTmp:
 
 
 @pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory: pytest.TempPathFactory):
+def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """`mktemp(name)` for module-scoped fixtures: the folders (exports, clones, venvs: up to a few GB in all)
     go away at the end of the module, so the suite's peak disk use stays at one module's plus the session's
-    tiny artifacts. Function-scoped `tmp_path` folders of passing tests go right after the test
-    (`tmp_path_retention_policy` in pyproject.toml)."""
+    tiny artifacts; a module in which a test failed keeps them, to look at. Function-scoped `tmp_path`
+    folders of passing tests go right after the test (`tmp_path_retention_policy` in pyproject.toml)."""
+    failed_before = request.session.testsfailed
     made = ModuleTmp(tmp_path_factory)
     yield made
-    made.remove_all()
+    if request.session.testsfailed == failed_before:
+        made.remove_all()

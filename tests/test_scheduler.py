@@ -683,3 +683,23 @@ def _wait_for(cond, timeout=30.0):
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_jobs_next_sentence_waits_until_its_listener_is_not_dry(tts):
+    """Right after a one-block first window (64 ms of audio, under margin_s) the job's listener is running
+    dry: the job, alone on the engine, starts its second sentence only after more windows of its first
+    one (pacing.wants_next_sentence's hold), not right after that first window; the audio still equals
+    solo synthesis."""
+    sched = BatchScheduler(tts, max_batch=4, first_chunk=1, sized_first_window=False)
+    events = _Events(sched)
+    sched.start()
+    try:
+        job = sched.submit(SpeechRequest(TEXTS[1], max_new_tokens=48))  # two sentences
+        audio = job.audio()
+    finally:
+        sched.close()
+    kinds = [e[0] for e in events.items]
+    assert kinds.count("prefill") == 2, kinds
+    second = kinds.index("prefill", 1)
+    assert kinds[1] == "window" and kinds[1:second].count("window") >= 2, kinds[:second + 1]
+    assert _rel(audio, tts.synthesize(TEXTS[1], max_new_tokens=48)["audio"]) <= 1e-4

@@ -70,15 +70,16 @@ def wants_next_sentence(*, first_audio_sent: bool, next_is_emitting: bool, activ
     """A job may start its next sentence (pacing). Never before its first audio unless that sentence
     is the one to emit next (so it does not delay the first audio), never while its client has
     `max_unread_s` or more unread (backpressure), and never while its own listener is running dry
-    (`dry`: running_dry) in its first `lead_s` of audio (`sent_s`: sent so far) and one of its rows
-    is making the audio that listener waits for: the new sentence's prefill would hold that row's
-    next window. The first window is one block, so a listener is dry right after its first audio;
-    later in a stream the windows keep listeners near the margin on purpose (early_window), so dry
-    is the usual state there and holding sentences back would only serialise them. With no row
-    running, the next sentence starts, or nothing would. Alone on the engine, as many rows as are free (no one else needs them). Beside
-    other jobs: one row at a time, a second one only while its listener has less than `lead_s` of
-    audio ahead (`ahead_s`: sent, not yet played), so a long request runs one or two rows, not the
-    whole batch."""
+    (`dry`: running_dry) in its first `lead_s` of audio (`sent_s`: sent so far) and any row of the
+    job is running (`active` > 0, parked rows included): the new sentence's prefill would hold the
+    next window that listener waits for. A small first window (one block, unless sized up under
+    load) leaves a listener dry right after its first audio; later in a stream the windows keep
+    listeners near the margin on purpose (early_window), so dry is the usual state there and holding
+    sentences back would only serialise them. With no row running, the next sentence starts, or
+    nothing would. (A retry of a flagged sentence does not ask: BatchScheduler starts it at once.)
+    Alone on the engine, as many rows as are free (no one else needs them). Beside other jobs: one
+    row at a time, a second one only while its listener has less than `lead_s` of audio ahead
+    (`ahead_s`: sent, not yet played), so a long request runs one or two rows, not the whole batch."""
     if not (first_audio_sent or next_is_emitting) or unread_s >= max_unread_s:
         return False
     if dry and active > 0 and sent_s < lead_s:
