@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline_lib.bench.peer import PREFILL_FUNCTIONS, PREFILL_WARMUPS, STEP_FUNCTIONS, WARMUP_STEPS, prompt_ids
+from pipeline_lib.bench.peer import PREFILL_FUNCTIONS, STEP_FUNCTIONS, WARMUP_STEPS, median_ms, prompt_ids
 
 # llama.cpp's llama_ftype values (llama.h): the quantisations compared.
 LLAMA_FTYPES = {"q4_0": 2, "q8_0": 7}
@@ -125,20 +125,12 @@ def llama_step_ms(gguf: Path, threads: int, prompt: int, steps: int) -> tuple[fl
 
 def llama_prefill_ms(gguf: Path, threads: int, prompt: int, repeats: int) -> tuple[float, int]:
     """Median time (ms) of llama.cpp's prefill of the prompt (one `eval` of all its ids, one batch, the last
-    position's logits), after PREFILL_WARMUPS untimed ones."""
-    import statistics as st
-
+    position's logits), after peer.PREFILL_WARMUPS untimed ones (peer.median_ms)."""
     llama_cpp = need_llama_cpp()
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompt + 8, n_threads=threads, n_threads_batch=threads,
                           n_batch=prompt, verbose=False)
-    times = []
-    for i in range(PREFILL_WARMUPS + repeats):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt_ids(prompt))
-        if i >= PREFILL_WARMUPS:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * st.median(times), repeats
+    ids = prompt_ids(prompt)
+    return median_ms(lambda: llm.eval(ids), repeats, prepare=llm.reset), repeats
 
 
 def main() -> None:

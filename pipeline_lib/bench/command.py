@@ -79,7 +79,8 @@ def format_row(row: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from pipeline_lib.bench.measure import DEFAULT_TEXT, BenchConfig, measure
+    from pipeline_lib.bench.config import DEFAULT_TEXT, BenchConfig
+    from pipeline_lib.bench.measure import measure
     from pipeline_lib.cpuinfo import default_threads
     from pipeline_lib.fsutil import check_output_file, write_json
 

@@ -13,7 +13,7 @@
   unchanged; the first chunk comes long before 512 tokens anyway.
 
 `ENGINES` maps a `--backend` to its engine class, built from a `BenchConfig`
-(pipeline_lib.bench.measure); `measure` times the engine's calls.
+(pipeline_lib.bench.config); `measure` (pipeline_lib.bench.measure) times the engine's calls.
 """
 
 from __future__ import annotations
@@ -24,16 +24,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from pipeline_lib import registry
+from pipeline_lib.bench.config import BenchConfig
 from pipeline_lib.errors import InputError, MissingBackendError, SopranoOnnxError
 from pipeline_lib.registry import BACKENDS
 
-if TYPE_CHECKING:
-    from pipeline_lib.bench.measure import BenchConfig
 
 NAN = float("nan")
 

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 GENAI_PACKAGE = "onnxruntime-genai"
 GENAI_INSTALL = "pip install 'soprano-onnx[pipeline]'"
@@ -114,7 +115,8 @@ def ours_prefill_ms(lm_dir: Path, threads: int, prompt: int, repeats: int) -> tu
 
     spec = LMSpec.from_json(lm_dir / registry.LM_CONFIG)
     lm = OrtLM(lm_dir / f"{registry.LM_FILE}.onnx", threads)
-    return _median_ms(lambda: prefill_row(lm, spec, prompt_ids(prompt)), repeats), repeats
+    ids = prompt_ids(prompt)
+    return median_ms(lambda: prefill_row(lm, spec, ids), repeats), repeats
 
 
 def genai_prefill_ms(model_dir: Path, threads: int, prompt: int, repeats: int) -> tuple[float, int]:
@@ -130,21 +132,22 @@ def genai_prefill_ms(model_dir: Path, threads: int, prompt: int, repeats: int) -
     ids = np.array([prompt_ids(prompt)], dtype=np.int32)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=prompt + 2)
-    times = []
-    for i in range(PREFILL_WARMUPS + repeats):
-        gen = og.Generator(model, params)  # made outside the timing: its buffers are not the prefill
-        t0 = time.perf_counter()
-        gen.append_tokens(ids)
-        if i >= PREFILL_WARMUPS:
-            times.append(time.perf_counter() - t0)
-        del gen
-    return 1e3 * statistics.median(times), repeats
+    gen: list = [None]
+
+    def fresh() -> None:  # a new Generator per run, made outside the timing: its buffers are not the prefill
+        gen[0] = None
+        gen[0] = og.Generator(model, params)
+
+    return median_ms(lambda: gen[0].append_tokens(ids), repeats, prepare=fresh), repeats
 
 
-def _median_ms(call, repeats: int) -> float:
-    """Median wall time (ms) of `call()` over `repeats` runs after PREFILL_WARMUPS untimed ones."""
+def median_ms(call: Callable[[], object], repeats: int, prepare: Callable[[], object] | None = None) -> float:
+    """Median wall time (ms) of `call()` over `repeats` runs after PREFILL_WARMUPS untimed ones;
+    `prepare()`, if given, runs before each call, outside the timing."""
     times = []
     for i in range(PREFILL_WARMUPS + repeats):
+        if prepare is not None:
+            prepare()
         t0 = time.perf_counter()
         call()
         if i >= PREFILL_WARMUPS:
