@@ -703,3 +703,36 @@ def test_a_jobs_next_sentence_waits_until_its_listener_is_not_dry(tts):
     second = kinds.index("prefill", 1)
     assert kinds[1] == "window" and kinds[1:second].count("window") >= 2, kinds[:second + 1]
     assert _rel(audio, tts.synthesize(TEXTS[1], max_new_tokens=48)["audio"]) <= 1e-4
+
+
+def test_a_request_arriving_during_a_burst_of_prefills_is_prefilled_next(tts):
+    """A job alone on the engine takes every free row for its later sentences, several prefills in one
+    iteration. A request submitted during that burst (here: from the second of them) is prefilled
+    next, not after the burst: the rest of the long job's sentences wait, since it is no longer alone
+    (one or two rows beside another job). Both results still equal solo synthesis."""
+    long_text = " ".join(TEXTS[i] for i in (0, 2, 4, 5, 6, 7))  # six sentences (prepare may join short ones)
+    sched = BatchScheduler(tts, max_batch=8, max_prefill_tokens=4096)
+    prompts: list[tuple[int, ...]] = []
+    jobs: dict[str, object] = {}
+    prefill = sched._prefill
+
+    def on_prefill(lm, prompt):
+        prompts.append(tuple(prompt))
+        if len(prompts) == 2:  # the long job's first later sentence, in its burst
+            jobs["new"] = sched.submit(SpeechRequest(TEXTS[3], max_new_tokens=24))
+        return prefill(lm, prompt)
+
+    sched._prefill = on_prefill
+    sched.start()
+    try:
+        long = sched.submit(SpeechRequest(long_text, max_new_tokens=48))
+        long_audio = long.audio()
+        _wait_for(lambda: "new" in jobs)
+        new_audio = jobs["new"].audio()
+    finally:
+        sched.close()
+    assert len(long._ids) >= 4 and len(prompts) == len(long._ids) + 1, (len(long._ids), len(prompts))
+    assert list(prompts[:2]) == [tuple(long._ids[0]), tuple(long._ids[1])]
+    assert prompts[2] == tuple(jobs["new"]._ids[0]), "the newcomer waited behind the burst"
+    assert _rel(long_audio, tts.synthesize(long_text, max_new_tokens=48)["audio"]) <= 1e-4
+    assert _rel(new_audio, tts.synthesize(TEXTS[3], max_new_tokens=24)["audio"]) <= 1e-4
