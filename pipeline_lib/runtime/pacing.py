@@ -112,8 +112,7 @@ def first_window_blocks(first_chunk: int, period_s: float, block_s: float, min_w
 
 
 class StepCosts:
-    """Measured seconds per whole-batch iteration (the step and the windows; the scheduler records an
-    iteration without its prefills, once per admitted row and bounded per iteration) by batch size: an
+    """Measured seconds per whole-batch iteration (step, windows, prefills) by batch size: an
     exponential mean per size, and a prediction for a size not seen yet: between two sizes seen, the
     line through them; beyond the largest, the line through the two largest (never falling; one size
     seen: the same cost). Beyond what was seen the guess is optimistic, so the batch grows one row

@@ -109,8 +109,8 @@ class BatchScheduler(RowPhase, WindowPhase):
     * admission (_admit): free rows (up to `max_batch`) go to waiting sentences, the job with the
       fewest rows running first, the oldest first. A job's later sentence starts when its listener
       needs it (pacing.wants_next_sentence, `lead_s`). Capacity (pacing.StepCosts): while the
-      measured iteration period (without its prefills) at one more row leaves every row faster
-      than real time by `headroom`, any of these may join; beyond it, only a running job's next sentence when the
+      measured iteration period at one more row leaves every row faster than real time by
+      `headroom`, any of these may join; beyond it, only a running job's next sentence when the
       job has no row (its listener needs it, so running streams are served first); a new request,
       or a second row of a job, waits (a new request in the queue, where max_queue and 429 apply).
       A job alone on the engine takes free rows within capacity too, so a newcomer finds room.
@@ -201,7 +201,6 @@ class BatchScheduler(RowPhase, WindowPhase):
         self._stepped = 0  # rows in the last step
         self._block_s = tts.samples_per_token / tts.sample_rate  # seconds of audio per token
         self._last_decode_at: float | None = None
-        self._prefill_s = 0.0  # seconds of prefill since the last iteration's period sample (windows)
         self.steps = 0  # decode steps run (all rows together)
         self.max_rows_seen = 0
         self.parks = 0  # rows parked so far (backpressure)
@@ -446,14 +445,11 @@ class BatchScheduler(RowPhase, WindowPhase):
             job._next_start += attempt == 0
             prompt = job._ids[k]
             budget -= len(prompt)
-            t_prefill = time.perf_counter()
             try:
                 kv, logits, hidden = self._prefill(lm, prompt)
             except Exception as exc:  # noqa: BLE001 - this job's failure only
                 self._end_job(job, exc)
                 continue
-            finally:
-                self._prefill_s += time.perf_counter() - t_prefill
             spec = self.tts.spec
             first = self.first_chunk
             if self.sized_first_window and k == 0:  # the job's first audio: enough to reach the next window

@@ -47,7 +47,6 @@ class WindowPhase:
     costs: Any
     _period: float
     _row_period: float
-    _prefill_s: float
     _lane_step: bool
     _stepped: int
     _block_s: float
@@ -79,11 +78,7 @@ class WindowPhase:
             self._period = 0.8 * self._period + 0.2 * sample
             if not self._lane_step:
                 self._row_period = 0.8 * self._row_period + 0.2 * sample
-                # Admission's costs are the steady iteration, without its prefills: those are once per
-                # row admitted, bounded per iteration (max_prefill_tokens); a burst of them would hold
-                # admission shut for the iterations its spike takes to fade from the mean.
-                self.costs.record(self._stepped, max(sample - self._prefill_s, 0.0))
-        self._prefill_s = 0.0
+                self.costs.record(self._stepped, sample)
         self._last_decode_at = now
         margin = self.margin_s + 2.0 * self._period
         later, early = [], []
