@@ -706,10 +706,10 @@ def test_a_jobs_next_sentence_waits_until_its_listener_is_not_dry(tts):
 
 
 def test_a_request_arriving_during_a_burst_of_prefills_is_prefilled_next(tts):
-    """A job alone on the engine takes every free row for its later sentences, several prefills in one
-    iteration. A request submitted during that burst (here: from the second of them) is prefilled
-    next, not after the burst: the rest of the long job's sentences wait, since it is no longer alone
-    (one or two rows beside another job). Both results still equal solo synthesis."""
+    """A job alone on the engine takes every free row for its later sentences, one more per iteration
+    (not a burst of prefills in one). A request submitted during the first of them is prefilled next:
+    the rest of the long job's sentences wait, since it is no longer alone (one or two rows beside
+    another job). Both results still equal solo synthesis."""
     long_text = " ".join(TEXTS[i] for i in (0, 2, 4, 5, 6, 7))  # six sentences (prepare may join short ones)
     sched = BatchScheduler(tts, max_batch=8, max_prefill_tokens=4096)
     prompts: list[tuple[int, ...]] = []

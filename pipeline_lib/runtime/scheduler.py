@@ -115,9 +115,10 @@ class BatchScheduler(RowPhase, WindowPhase):
       or a second row of a job, waits (a new request in the queue, where max_queue and 429 apply).
       A job alone on the engine takes free rows within capacity too, so a newcomer finds room.
       Prefill is bounded: at most `max_prefill_tokens` prompt tokens per iteration (at least one
-      row), so a burst of arrivals is prefilled over several iterations; a request that arrives
-      during an iteration's prefills is a candidate for the next one; with `priority`, while a
-      listener runs dry, a job whose listener has `lead_s` or more ahead starts no sentence.
+      row), so a burst of arrivals is prefilled over several iterations; a job alone takes one more
+      row per iteration, so a request that arrives meanwhile waits for one prefill, not a burst of
+      that job's sentences; with `priority`, while a listener runs dry, a job whose listener has
+      `lead_s` or more ahead starts no sentence.
       Priority and admission: priority orders the work of streams already admitted (the dry first,
       the well supplied wait a step or a prefill); admission decides who is admitted at all
       (capacity). A response read slowly or not at all (a download, a non-streaming client) is
@@ -415,19 +416,18 @@ class BatchScheduler(RowPhase, WindowPhase):
             sent_s=job.samples / job.sample_rate)
 
     def _admit(self, lm: Any) -> list[_Row]:
-        """Free rows to waiting sentences (see the class docstring); the rows that joined. Requests
-        submitted while it prefills join the choice before the next prefill: a newcomer arriving
-        during a burst of one job's prefills (a job alone takes every free row) waits for one
-        prefill, not the burst, and ends that job's being alone."""
+        """Free rows to waiting sentences (see the class docstring); the rows that joined. A job alone
+        on the engine takes one more row per iteration, so a request that arrives while it prefills
+        waits for that one prefill (then goes first: it has no row), not for a burst of them."""
+        with self._lock:  # requests submitted since the iteration began
+            while self._queue:
+                self._jobs.append(self._queue.popleft())
         joined: list[_Row] = []
         budget = self.max_prefill_tokens
         now = time.perf_counter()
+        alone = len(self._jobs) == 1
         dry = any(self._dry(r, now) for r in self.rows)
-        while len(self.rows) < self.max_batch and (budget > 0 or not joined):
-            with self._lock:  # requests submitted since the iteration began, or since the last prefill
-                while self._queue:
-                    self._jobs.append(self._queue.popleft())
-            alone = len(self._jobs) == 1
+        while len(self.rows) < self.max_batch and (budget > 0 or not joined) and not (alone and joined):
             running = [j for j in self._jobs if j._next_start > 0 and self._wants_row(j, now, alone)]
             if dry:  # priority: a listener runs dry; jobs with lead_s ahead start nothing now
                 running = [j for j in running if j.play_end is None or j.play_end - now < self.lead_s]
