@@ -723,6 +723,7 @@ def test_a_request_arriving_during_a_burst_of_prefills_is_prefilled_next(tts):
         return prefill(lm, prompt)
 
     sched._prefill = on_prefill
+    sched.costs.admits = lambda *args: True  # capacity is not what this test is about (a loaded CI machine)
     sched.start()
     try:
         long = sched.submit(SpeechRequest(long_text, max_new_tokens=48))

@@ -78,7 +78,7 @@ def wants_next_sentence(*, first_audio_sent: bool, next_is_emitting: bool, activ
     sentences back would only serialise them. With no row running, the next sentence starts, or
     nothing would. (A retry of a flagged sentence does not ask: BatchScheduler starts it at once.)
     Alone on the engine, as many rows as are free (no one else needs them; BatchScheduler adds one
-    per iteration, so a newcomer never waits behind a burst of them). Beside other jobs: one
+    per iteration, so a newcomer waits for at most one of their prefills). Beside other jobs: one
     row at a time, a second one only while its listener has less than `lead_s` of audio ahead
     (`ahead_s`: sent, not yet played), so a long request runs one or two rows, not the whole batch."""
     if not (first_audio_sent or next_is_emitting) or unread_s >= max_unread_s:

@@ -418,7 +418,8 @@ class BatchScheduler(RowPhase, WindowPhase):
     def _admit(self, lm: Any) -> list[_Row]:
         """Free rows to waiting sentences (see the class docstring); the rows that joined. A job alone
         on the engine takes one more row per iteration, so a request that arrives while it prefills
-        waits for that one prefill (then goes first: it has no row), not for a burst of them."""
+        waits for that one prefill and the rest of the iteration (then is the next candidate within
+        capacity: it has no row), not for a burst of them."""
         with self._lock:  # requests submitted since the iteration began
             while self._queue:
                 self._jobs.append(self._queue.popleft())
