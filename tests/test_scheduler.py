@@ -718,7 +718,7 @@ def test_a_request_arriving_during_a_burst_of_prefills_is_prefilled_next(tts):
 
     def on_prefill(lm, prompt):
         prompts.append(tuple(prompt))
-        if len(prompts) == 2:  # the long job's first later sentence, in its burst
+        if len(prompts) == 2:  # the long job's first later sentence, taken while it is alone
             jobs["new"] = sched.submit(SpeechRequest(TEXTS[3], max_new_tokens=24))
         return prefill(lm, prompt)
 

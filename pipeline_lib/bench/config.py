@@ -25,6 +25,7 @@ BATCH_TEXTS = (
     "Our guide pointed out three kinds of birds along the river.",
 )
 
+
 @dataclass(frozen=True)
 class BenchConfig:
     backend: str
