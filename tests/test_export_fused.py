@@ -23,8 +23,9 @@ HIDDEN_MAX_ABS = 1e-3  # conf/parity: lm_hidden_max_abs
 @pytest.mark.parametrize("lens,seq,width", [([0], 7, 8), ([6], 3, 16), ([9, 4, 7], 1, 16), ([12, 12], 1, 16),
                                             ([0], 5, 5)])
 def test_fused_graph_matches_torch(tiny_checkpoint: Path, tiny_export: Path, lens, seq, width) -> None:
-    """Rows of different lengths in one buffer (each row's tokens in its columns [0, len)): logits and hidden
-    states as torch's, and the keys / values written at each row's own columns [len, len + seq)."""
+    """Rows of different lengths in one buffer (each row's tokens in its columns [0, len)): the last
+    position's logits (the graph computes no others) and every position's hidden states as torch's, and the
+    keys / values written at each row's own columns [len, len + seq)."""
     model = load_lm(tiny_checkpoint).eval()
     sess = ort_session(tiny_export / FUSED_ONNX)
     x, feed = fused_example(model, lens, seq, width, seed=len(lens) * 100 + max(lens))
@@ -32,7 +33,8 @@ def test_fused_graph_matches_torch(tiny_checkpoint: Path, tiny_export: Path, len
         ref = [t.numpy() for t in model(*x)]
     names = ["logits", "hidden_states", *(n.replace("new_", "present_") for n in model.output_names()[2:])]
     got = sess.run(names, feed)
-    assert np.abs(got[0] - ref[0]).max() < LOGITS_MAX_ABS
+    assert got[0].shape == (len(lens), 1, model.cfg.vocab_size)
+    assert np.abs(got[0] - ref[0][:, -1:]).max() < LOGITS_MAX_ABS
     assert np.abs(got[1] - ref[1]).max() < HIDDEN_MAX_ABS
     for g, r, past in zip(got[2:], ref[2:], (n for n in feed if n.startswith("past_"))):
         assert g.shape == feed[past].shape

@@ -30,7 +30,7 @@ class LMExport:
     config_path: Path
     max_abs_error: float  # logits, ONNX vs torch, the largest over the export check inputs
     fused_path: Path  # the same step model as ONNX Runtime's fused graph (export/lm_fused.py)
-    fused_max_abs_error: float  # its logits vs torch, same check inputs
+    fused_max_abs_error: float  # its logits (last position) and hidden states vs torch, same check inputs
 
 
 def special_token_ids(tokenizer_json: Path) -> dict[str, int]:
@@ -211,8 +211,9 @@ def fused_example(model: SopranoLMStep, lens: list[int], seq: int, width: int, s
 
 
 def _check_fused_against_torch(model: SopranoLMStep, onnx_path: Path) -> float:
-    """The largest error of the fused graph against torch, logits and the keys / values it writes into the
-    buffers: a prompt alone, a prompt after a cached part, a decode step of rows of different lengths."""
+    """The largest error of the fused graph against torch, its logits (the last position's), its hidden
+    states (every position's) and the keys / values it writes into the buffers: a prompt alone, a prompt
+    after a cached part, a decode step of rows of different lengths."""
     sess = ort_session(onnx_path)
     err = 0.0
     for seed, (lens, seq, width) in enumerate([([0], 4, 8), ([5], 2, 8), ([7, 3, 5], 1, 12)], start=1):
@@ -220,10 +221,13 @@ def _check_fused_against_torch(model: SopranoLMStep, onnx_path: Path) -> float:
         with torch.no_grad():
             ref = [t.numpy() for t in model(*x)]
         present = [n.replace("new_", "present_") for n in model.output_names()[2:]]
-        got = sess.run(["logits", *present], feed)  # no binding: present_* are copies, the feed stays
-        err = max(err, float(np.abs(got[0] - ref[0]).max()))
+        got = sess.run(["logits", "hidden_states", *present], feed)  # no binding: present_* are copies
+        if got[0].shape != ref[0][:, -1:].shape:
+            raise ExportError(f"{onnx_path}: fused logits shape {got[0].shape}, expected the last position's "
+                              f"{ref[0][:, -1:].shape}.")
+        err = max(err, float(np.abs(got[0] - ref[0][:, -1:]).max()), float(np.abs(got[1] - ref[1]).max()))
         for b, n in enumerate(lens):
-            for p, new in zip(got[1:], ref[2:]):
+            for p, new in zip(got[2:], ref[2:]):
                 err = max(err, float(np.abs(p[b, :, n: n + seq] - new[b]).max()))
     return err
 

@@ -5,7 +5,8 @@ registry.KV_CACHE_BUFFER; `fused_interface` describes it for the LM config):
 
     inputs : input_ids [B, S], attention_mask [B, W], position_ids [B, S] (not read: positions are columns),
              past_key_i / past_value_i [B, kv, W, D]: buffers, row b's tokens in columns [0, len_b)
-    outputs: logits [B, S, vocab], hidden_states [B, S, hidden], present_key_i / present_value_i [B, kv, W, D]
+    outputs: logits [B, 1, vocab] (the last position's only: a prompt's other positions are never sampled),
+             hidden_states [B, S, hidden], present_key_i / present_value_i [B, kv, W, D]
              (the same buffers: bound to past_*'s memory, the op writes columns [len_b, len_b + S))
 
 attention_mask has ones in [0, len_b + S) of row b: its row sums - 1 are GroupQueryAttention's
@@ -52,7 +53,7 @@ def fused_interface(cfg) -> dict:
     inputs = [{"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"},
               {"name": "attention_mask", "shape": ["batch", "past_sequence"], "dtype": "int64"},
               {"name": "position_ids", "shape": ["batch", "sequence"], "dtype": "int64"}]
-    outputs = [{"name": "logits", "shape": ["batch", "sequence", cfg.vocab_size], "dtype": "float32"},
+    outputs = [{"name": "logits", "shape": ["batch", 1, cfg.vocab_size], "dtype": "float32"},
                {"name": "hidden_states", "shape": ["batch", "sequence", cfg.hidden_size], "dtype": "float32"}]
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
@@ -282,13 +283,17 @@ def build_fused_lm(model: SopranoLMStep, opset: int = 17, pack_gate_up: bool = T
         pending = g.op("MatMul", [act, g.const(f"{p}.down_proj.weight", _w(m.down_proj))], name=f"{p}.down_proj")[0]
     g.op("SkipSimplifiedLayerNormalization", [pending, residual, g.const("norm.weight", st.norm.weight.detach().numpy())],
          domain=MS, name="final_norm", outputs=["hidden_states", "", "", ""], epsilon=eps)
-    g.op("MatMul", ["hidden_states", g.const("lm_head.weight", _w(model.lm_head))], name="lm_head", outputs=["logits"])
+    # The logits head reads the last position only (a prefill of S tokens would otherwise compute S rows of
+    # vocabulary logits and use one).
+    last = g.op("Slice", ["hidden_states", g.const("last_start", np.array([-1], np.int64)),
+                          g.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)), "i1"], name="last_position")[0]
+    g.op("MatMul", [last, g.const("lm_head.weight", _w(model.lm_head))], name="lm_head", outputs=["logits"])
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", i64, ["batch", "past_sequence" if core.shared else "total_sequence"]),
               helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", c.vocab_size]),
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1, c.vocab_size]),
                helper.make_tensor_value_info("hidden_states", f32, ["batch", "sequence", E])]
     for i in range(c.num_layers):
         for kind in ("key", "value"):
