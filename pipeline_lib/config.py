@@ -298,7 +298,8 @@ def validate_params(params: Mapping[str, Any] | Any, source: str = "params") -> 
     if groups["convert"]:
         _check_convert(p, groups["convert"])
     if groups["parity"]:
-        from pipeline_lib.parity import THRESHOLDS, ParityThresholds
+        from pipeline_lib.parity import ParityThresholds
+        from pipeline_lib.parity_quant import THRESHOLDS
 
         parity = groups["parity"]
         _check_thresholds(p, "parity", {k: v for k, v in parity.items() if not str(k).startswith("convert_")},

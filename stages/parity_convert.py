@@ -29,13 +29,11 @@ from pipeline_lib.parity import (
     ParityReport,
     check_decoder,
     check_lm,
-    check_quantized,
-    convert_thresholds,
     format_report,
-    has_quality_limits,
     model_file,
     runner_for,
 )
+from pipeline_lib.parity_quant import check_quantized, convert_thresholds, has_quality_limits
 from pipeline_lib.stage import load_params, stage_outputs
 
 if __name__ == "__main__":

@@ -22,15 +22,14 @@ from pipeline_lib.export.lm import FUSED_ONNX, LM_CONFIG, LM_ONNX
 from pipeline_lib.openvino_ir import compile_openvino, load_openvino_model
 from pipeline_lib.parity import (
     ParityThresholds,
-    QuantParityThresholds,
     check_decoder,
     check_lm,
-    check_quantized,
     model_file,
     openvino_runner,
     ort_runner,
     runner_for,
 )
+from pipeline_lib.parity_quant import QuantParityThresholds, check_quantized
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

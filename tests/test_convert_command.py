@@ -366,7 +366,8 @@ def _parity(folder: Path, tiny_export: Path, precision: str, lm_file: str | None
     """The parity_convert stage's check of a quantised target: against the fp32 export, the limits of
     conf/parity convert_<precision>."""
     from pipeline_lib.audio.istft import IstftConfig
-    from pipeline_lib.parity import QuantParityThresholds, check_quantized, model_file, runner_for
+    from pipeline_lib.parity import model_file, runner_for
+    from pipeline_lib.parity_quant import QuantParityThresholds, check_quantized
 
     th = QuantParityThresholds.from_mapping(_conf("parity")[f"convert_{precision}"])
     lm = folder / "lm" / lm_file if lm_file else model_file(folder / "lm", "lm")

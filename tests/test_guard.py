@@ -227,7 +227,8 @@ def test_server_reports_retries_in_a_header_an_sse_field_and_metrics(looping):
     httpx = pytest.importorskip("httpx")
     from test_server import running, wait_ready
 
-    from pipeline_lib.server.app import Settings, create_app
+    from pipeline_lib.server.app import create_app
+    from pipeline_lib.server.settings import Settings
 
     app = create_app(Settings(tts=looping, holdback="sentence"))
     body = {"model": "soprano", "input": ONE, "voice": "soprano", "max_new_tokens": TOKENS, "seed": SEED,

@@ -75,7 +75,8 @@ def _serve(**settings: Any) -> Iterator[Server]:
     import httpx
     import uvicorn
 
-    from pipeline_lib.server.app import Settings, create_app
+    from pipeline_lib.server.app import create_app
+    from pipeline_lib.server.settings import Settings
 
     app = create_app(Settings(**settings))
     port = _free_port()

@@ -266,7 +266,8 @@ def test_server_loads_a_pair_for_batching(root):
     """serve --precision: the server's loader takes the pair from ROOT with OpenVINO's step IR (not the stateful
     LM, which the batching scheduler cannot use), and batched greedy audio equals the pair's own synthesis."""
     from pipeline_lib.runtime.scheduler import BatchScheduler, SpeechRequest
-    from pipeline_lib.server.app import Settings, _load_tts
+    from pipeline_lib.server.app import _load_tts
+    from pipeline_lib.server.settings import Settings
 
     tts = _load_tts(Settings(model=root, precision="openvino-int8+onnx-fp32", threads=1))
     assert tts.choice.label == "openvino-int8+onnx-fp32"

@@ -26,7 +26,8 @@ httpx = pytest.importorskip("httpx")
 
 from test_server import running, wait_ready  # noqa: E402
 
-from pipeline_lib.server.app import Settings, create_app  # noqa: E402
+from pipeline_lib.server.app import create_app  # noqa: E402
+from pipeline_lib.server.settings import Settings  # noqa: E402
 
 MAX_EXAMPLES = 60
 RUN_LIMIT_S = 240

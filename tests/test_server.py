@@ -28,7 +28,8 @@ sf = pytest.importorskip("soundfile")
 av = pytest.importorskip("av")
 uvicorn = pytest.importorskip("uvicorn")
 
-from pipeline_lib.server.app import Settings, create_app  # noqa: E402
+from pipeline_lib.server.app import create_app  # noqa: E402
+from pipeline_lib.server.settings import Settings  # noqa: E402
 from pipeline_lib.audio.encode import FORMATS, PCM_DEFAULT_RATE, open_stream, to_pcm16  # noqa: E402
 from pipeline_lib.server.metrics import ServerMetrics  # noqa: E402
 

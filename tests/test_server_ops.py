@@ -24,7 +24,8 @@ pytest.importorskip("fastapi")
 
 from test_server import RATE, error_of, running, speech, wait_ready  # noqa: E402
 
-from pipeline_lib.server.app import Settings, create_app, swagger_ui_dir  # noqa: E402
+from pipeline_lib.server.app import create_app, swagger_ui_dir  # noqa: E402
+from pipeline_lib.server.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")

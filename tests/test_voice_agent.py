@@ -22,7 +22,8 @@ httpx = pytest.importorskip("httpx")
 from livekit.plugins import openai as lk_openai  # noqa: E402
 from test_server import running, wait_ready  # noqa: E402
 
-from pipeline_lib.server.app import Settings, create_app  # noqa: E402
+from pipeline_lib.server.app import create_app  # noqa: E402
+from pipeline_lib.server.settings import Settings  # noqa: E402
 
 TEXT = "Hello there, how are you?"
 TOKENS = 24

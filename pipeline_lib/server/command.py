@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline_lib.runtime.command import BACKEND_CHOICES, check_model_choice
     from pipeline_lib.runtime.bundle import resolve
-    from pipeline_lib.server.app import DEFAULT_MAX_INPUT_CHARS, Settings, create_app
+    from pipeline_lib.server.app import create_app
+    from pipeline_lib.server.settings import DEFAULT_MAX_INPUT_CHARS, Settings
 
     args.model = resolve(args.model)  # a hub id ("owner/name") -> its downloaded folder
     if not args.model.is_dir():
