@@ -213,7 +213,8 @@ def _buffer_runner(run: Runner, present: list[str]) -> Runner:
     masked columns; new_* outputs) on a model with in-place KV buffers (runtime.kv_cache's contract: row
     b's tokens in columns [0, len_b)): each row's kept past columns are packed into a buffer, each row's
     kept new tokens run (row by row where S > 1, which ONNX Runtime's GroupQueryAttention needs), and the
-    outputs go back to the tokens' places (masked tokens' outputs are zeros; nothing reads them)."""
+    outputs go back to the tokens' places (masked tokens' outputs are zeros; nothing reads them). The
+    logits stay the fused graph's: [B, 1, vocab], each row's last kept token's."""
 
     def call(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask, ids = np.asarray(feed["attention_mask"]), np.asarray(feed["input_ids"])
@@ -241,10 +242,11 @@ def _buffer_runner(run: Runner, present: list[str]) -> Runner:
                     buf[i, :, : len(c)] = p[b][:, c]
                 f[name] = buf
             o = run(f)
-            for key in ("logits", "hidden_states"):
-                dst = out.setdefault(key, np.zeros((batch, seq, o[key].shape[-1]), np.float32))
-                for i, (b, x) in enumerate(zip(rows, new)):
-                    dst[b, x] = o[key][i]
+            logits = out.setdefault("logits", np.zeros((batch, 1, o["logits"].shape[-1]), np.float32))
+            hidden = out.setdefault("hidden_states", np.zeros((batch, seq, o["hidden_states"].shape[-1]), np.float32))
+            for i, (b, x) in enumerate(zip(rows, new)):
+                logits[b, 0] = o["logits"][i, -1]
+                hidden[b, x] = o["hidden_states"][i]
             for name, pres in zip(names, present):
                 key = pres.replace("present_", "new_")
                 shape = (batch, o[pres].shape[1], seq, o[pres].shape[3])
