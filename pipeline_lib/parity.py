@@ -155,7 +155,11 @@ def check_lm(
     out = run_lm(_lm_feed(names, (ids, mask, pos, *empty)))
     keep = mask.bool().numpy()
     # The fused graph computes the last position's logits only (export/lm_fused.py): compare those it has.
+    # Anything else (a graph that lost positions) is an error, not a smaller comparison.
     n = out["logits"].shape[1]
+    if n not in (1, s) or (n == 1 and not keep[:, -1].all()):
+        raise ValueError(f"the LM returned logits for {n} of {s} prompt positions; expected all {s}, or the last "
+                         "(the fused graph) with every row's last token kept")
     report.check_max("lm_prefill_logits_max_abs", float(np.abs(out["logits"] - ref[0].numpy()[:, -n:])[keep[:, -n:]].max()),
                      th.lm_logits_max_abs)
     report.check_max("lm_prefill_hidden_max_abs", float(np.abs(out["hidden_states"] - ref[1].numpy())[keep].max()), th.lm_hidden_max_abs)

@@ -149,6 +149,30 @@ def test_onnx_targets_are_built_from_the_fused_graph(tiny_export: Path, tmp_path
         assert cfg["kv_cache"] == KV_CACHE_BUFFER and cfg["outputs"][-1]["name"].startswith("present_")
         assert cfg["conversion"]["source"] == FUSED_ONNX
         assert not (lm / FUSED_ONNX).exists()
-        ops = Counter(n.op_type for n in onnx.load(str(lm / LM_ONNX)).graph.node)
+        model = onnx.load(str(lm / LM_ONNX))
+        ops = Counter(n.op_type for n in model.graph.node)
         assert ops["GroupQueryAttention"] > 0
+        # The config declares what the graph gives: the last position's logits, every position's hidden states.
+        dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+        declared = {o["name"]: o["shape"] for o in cfg["outputs"]}
+        for name in ("logits", "hidden_states"):
+            assert dims[name] == declared[name], name
+        assert declared["logits"][1] == 1 and declared["hidden_states"][1] == "sequence"
         assert (ops["MatMulNBits"] > 0) == (precision == "int8")
+
+
+def test_lm_parity_refuses_logits_for_some_prompt_positions(tiny_checkpoint: Path, tiny_export: Path) -> None:
+    """check_lm compares every prompt position's logits, or the last one's where the model computes only those
+    (the fused graph); a model that returns some other number of positions is an error, not a smaller check."""
+    from pipeline_lib.parity import ParityThresholds, check_lm, ort_runner
+
+    lm, traced = load_lm(tiny_checkpoint).eval(), ort_runner(tiny_export / LM_ONNX)
+    th = ParityThresholds(decode_steps=2)
+    assert check_lm(lm, traced, 3, th).passed
+
+    def two_positions(feed):
+        out = traced(feed)
+        return dict(out, logits=out["logits"][:, -2:]) if feed["input_ids"].shape[1] > 1 else out
+
+    with pytest.raises(ValueError, match="logits for 2 of 24 prompt positions"):
+        check_lm(lm, two_positions, 3, th)

@@ -21,7 +21,8 @@ Runtime's contrib operators:
 
 The other `ATTENTION_CORES` are the alternatives measured against it (scripts/lm_attention_cores.py);
 the non-shared ones keep the traced step's interface (attention_mask [B, P + S], new_* outputs of this
-call's tokens, rows sharing one column index with gaps masked by ``attention_bias``).
+call's tokens, rows sharing one column index with gaps masked by ``attention_bias``) but for the logits,
+which are the last position's in every core.
 
 Limitation (ONNX Runtime's CPU GroupQueryAttention): a call with several new tokens (S > 1) must have
 one row (the runtime prefills each prompt alone; ONNX Runtime refuses other calls with its own error,
